@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both build .venv first.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install demo test bench claims clean
+
+install: $(STAMP)
+
+# torch is pinned first: 2.13.0 resolves to the local CPU wheel, while an unpinned
+# torch would pull a multi-GB CUDA build. The venv keeps Hydra's antlr pin away
+# from the machine's own packages.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m nanlab scenario=softmax_overflow
+
+test: install
+	$(PY) -m pytest -q
+
+claims: install
+	$(PY) -m nanlab mode=claims
+
+bench: install
+	$(PY) benchmarks/startup.py
+	$(PY) benchmarks/tracer_overhead.py
+	$(PY) benchmarks/kernel_check.py
+
+clean:
+	rm -rf $(VENV) outputs multirun build dist *.egg-info .pytest_cache

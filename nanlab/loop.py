@@ -1,0 +1,135 @@
+"""The one training loop every scenario variant runs through.
+
+Full-batch steps on the scenario's synthetic data, guarded by :class:`nanlab.guard.Guard`:
+the loop never crashes on NaN or Inf; it records the first non-finite step, what
+went non-finite, and the tracer's account of the op, then stops that variant.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Optional
+
+import torch
+from omegaconf import OmegaConf
+
+from nanlab.build import DTYPES, Context, apply_init, clip_gradients, make_optimizer
+from nanlab.errors import NonFiniteError
+from nanlab.guard import Guard, total_norm
+from nanlab.result import VariantResult, learned
+from nanlab.scenario import Data, Scenario, Variant
+
+
+def overrides_of(variant: Variant, data: Data, cfg) -> dict:
+    return dict(variant.overrides(data, cfg) if callable(variant.overrides) else variant.overrides)
+
+
+def variant_config(cfg, overrides: dict):
+    """The run's config with the variant's own overrides (e.g. a lower lr) applied."""
+    if not overrides:
+        return cfg
+    vcfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    for key, value in overrides.items():
+        OmegaConf.update(vcfg, key, value, merge=False)
+    return vcfg
+
+
+def _to(data: Data, device: torch.device, dtype: torch.dtype) -> Data:
+    def move(t):
+        if isinstance(t, torch.Tensor):
+            return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+        return t
+
+    return Data(move(data.x), move(data.y), {k: move(v) for k, v in data.extra.items()})
+
+
+@torch.no_grad()
+def evaluate(scenario: Scenario, model, data: Data) -> tuple[float, Optional[float]]:
+    """Exact loss (float64) and accuracy of the model's current outputs."""
+    out = model(data.x).double()
+    y = data.y.double() if data.y.is_floating_point() else data.y
+    exact = float(scenario.exact_loss(out, y))
+    acc = float(scenario.accuracy(out, y)) if scenario.accuracy else None
+    return exact, acc
+
+
+def train(scenario: Scenario, variant: Variant, cfg, raw: Data, ctx: Context) -> VariantResult:
+    started = time.perf_counter()
+    prepared = variant.prepare(raw) if variant.prepare else raw
+    overrides = overrides_of(variant, prepared, cfg)
+    vcfg = variant_config(cfg, overrides)
+    data = _to(prepared, ctx.device, ctx.dtype)
+
+    torch.manual_seed(int(vcfg.seed))
+    model = (variant.model or scenario.make_model)(ctx, data)
+    apply_init(model, vcfg.init)
+    model.to(device=ctx.device, dtype=ctx.dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(vcfg.optimizer, params)
+    exact_start, acc_start = evaluate(scenario, model, data)
+
+    scaler = torch.amp.GradScaler(ctx.device.type) if variant.loss_scaling else None
+    grad_norms, skipped = [], 0
+
+    def step():
+        nonlocal skipped
+        optimizer.zero_grad(set_to_none=True)
+        autocast = torch.autocast(ctx.device.type, dtype=DTYPES[variant.amp]) if variant.amp else contextlib.nullcontext()
+        with autocast:
+            loss = variant.loss(model(data.x), data.y)
+        if scaler is None:
+            loss.backward()
+        else:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        grad_norm = total_norm([p.grad for p in params if p.grad is not None])
+        grad_norms.append(grad_norm)
+        used = clip_gradients(params, vcfg.clip, grad_norm)
+        if scaler is None:
+            optimizer.step()
+            return loss, used
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        if scaler.get_scale() < scale:  # the scaler found inf/NaN and skipped this update
+            skipped += 1
+            return loss, torch.zeros((), device=ctx.device)
+        return loss, used
+
+    guard = Guard(step, model, optimizer)
+    losses, param_norms, first = [], [], None
+    for _ in range(int(vcfg.steps)):
+        try:
+            guard()
+        except NonFiniteError as err:
+            first = {"step": err.step, "quantity": _quantity(err), "loss": guard.last.loss,
+                     "origin": err.event.to_dict() if err.event else None}
+            losses.append(guard.last.loss)
+            break
+        losses.append(guard.last.loss)
+        param_norms.append(guard.last.param_norm)
+
+    exact_end, acc_end = evaluate(scenario, model, data)
+    finite = first is None
+    metrics = dict(scenario.metrics(model, data)) if scenario.metrics else {}
+    if variant.loss_scaling:
+        metrics["skipped_steps"] = skipped
+    gap = losses[0] - exact_start if losses else None
+    return VariantResult(
+        name=variant.name, role=variant.role, summary=variant.summary, lossy=variant.lossy,
+        overrides=overrides, finite=finite, first_nonfinite=first, losses=losses,
+        grad_norms=[float(g) for g in grad_norms[: len(losses)]], param_norms=param_norms,
+        final_loss=next((x for x in reversed(losses) if x == x and abs(x) != float("inf")), None),
+        exact_loss_start=exact_start, exact_loss_end=exact_end, accuracy_start=acc_start, accuracy_end=acc_end,
+        learned=learned(finite, exact_start, exact_end, acc_end, scenario.learn), loss_gap=gap, metrics=metrics,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _quantity(err: NonFiniteError) -> str:
+    """The earliest non-finite quantity. The sentinel sees loss, gradients and
+    parameters after the step; when the loss was finite but the tracer found the
+    first bad value in the forward pass, an activation went first."""
+    if err.quantity == "gradients" and err.event is not None and err.event.phase == "forward":
+        return "activations"
+    return err.quantity

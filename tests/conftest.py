@@ -1,0 +1,40 @@
+import json
+import os
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, cwd=None, env=None, timeout=300):
+    """Run ``python -m nanlab`` in a subprocess; returns CompletedProcess."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "-m", "nanlab", *args], capture_output=True, text=True,
+                          cwd=cwd, env=full_env, timeout=timeout)
+
+
+@lru_cache(maxsize=None)
+def scenario_result(name, *overrides):
+    """Each scenario's default run, shared by every test that reads it."""
+    import nanlab
+
+    return nanlab.run(name, *overrides)
+
+
+@pytest.fixture
+def result_of():
+    return scenario_result
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,67 @@
+"""The CLI end to end: report, result.json, determinism, list, lazy imports."""
+import subprocess
+import sys
+
+from conftest import read_json
+
+from nanlab.result import strip_timing
+
+
+def test_run_writes_report_and_result(cli, tmp_path):
+    proc = cli("scenario=softmax_overflow", f"hydra.run.dir={tmp_path}", "plot=true")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "hand_softmax" in out and "reproduced" in out and "Why:" in out and "result.json" in out
+    assert "NaN first in forward: aten.exp" not in out  # exp overflows to inf first
+    assert "Inf first in forward: aten.exp" in out
+    data = read_json(tmp_path / "result.json")
+    assert data["scenario"] == "softmax_overflow" and data["reproduced"] is True and data["fixed"] is True
+    assert data["config"]["optimizer"]["lr"] == 0.001
+    for v in data["variants"]:
+        assert {"name", "role", "lossy", "finite", "first_nonfinite", "losses", "final_loss", "learned"} <= set(v)
+    broken = data["variants"][0]
+    assert broken["first_nonfinite"]["step"] == 0 and broken["first_nonfinite"]["origin"]["op"] == "aten.exp"
+    assert (tmp_path / "losses.png").stat().st_size > 1000
+
+
+def test_same_config_same_result(cli, tmp_path):
+    runs = []
+    for sub in ("a", "b"):
+        proc = cli("scenario=tanh_explosion", "steps=30", f"hydra.run.dir={tmp_path / sub}")
+        assert proc.returncode == 0, proc.stderr
+        runs.append(strip_timing(read_json(tmp_path / sub / "result.json")))
+    assert runs[0] == runs[1]
+
+
+def test_seed_changes_the_numbers():
+    import nanlab
+
+    a = nanlab.run("unscaled_sgd", "steps=5", "seed=1").to_dict()
+    b = nanlab.run("unscaled_sgd", "steps=5", "seed=2").to_dict()
+    assert a["variants"][1]["losses"] != b["variants"][1]["losses"]
+
+
+def test_list_prints_every_scenario_without_torch(cli):
+    from nanlab import registry
+
+    proc = cli("mode=list")
+    assert proc.returncode == 0
+    for name in registry.names():
+        assert name in proc.stdout and registry.summary(name) in proc.stdout
+
+
+def test_cli_start_imports_no_torch_matplotlib_or_scenarios():
+    code = ("import sys, nanlab.cli, nanlab.config; nanlab.config.setup();"
+            "bad=[m for m in sys.modules if m.split('.')[0] in ('torch','matplotlib') or m.startswith('nanlab.scenarios.')];"
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_api_returns_the_same_result_as_the_cli(cli, tmp_path):
+    import nanlab
+
+    proc = cli("scenario=bce_log_zero", "steps=10", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0
+    api = nanlab.run("bce_log_zero", steps=10)
+    assert strip_timing(api.to_dict()) == strip_timing(read_json(tmp_path / "result.json"))
