@@ -18,7 +18,7 @@ _LAZY = {
     "run": ("nanlab.runner", "run"),
     "trace": ("nanlab.tracer", "trace"),
     "Event": ("nanlab.tracer", "Event"),
-    "guard": ("nanlab.guard", "guard"),
+    "guard": ("nanlab.sentinel", "guard"),
     "validate_labels": ("nanlab.validate", "validate_labels"),
     "validate_data": ("nanlab.validate", "validate_data"),
 }

@@ -84,7 +84,7 @@ def clip_gradients(params, clip_cfg, grad_norm: torch.Tensor) -> torch.Tensor:
         return grad_norm
     if clip_cfg.name == "value":
         torch.nn.utils.clip_grad_value_(params, float(clip_cfg.threshold))
-        from nanlab.guard import total_norm
+        from nanlab.sentinel import total_norm
 
         return total_norm([p.grad for p in params if p.grad is not None])
     return grad_norm

@@ -1,6 +1,6 @@
 """The one training loop every scenario variant runs through.
 
-Full-batch steps on the scenario's synthetic data, guarded by :class:`nanlab.guard.Guard`:
+Full-batch steps on the scenario's synthetic data, guarded by :class:`nanlab.sentinel.Guard`:
 the loop never crashes on NaN or Inf; it records the first non-finite step, what
 went non-finite, and the tracer's account of the op, then stops that variant.
 """
@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from nanlab.build import DTYPES, Context, apply_init, clip_gradients, make_optimizer
 from nanlab.errors import NonFiniteError
-from nanlab.guard import Guard, total_norm
+from nanlab.sentinel import Guard, total_norm
 from nanlab.result import VariantResult, learned
 from nanlab.scenario import Data, Scenario, Variant
 
@@ -87,14 +87,14 @@ def train(scenario: Scenario, variant: Variant, cfg, raw: Data, ctx: Context) ->
         used = clip_gradients(params, vcfg.clip, grad_norm)
         if scaler is None:
             optimizer.step()
-            return loss, used
-        scale = scaler.get_scale()
-        scaler.step(optimizer)
-        scaler.update()
-        if scaler.get_scale() < scale:  # the scaler found inf/NaN and skipped this update
-            skipped += 1
-            return loss, torch.zeros((), device=ctx.device)
-        return loss, used
+        else:
+            scale = scaler.get_scale()
+            scaler.step(optimizer)
+            scaler.update()
+            if scaler.get_scale() < scale:  # the scaler found inf/NaN and skipped this update
+                skipped += 1
+                used = torch.zeros((), device=ctx.device)
+        return loss, used, total_norm([p.detach() for p in params])
 
     guard = Guard(step, model, optimizer)
     losses, param_norms, first = [], [], None

@@ -45,7 +45,12 @@ _MASK_WRITERS = {
 # (Casts stay checked: float32 -> float16 is where fp16 overflow happens. empty* may
 # hold stale bits that nothing reads before overwriting.)
 _NEVER_CHECK = {"detach", "alias", "clone", "empty", "empty_like", "empty_strided",
-                "zeros", "zeros_like", "ones", "ones_like"}
+                "zeros", "zeros_like", "ones", "ones_like",
+                # These map finite inputs to finite outputs and cannot turn an infinity
+                # (a mask) into NaN either, so a first non-finite value never starts here.
+                "tanh", "sigmoid", "relu", "relu_", "threshold_backward", "hardtanh", "abs", "neg", "sign",
+                "clamp", "clamp_min", "clamp_max", "maximum", "minimum", "gather", "index_select", "cat",
+                "stack", "sort", "topk", "amax", "amin", "max", "min", "leaky_relu", "zero_"}
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _NANLAB_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -83,14 +88,14 @@ class Event:
         return f"{kind} first in {self.phase}: {what}{where}{src}{came}"
 
 
-def _user_frame(depth: int = 2) -> Optional[str]:
+def _user_frame(depth: int = 1) -> Optional[str]:
     """``file:line`` of the innermost frame outside torch and the standard library.
     None when that frame is nanlab's own machinery (the loop calling a torch loss
     directly): there is no user line to show. nanlab's scenarios count as user code."""
     frame = sys._getframe(depth)
     while frame is not None:
         fn = frame.f_code.co_filename
-        if not (fn.startswith(_TORCH_DIR) or fn.startswith(_STDLIB_DIR) or fn.startswith("<")):
+        if not (fn == __file__ or fn.startswith(_TORCH_DIR) or fn.startswith(_STDLIB_DIR) or fn.startswith("<")):
             if fn.startswith(_NANLAB_DIR) and os.sep + "scenarios" + os.sep not in fn:
                 return None
             return f"{os.path.basename(fn)}:{frame.f_lineno}"
@@ -99,13 +104,17 @@ def _user_frame(depth: int = 2) -> Optional[str]:
 
 
 def _float_tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        return [tree] if tree.is_floating_point() and tree.numel() else []
     return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
 
 
 def _nonfinite_kind(t: torch.Tensor) -> Optional[str]:
     """'nan', 'inf' or None. One reduction on the common finite path; a sum that
     overflowed on finite values is ruled out by the exact check."""
-    if math.isfinite(t.sum(dtype=torch.float64 if t.dtype != torch.float64 else None).item()):
+    # Half types accumulate in float32 so that a sum of finite values rarely overflows.
+    total = t.sum(dtype=torch.float32) if t.element_size() < 4 else t.sum()
+    if math.isfinite(total.item()):
         return None
     if t.isnan().any().item():
         return "nan"
@@ -117,6 +126,15 @@ def _nonfinite_kind(t: torch.Tensor) -> Optional[str]:
 def _absmax(tensors) -> Optional[float]:
     values = [t.detach().abs().nan_to_num(nan=0.0, posinf=math.inf).max().item() for t in tensors]
     return max(values) if values else None
+
+
+def _path_of(root, leaf) -> str:
+    """``layers.3`` for a submodule; the class name for the root itself."""
+    if leaf is not root:
+        for name, mod in root.named_modules():
+            if mod is leaf:
+                return name
+    return type(leaf).__name__
 
 
 class _Stop(Exception):
@@ -168,47 +186,49 @@ class Tracer(TorchDispatchMode):
     def _module_path(self) -> Optional[str]:
         if not self._modules:
             return None
-        root, leaf = self._modules[0], self._modules[-1]
-        if leaf is root:
-            return type(root).__name__
-        for name, mod in root.named_modules():
-            if mod is leaf:
-                return name
-        return type(leaf).__name__
+        return _path_of(self._modules[0], self._modules[-1])
+
+    def _innermost(self):
+        return (self._modules[0], self._modules[-1]) if self._modules else None
 
     # --- the per-op check
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if self.first is not None or func.is_view:
-            return out
+        if self.first is not None or func.is_view or func.overloadpacket.__name__ in _NEVER_CHECK:
+            return func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if name in _NEVER_CHECK:
-            return out
+        # An in-place op overwrites its first argument: read that input's state first.
+        mutated = _float_tensors(args[0]) if args and func._schema.is_mutable else []
+        before = {id(t): _nonfinite_kind(t) for t in mutated}
+        out = func(*args, **(kwargs or {}))
         node = torch._C._current_autograd_node()
         if node is None and not self._in_optimizer:
             # Inside an op that records grad, autograd has already numbered its node.
             seq = torch._C._autograd._get_sequence_nr() - 1
             if seq != self._last_seq:
                 self._last_seq = seq
-                self._forward_ops.setdefault(seq, (f"aten.{name}", self._module_path(), _user_frame(2)))
-        for t in _float_tensors(out):
+                if seq not in self._forward_ops:  # module path is resolved only if reported
+                    self._forward_ops[seq] = (f"aten.{name}", self._innermost(), _user_frame())
+        # In-place ops (the optimizer's _foreach_add_, say) may return nothing: check
+        # the tensors they wrote instead.
+        returned_nothing = out is None or (isinstance(out, (list, tuple)) and len(out) == 0)
+        for t in (mutated if returned_nothing else _float_tensors(out)):
             kind = _nonfinite_kind(t)
             if kind is not None:
-                self._classify(func, name, kind, t, args, kwargs, node)
+                self._classify(name, kind, t, args, kwargs, node, before)
                 break
         return out
 
-    def _classify(self, func, name, kind, out, args, kwargs, node):
+    def _classify(self, name, kind, out, args, kwargs, node, before):
         inputs = _float_tensors((args, kwargs))
         outside_bad, carries_mask = False, False
         for t in inputs:
-            t_kind = _nonfinite_kind(t)
+            t_kind = before[id(t)] if id(t) in before else _nonfinite_kind(t)
             if t_kind is None:
                 continue
             key = t.untyped_storage().data_ptr()
             if key in self._tolerated:
                 carries_mask = True
-            elif t_kind == "nan" or bool((t == math.inf).any()):
+            elif t_kind == "nan" or (id(t) not in before and bool((t == math.inf).any())):
                 outside_bad = True  # NaN or +inf that no traced op produced
             else:
                 self._tolerated.add(key)  # -inf from outside the trace: taken as a mask
@@ -216,21 +236,22 @@ class Tracer(TorchDispatchMode):
         if not outside_bad and kind == "inf" and (name in _MASK_WRITERS or carries_mask):
             self._tolerated.add(out.untyped_storage().data_ptr())
             return
-        self._report(func, name, kind, "input" if outside_bad else "op", inputs, node)
+        self._report(name, kind, "input" if outside_bad else "op", inputs, node)
 
-    def _report(self, func, name, kind, origin, inputs, node):
+    def _report(self, name, kind, origin, inputs, node):
         op = f"aten.{name}"
         if node is not None:
             fwd = self._forward_ops.get(node._sequence_nr())
-            fwd_op, module, source = fwd if fwd else (None, None, None)
+            fwd_op, modules, source = fwd if fwd else (None, None, None)
+            module = _path_of(*modules) if modules else None
             node_name = type(node).__name__
             if isinstance(node, torch.autograd.function.BackwardCFunction):
-                source = _user_frame(3) or source  # the custom backward is user code
+                source = _user_frame() or source  # the custom backward is user code
                 fwd_op = node_name.removesuffix("Backward")  # the Function class, not an op inside it
             event = Event(op, "backward", kind, origin, module, source, _absmax(inputs), node_name, fwd_op)
         else:
             phase = "optimizer" if self._in_optimizer else "forward"
-            event = Event(op, phase, kind, origin, self._module_path(), _user_frame(3), _absmax(inputs))
+            event = Event(op, phase, kind, origin, self._module_path(), _user_frame(), _absmax(inputs))
         self.first = event
         if self.stop:
             raise _Stop()
