@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench claims clean
+.PHONY: install demo test bench claims docs clean
 
 install: $(STAMP)
 
@@ -24,6 +24,9 @@ test: install
 
 claims: install
 	$(PY) -m nanlab mode=claims
+
+docs: install
+	$(PY) docs/make_scenario_docs.py
 
 bench: install
 	$(PY) benchmarks/startup.py

@@ -58,6 +58,7 @@ def train(scenario: Scenario, variant: Variant, cfg, raw: Data, ctx: Context) ->
     prepared = variant.prepare(raw) if variant.prepare else raw
     overrides = overrides_of(variant, prepared, cfg)
     vcfg = variant_config(cfg, overrides)
+    ctx = Context(vcfg, ctx.device, DTYPES[vcfg.dtype])  # a variant may train in another dtype
     data = _to(prepared, ctx.device, ctx.dtype)
 
     torch.manual_seed(int(vcfg.seed))

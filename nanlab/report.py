@@ -38,7 +38,7 @@ def _detail(v: VariantResult, failure: str) -> list[str]:
         from nanlab.tracer import Event
 
         lines.append(Event(**origin).describe())
-    if v.role == "myth" and v.loss_gap is not None and math.isfinite(v.loss_gap):
+    if v.role == "myth" and v.wrong:
         lines.append(f"its loss reads {_num(v.losses[0])} where the exact loss is {_num(v.exact_loss_start)} "
                      f"(off by {_num(v.loss_gap)})")
     if v.role in ("fix", "myth") and v.finite:

@@ -106,6 +106,8 @@ def learned(v_finite: bool, start: float, end: float, acc_end: Optional[float], 
         return False
     if learn.accuracy is not None and acc_end is not None and acc_end >= learn.accuracy:
         return True
+    if learn.loss_below is not None:
+        return end <= learn.loss_below
     return end <= (1.0 - learn.loss_drop) * start
 
 

@@ -68,10 +68,13 @@ class Variant:
 @dataclass(frozen=True)
 class Learn:
     """A variant learned if its exact loss fell by ``loss_drop`` (a fraction of the
-    starting value), or, when ``accuracy`` is set, if it reached that accuracy."""
+    starting value), or, when ``accuracy`` is set, if it reached that accuracy.
+    ``loss_below`` replaces the relative drop by an absolute bar: stall scenarios
+    use it, because fitting only the mean already lowers the loss a lot."""
 
     loss_drop: float = 0.5
     accuracy: Optional[float] = None
+    loss_below: Optional[float] = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,106 @@
+"""zero_variance_features: standardizing a column that never changes."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanlab.scenario import Claim, Data, Learn, Variant
+
+NAME = "zero_variance_features"
+SUMMARY = "Standardizing a constant feature computes (x - mean) / std = 0 / 0 = NaN."
+EXPLANATION = """
+A feature that is constant in the data (a sensor stuck at one value, a one-hot
+column absent from this split) has mean equal to every value and std exactly 0,
+so (x - mean) / std is 0/0 = NaN for every row, and one NaN input column makes
+every prediction NaN. Adding a small epsilon to the std turns the column into
+0/eps = 0; dropping constant columns removes it. On the related advice that
+standardizing beats min-max scaling when there are outliers, the probe trains the
+same regression both ways on data with a single 1000x outlier: one outlier sets
+both the range and the std, and the probe reports how each scaling squeezes the
+other rows and what loss each reaches.
+"""
+LEARN = Learn(loss_drop=0.5)
+
+
+def make_data(ctx) -> Data:
+    knobs, g = ctx.data, ctx.generator()
+    n, d = int(knobs.n), int(knobs.features)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * 3 + 10
+    x[:, int(knobs.constant_column)] = 7.0
+    w = torch.randn(d, generator=g, dtype=torch.float64)
+    w[int(knobs.constant_column)] = 0.0
+    return Data(x, ((x - 10) @ w / 3)[:, None])
+
+
+class Standardized(nn.Module):
+    """Standardizes its input with the batch statistics, then a linear layer."""
+
+    def __init__(self, d, eps=0.0, keep=None):
+        super().__init__()
+        self.eps, self.keep = eps, keep
+        self.linear = nn.Linear(d if keep is None else int(keep.sum()), 1)
+
+    def forward(self, x):
+        if self.keep is not None:
+            x = x[:, self.keep]
+        return self.linear((x - x.mean(0)) / (x.std(0) + self.eps))
+
+
+def make_model(ctx, data) -> nn.Module:
+    return Standardized(data.x.shape[1])
+
+
+def exact_loss(pred, y):
+    return F.mse_loss(pred, y)
+
+
+VARIANTS = [
+    Variant("divide_by_std", "broken", "(x - mean) / std on every column", F.mse_loss),
+    Variant("std_plus_eps", "fix", "(x - mean) / (std + 1e-8)", F.mse_loss,
+            model=lambda ctx, data: Standardized(data.x.shape[1], eps=1e-8)),
+    Variant("drop_constant_columns", "fix", "drop columns whose std is 0, then standardize", F.mse_loss,
+            model=lambda ctx, data: Standardized(data.x.shape[1], keep=data.x.std(0) > 0)),
+]
+
+
+def probes(ctx, train):
+    """Min-max against standardization, with one outlier 1000x the typical value."""
+    raw = make_data(ctx)
+    x = raw.x.clone()
+    x[0, 0] = 1000 * x[:, 0].abs().mean()
+    keep = x.std(0) > 0
+    xs = x[:, keep]
+    scalings = {"minmax": (xs - xs.min(0).values) / (xs.max(0).values - xs.min(0).values),
+                "standardize": (xs - xs.mean(0)) / xs.std(0)}
+    out = {}
+    for name, scaled in scalings.items():
+        out[f"{name}_spread_of_other_rows_col0"] = float(scaled[1:, 0].std())
+        run = train(Variant(f"linear_{name}", "fix", "", F.mse_loss, prepare=lambda d, s=scaled: Data(s, d.y),
+                            model=lambda ctx, data: nn.Linear(data.x.shape[1], 1)))
+        out[f"{name}_exact_loss_end"] = run.exact_loss_end
+    return out
+
+
+def _std_beats_minmax(r):
+    p = r.probes
+    evidence = (f"after scaling, the non-outlier rows of the outlier column spread {p['minmax_spread_of_other_rows_col0']:.3g} "
+                f"(min-max) vs {p['standardize_spread_of_other_rows_col0']:.3g} (standardize); final loss "
+                f"{p['minmax_exact_loss_end']:.3g} (min-max) vs {p['standardize_exact_loss_end']:.3g} (standardize)")
+    better = p["standardize_exact_loss_end"] < 0.9 * p["minmax_exact_loss_end"]
+    same = abs(p["standardize_exact_loss_end"] - p["minmax_exact_loss_end"]) <= 0.1 * p["minmax_exact_loss_end"]
+    return ("confirmed" if better else "partly" if same else "refuted"), evidence
+
+
+def _eps_fixes(r):
+    b, eps = r.broken, r.variant("std_plus_eps")
+    origin = (b.first_nonfinite or {}).get("origin") or {}
+    evidence = (f"without eps: first {origin.get('kind')} at {origin.get('op')} in the forward pass; "
+                f"with eps: finite={eps.finite}, exact loss {eps.exact_loss_start:.3g} -> {eps.exact_loss_end:.3g}")
+    return ("confirmed" if not b.finite and eps.finite and eps.learned else "refuted"), evidence
+
+
+CLAIMS = [
+    Claim("Standardizing a zero-variance feature divides by zero, and an epsilon in the denominator prevents it.",
+          _eps_fixes, "seed 004"),
+    Claim("Standardization is more robust than min-max scaling when the data has outliers.", _std_beats_minmax,
+          "seed 001"),
+]
