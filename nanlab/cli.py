@@ -27,9 +27,11 @@ def app(cfg) -> int:
     # SystemExit passes through Hydra's job runner untouched; an exception would
     # make it print its own error banner first.
     try:
-        return _run_mode(cfg)
+        code = _run_mode(cfg)
     except ConfigError as err:
         fail(err)
+    if code:  # Hydra drops the task's return value; a failed check must still exit 1
+        sys.exit(code)
 
 
 def _run_mode(cfg) -> int:

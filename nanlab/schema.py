@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from nanlab.errors import ConfigError
 
@@ -146,6 +146,9 @@ def allowed(key: str) -> str:
             return f"not a nanlab config key (top-level keys: {top})"
         node = fields[part].type
         node = eval(node, globals()) if isinstance(node, str) else node
+        optional = [a for a in getattr(node, "__args__", ()) if a is not type(None)]
+        if getattr(node, "__origin__", None) is Union and len(optional) == 1:
+            node = optional[0]
     if isinstance(node, type) and issubclass(node, Enum):
         return "must be one of " + ", ".join(m.value for m in node)
     names = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}

@@ -38,3 +38,6 @@ def cli():
 
 def read_json(path):
     return json.loads(Path(path).read_text())
+
+
+pytest_plugins = ["pytester"]

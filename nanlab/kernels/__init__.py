@@ -1,0 +1,16 @@
+"""Regression-test softmax, cross-entropy and BCE kernels on the inputs that break naive ones.
+
+    from nanlab.kernels import check, cases
+    report = check(my_cross_entropy, kind="cross_entropy")          # torch kernel
+    report = check(np_ce, kind="cross_entropy", framework="numpy")  # any array kernel
+    report.passed, report.cases, print(report.table())
+
+JAX or TensorFlow kernels are checked as NumPy callables: wrap them so they take
+and return NumPy arrays, e.g. ``lambda z, t, **kw: np.asarray(jax_ce(jnp.asarray(z), jnp.asarray(t), **kw))``,
+and pass ``grad_fn`` built the same way from ``jax.vjp`` (or ``tf.GradientTape``) to
+check gradients too. See docs/kernels.md.
+"""
+from nanlab.kernels.catalogue import KINDS, Case, cases
+from nanlab.kernels.check import CaseResult, Report, check
+
+__all__ = ["KINDS", "Case", "CaseResult", "Report", "cases", "check"]

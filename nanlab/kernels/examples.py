@@ -1,0 +1,138 @@
+"""Example kernels that prove the checker: naive ones it must fail, stable ones it must pass.
+
+Run any of them through the CLI, e.g.
+``python -m nanlab mode=check kernel.fn=nanlab.kernels.examples:naive_softmax_cross_entropy kernel.kind=cross_entropy``.
+"""
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def _reduce(per_item, reduction, count=None):
+    if reduction == "none":
+        return per_item
+    if reduction == "sum":
+        return per_item.sum()
+    return per_item.sum() / (per_item.numel() if count is None else count)
+
+
+# ---------------------------------------------------------------- naive: must fail
+
+def naive_softmax_cross_entropy(logits, target, reduction="mean", ignore_index=IGNORE):
+    """exp / sum(exp), then -log of the target's probability."""
+    e = torch.exp(logits)
+    p = e / e.sum(1, keepdim=True)
+    valid = target != ignore_index
+    nll = -torch.log(p.gather(1, torch.where(valid, target, 0)[:, None]).squeeze(1))
+    return _reduce(torch.where(valid, nll, torch.zeros_like(nll)), reduction, valid.sum())
+
+
+def log_of_softmax_cross_entropy(logits, target, reduction="mean", ignore_index=IGNORE):
+    """The library's stable softmax, then log: underflow gives log(0) = -inf."""
+    return F.nll_loss(torch.log(torch.softmax(logits, 1)), target, reduction=reduction, ignore_index=ignore_index)
+
+
+def bce_without_clamp(p, y, reduction="mean"):
+    return _reduce(-(y * torch.log(p) + (1 - y) * torch.log(1 - p)), reduction)
+
+
+def bce_with_logits_via_sigmoid(z, y, reduction="mean"):
+    p = torch.sigmoid(z)
+    return _reduce(-(y * torch.log(p) + (1 - y) * torch.log(1 - p)), reduction)
+
+
+def log_softmax_without_max(x, dim=-1):
+    return x - torch.log(torch.exp(x).sum(dim, keepdim=True))
+
+
+class _FirstRowUpstream(torch.autograd.Function):
+    """Correct forward; the backward scales every row by the first row's upstream
+    gradient, a bug that an all-ones upstream gradient cannot see."""
+
+    @staticmethod
+    def forward(ctx, logits, target):
+        logp = torch.log_softmax(logits, 1)
+        ctx.save_for_backward(logp, target)
+        return -logp.gather(1, target[:, None]).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logp, target = ctx.saved_tensors
+        d = logp.exp() - F.one_hot(target, logp.shape[1]).to(logp.dtype)
+        return grad[0] * d, None
+
+
+def cross_entropy_none_backward_uses_first_upstream(logits, target, reduction="none"):
+    per_row = _FirstRowUpstream.apply(logits, target)
+    return _reduce(per_row, reduction)
+
+
+def cross_entropy_masks_after_lse(logits, target, reduction="mean", ignore_index=IGNORE):
+    """Takes the log-sum-exp of every row, ignored ones included, then multiplies the
+    ignored rows by 0: a fully -inf ignored row gives (-inf) - (-inf) = NaN, and NaN * 0 = NaN."""
+    valid = target != ignore_index
+    lse = torch.logsumexp(logits, 1)
+    picked = logits.gather(1, torch.where(valid, target, 0)[:, None]).squeeze(1)
+    per_row = (lse - picked) * valid.to(logits.dtype)
+    return _reduce(per_row, reduction, valid.sum())
+
+
+# ---------------------------------------------------------------- stable: must pass
+
+torch_cross_entropy = F.cross_entropy
+torch_binary_cross_entropy_with_logits = F.binary_cross_entropy_with_logits
+torch_log_softmax = torch.log_softmax
+torch_softmax = torch.softmax
+torch_logsumexp = torch.logsumexp
+
+
+def numpy_cross_entropy(logits, target, reduction="mean", ignore_index=IGNORE):
+    """Stable cross-entropy in NumPy: ignored rows are replaced before any arithmetic,
+    then log-softmax by max subtraction, computed in the input's dtype."""
+    valid = target != ignore_index
+    z = np.where(valid[:, None], logits, np.zeros_like(logits))
+    m = z.max(1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0)
+    logp = (z - m) - np.log(np.exp(z - m).sum(1, keepdims=True))
+    nll = -np.take_along_axis(logp, np.where(valid, target, 0)[:, None], 1)[:, 0]
+    per_row = np.where(valid, nll, 0).astype(logits.dtype)
+    if reduction == "none":
+        return per_row
+    total = per_row.sum(dtype=np.float64)
+    return np.asarray(total if reduction == "sum" else total / valid.sum(), dtype=logits.dtype)
+
+
+def numpy_cross_entropy_grad(logits, target, upstream, reduction="mean", ignore_index=IGNORE):
+    """d loss / d logits for numpy_cross_entropy, given the upstream gradient."""
+    valid = target != ignore_index
+    z = np.where(valid[:, None], logits, np.zeros_like(logits)).astype(np.float64)
+    m = z.max(1, keepdims=True)
+    p = np.exp(z - m)
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(len(target)), np.where(valid, target, 0)] -= 1.0
+    scale = np.asarray(upstream, dtype=np.float64)
+    if reduction == "none":
+        scale = scale[:, None]
+    elif reduction == "mean":
+        scale = scale / valid.sum()
+    return (np.where(valid[:, None], p, 0.0) * scale).astype(logits.dtype)
+
+
+NAIVE = {
+    "naive_softmax_cross_entropy": "cross_entropy",
+    "log_of_softmax_cross_entropy": "cross_entropy",
+    "bce_without_clamp": "binary_cross_entropy",
+    "bce_with_logits_via_sigmoid": "binary_cross_entropy_with_logits",
+    "log_softmax_without_max": "log_softmax",
+    "cross_entropy_none_backward_uses_first_upstream": "cross_entropy",
+    "cross_entropy_masks_after_lse": "cross_entropy",
+}
+STABLE = {
+    "torch_cross_entropy": "cross_entropy",
+    "torch_binary_cross_entropy_with_logits": "binary_cross_entropy_with_logits",
+    "torch_log_softmax": "log_softmax",
+    "torch_softmax": "softmax",
+    "torch_logsumexp": "logsumexp",
+}
