@@ -31,7 +31,7 @@ def main():
     }
     times = {name: [] for name in commands}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, cmd in commands.items():  # warm the file cache once
+        for cmd in commands.values():  # warm the file cache once
             wall(cmd, tmp)
         for _ in range(RUNS):
             for name, cmd in commands.items():

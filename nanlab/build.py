@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from nanlab.errors import ConfigError
+from nanlab.sentinel import total_norm
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -84,7 +85,5 @@ def clip_gradients(params, clip_cfg, grad_norm: torch.Tensor) -> torch.Tensor:
         return grad_norm
     if clip_cfg.name == "value":
         torch.nn.utils.clip_grad_value_(params, float(clip_cfg.threshold))
-        from nanlab.sentinel import total_norm
-
         return total_norm([p.grad for p in params if p.grad is not None])
     return grad_norm

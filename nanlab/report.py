@@ -31,7 +31,7 @@ def _happened(v: VariantResult) -> str:
     return f"{kind} {first['quantity']} at step {first['step']}"
 
 
-def _detail(v: VariantResult, failure: str) -> list[str]:
+def _detail(v: VariantResult) -> list[str]:
     lines = []
     origin = (v.first_nonfinite or {}).get("origin")
     if origin:
@@ -69,7 +69,7 @@ def render(result: ScenarioResult, files: list[str] = ()) -> str:
         out.append(f"  {v.name:<24} {role:<7} {_happened(v):<28} {start + ' -> ' + end:<22} {v.verdict}")
         if v.overrides:
             out.append(f"  {'':<24} {'':<7} with " + ", ".join(f"{k}={_num(x)}" for k, x in v.overrides.items()))
-        for line in _detail(v, result.failure):
+        for line in _detail(v):
             out.append(f"  {'':<24} {'':<7} {line}")
     if any(v.lossy for v in result.variants):
         out.append("  (* lossy fix: it changes what is learned; its cost is measured above)")

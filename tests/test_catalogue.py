@@ -1,7 +1,6 @@
 """Issue 3: the full catalogue. Every scenario reproduces its failure on CPU and
 every exact fix works; stalls are reported as stalls; myths are measured."""
 import json
-import math
 
 import pytest
 import torch

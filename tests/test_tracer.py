@@ -1,5 +1,4 @@
 """Issue 4: small models with known NaN bugs; the tracer must place each one."""
-import math
 
 import pytest
 import torch

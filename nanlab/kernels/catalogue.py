@@ -12,9 +12,8 @@ positions only. Every kernel gets the same policy.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -65,7 +64,8 @@ def ref_logsumexp(x, dim=-1):
     return (m + torch.log(torch.exp(x - m).sum(dim, keepdim=True))).squeeze(dim)
 
 
-def _reduce(per_item, reduction, count=None):
+def reduce_loss(per_item, reduction, count=None):
+    """Apply reduction none/sum/mean; mean divides by ``count`` when given (valid targets)."""
     if reduction == "none":
         return per_item
     if reduction == "sum":
@@ -83,7 +83,7 @@ def ref_cross_entropy(logits, target, reduction="mean", ignore_index=IGNORE, lab
     if label_smoothing:
         nll = (1 - label_smoothing) * nll - label_smoothing * logp.mean(1)
     per_row = torch.where(valid, nll, torch.zeros_like(nll))
-    return _reduce(per_row, reduction, valid.sum())
+    return reduce_loss(per_row, reduction, valid.sum())
 
 
 class _ExactBCE(torch.autograd.Function):
@@ -104,7 +104,7 @@ class _ExactBCE(torch.autograd.Function):
 
 
 def ref_binary_cross_entropy(p, y, reduction="mean"):
-    return _reduce(_ExactBCE.apply(p, y), reduction)
+    return reduce_loss(_ExactBCE.apply(p, y), reduction)
 
 
 class _ExactBCEWithLogits(torch.autograd.Function):
@@ -120,7 +120,7 @@ class _ExactBCEWithLogits(torch.autograd.Function):
 
 
 def ref_binary_cross_entropy_with_logits(z, y, reduction="mean"):
-    return _reduce(_ExactBCEWithLogits.apply(z, y), reduction)
+    return reduce_loss(_ExactBCEWithLogits.apply(z, y), reduction)
 
 
 def mp_logsumexp_rows(x: torch.Tensor) -> torch.Tensor:

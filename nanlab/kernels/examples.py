@@ -7,15 +7,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
-
-
-def _reduce(per_item, reduction, count=None):
-    if reduction == "none":
-        return per_item
-    if reduction == "sum":
-        return per_item.sum()
-    return per_item.sum() / (per_item.numel() if count is None else count)
+from nanlab.kernels.catalogue import IGNORE
+from nanlab.kernels.catalogue import reduce_loss as _reduce
 
 
 # ---------------------------------------------------------------- naive: must fail
