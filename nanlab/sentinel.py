@@ -43,6 +43,7 @@ class Snapshot:
         self._live: list[torch.Tensor] = []
         self._saved: list[torch.Tensor] = []
         self._opt_layout: tuple = ()
+        self._scalar_keys: list = []
 
     def _state_signature(self):
         if self.optimizer is None:
@@ -59,6 +60,9 @@ class Snapshot:
                     if is_tensor:
                         tensors.append(value)
         self._opt_layout = tuple(layout)
+        # Entries holding plain Python values (a step count, say) are refreshed every
+        # step; tensors are covered by the fused copy.
+        self._scalar_keys = [(p, k) for p, k, v in layout if v is not None]
         self._live = self._model_tensors + tensors
         self._saved = [t.detach().clone() for t in self._live]
         self._signature = signature
@@ -68,9 +72,9 @@ class Snapshot:
         if signature != self._signature:
             self._relayout(signature)
         else:
-            if self._opt_layout:
-                # Non-tensor state (a step count kept as a Python number) changes every step.
-                self._opt_layout = tuple((p, k, None if v is None else self.optimizer.state[p][k])
+            if self._scalar_keys:
+                scalars = {key: self.optimizer.state[key[0]][key[1]] for key in self._scalar_keys}
+                self._opt_layout = tuple((p, k, scalars.get((p, k), v) if v is not None else None)
                                          for p, k, v in self._opt_layout)
             if self._live:
                 torch._foreach_copy_(self._saved, self._live)
