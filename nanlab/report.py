@@ -43,8 +43,9 @@ def _detail(v: VariantResult) -> list[str]:
                      f"(off by {_num(v.loss_gap)})")
     if v.role in ("fix", "myth") and v.finite:
         acc = f", accuracy {_num(v.accuracy_end)}" if v.accuracy_end is not None else ""
-        lines.append(f"exact loss {_num(v.exact_loss_start)} -> {_num(v.exact_loss_end)} "
-                     f"({_num(100 * v.loss_drop)}% drop){acc}")
+        drop = v.loss_drop
+        change = f"{_num(100 * drop)}% lower" if drop >= 0 else f"{_num(-100 * drop)}% higher"
+        lines.append(f"exact loss {_num(v.exact_loss_start)} -> {_num(v.exact_loss_end)} ({change}){acc}")
     if v.cost:
         parts = [f"exact loss {v.cost['exact_loss']:+.4g}"]
         if "accuracy" in v.cost:

@@ -98,7 +98,9 @@ def variant_verdict(v: VariantResult, failure: str) -> str:
         return "works here (not a myth in this setup)"
     if not v.finite:
         return "still non-finite"
-    return "fixed" if v.learned else "finite, did not learn"
+    if not v.learned:
+        return "finite, did not learn"
+    return "fixed (lossy)" if v.lossy else "fixed"
 
 
 def learned(v_finite: bool, start: float, end: float, acc_end: Optional[float], learn) -> bool:

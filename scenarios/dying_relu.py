@@ -16,7 +16,7 @@ swing negative, and most of the second hidden layer ends up negative on every in
 The loss stays finite but stops improving: a stall, not a NaN. A 10x lower lr keeps
 the units alive. LeakyReLU keeps a 0.01 slope below zero, so a unit stuck negative
 still gets 1% of its gradient and is not dead; whether that rescues training at
-this lr, and whether He init does, is measured below rather than assumed. The
+this lr, and whether He init does, is measured in the report, not assumed. The
 fraction of units negative on every input is reported per hidden layer.
 """
 LEARN = Learn(loss_below=0.2)  # the targets' variance is 0.4: half of it must be explained

@@ -17,7 +17,7 @@ pass multiplies 0 by -inf, giving NaN gradients. Working in log space avoids bot
 log_softmax(z) = z - max(z) - log(sum(exp(z - max(z)))) has no exp of a large number
 and no log of a tiny one. Clipping logits to [-10, 10] is finite too, but the clamp
 has zero gradient outside that range, so examples whose logits start beyond it stop
-learning; the cost is measured below against log_softmax.
+learning; the report measures that cost against log_softmax.
 """
 LEARN = Learn(loss_drop=0.5)
 

@@ -12,7 +12,7 @@ EXPLANATION = """
 The sigmoid's derivative is at most 0.25, and with torch's default init each layer's
 weights shrink the signal further, so the gradient reaching the first layer of a
 20-layer sigmoid stack is smaller than the last layer's by many orders of magnitude
-(measured below as first/last layer gradient norm). The output layer still learns
+(the report shows the first/last block gradient-norm ratio). The output layer learns
 the targets' mean, then nothing below it moves: the loss parks at the variance
 and stays finite. ReLU with He init keeps the gradient's scale layer to layer, and
 residual connections (h + f(h)) give the gradient a path around every layer. A
