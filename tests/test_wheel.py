@@ -35,3 +35,11 @@ def test_wheel_in_fresh_venv(tmp_path):
     where = subprocess.run([str(py), "-c", "import nanlab.scenarios, nanlab.conf; print(nanlab.scenarios.__file__, nanlab.conf.__file__)"],
                            cwd=work, capture_output=True, text=True, check=True).stdout
     assert str(venv) in where and str(ROOT) not in where
+    check = subprocess.run([str(py), "-m", "nanlab", "mode=check", "kernel.fn=nanlab.kernels.examples:torch_softmax",
+                            "kernel.kind=softmax", "kernel.dtypes=[float32]", "hydra.run.dir=chk"],
+                           cwd=work, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    plugins = subprocess.run([str(py), "-c", "from importlib.metadata import entry_points; "
+                              "print([e.value for e in entry_points(group='pytest11')])"],
+                             cwd=work, capture_output=True, text=True, check=True).stdout
+    assert "nanlab.kernels.plugin" in plugins
