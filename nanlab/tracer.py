@@ -141,17 +141,53 @@ class _Stop(Exception):
     """Unwinds the replayed step once its first event is known."""
 
 
+@dataclass
+class _OpContext:
+    """Where an op ran, captured when it ran (the deferred mode resolves later)."""
+
+    node_name: Optional[str]
+    node_seq: Optional[int]
+    custom: bool
+    modules: Optional[tuple]
+    source: Optional[str]
+    optimizer: bool
+
+
+def _stats(t: torch.Tensor) -> torch.Tensor:
+    """[sum, max |x| with NaN propagated, max |x| ignoring NaN], computed on t's device
+    without a host sync. NaN in the second entry means t holds a NaN; an infinity
+    there and the sum's sign tell +inf from -inf."""
+    total = t.sum(dtype=torch.float32) if t.element_size() < 4 else t.sum()
+    magnitude = t.abs()
+    return torch.stack([total.double(), magnitude.amax().double(),
+                        magnitude.nan_to_num(nan=0.0, posinf=math.inf).amax().double()])
+
+
+def _state(values) -> tuple:
+    """(kind, holds +inf, largest finite-or-inf |x|) from _stats values."""
+    total, amax, absmax = values
+    if math.isnan(amax):
+        return "nan", False, absmax
+    if math.isinf(amax):
+        return "inf", total != -math.inf, absmax
+    return None, False, absmax
+
+
 class Tracer(TorchDispatchMode):
     """Checks the output of every non-view op. ``first`` holds the first Event.
 
-    With ``stop=True`` it raises an internal exception at the first event so that a
-    replayed step ends there; :func:`replay` catches it. With ``stop=False`` the
-    traced code runs to the end and checking stops after the first event.
+    Immediate mode (the CPU default) checks each op as it runs; on the CPU reading
+    a value back costs nothing. With ``stop=True`` it raises an internal exception
+    at the first event so that a replayed step ends there; :func:`replay` catches it.
+
+    Deferred mode (the CUDA default, or ``defer=True``) never syncs per op: each op's
+    finiteness statistics stay on the device, and one sync when the block ends
+    finds the same first op by running the same decisions over the records in order.
     """
 
-    def __init__(self, stop: bool = False):
+    def __init__(self, stop: bool = False, defer: Optional[bool] = None):
         super().__init__()
-        self.stop = stop
+        self.stop, self.defer = stop, defer
         self.first: Optional[Event] = None
         self._tolerated: set[int] = set()  # storages holding intentional infinities
         self._modules: list[torch.nn.Module] = []
@@ -159,6 +195,8 @@ class Tracer(TorchDispatchMode):
         self._last_seq = -1
         self._in_optimizer = False
         self._hooks = []
+        self._stats: list[torch.Tensor] = []  # deferred mode: device-side statistics
+        self._records: list[tuple] = []  # deferred mode: (op name, context, inputs, outputs)
 
     # --- context management: module stack and optimizer phase come from global hooks
     def __enter__(self):
@@ -174,7 +212,10 @@ class Tracer(TorchDispatchMode):
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        return super().__exit__(*exc)
+        result = super().__exit__(*exc)
+        if self._records:
+            self._resolve_deferred()
+        return result
 
     def _pop_module(self, m):
         if self._modules and self._modules[-1] is m:
@@ -183,13 +224,14 @@ class Tracer(TorchDispatchMode):
     def _set_optimizer(self, on: bool):
         self._in_optimizer = on
 
-    def _module_path(self) -> Optional[str]:
-        if not self._modules:
-            return None
-        return _path_of(self._modules[0], self._modules[-1])
-
     def _innermost(self):
         return (self._modules[0], self._modules[-1]) if self._modules else None
+
+    def _context(self, node) -> _OpContext:
+        return _OpContext(type(node).__name__ if node is not None else None,
+                          node._sequence_nr() if node is not None else None,
+                          isinstance(node, torch.autograd.function.BackwardCFunction),
+                          self._innermost(), _user_frame(), self._in_optimizer)
 
     # --- the per-op check
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -198,7 +240,9 @@ class Tracer(TorchDispatchMode):
         name = func.overloadpacket.__name__
         # An in-place op overwrites its first argument: read that input's state first.
         mutated = _float_tensors(args[0]) if args and func._schema.is_mutable else []
-        before = {id(t): _nonfinite_kind(t) for t in mutated}
+        if self.defer is None:
+            self.defer = any(t.is_cuda for t in _float_tensors((args, kwargs)))
+        before = {id(t): (self._stat_index(t) if self.defer else _nonfinite_kind(t)) for t in mutated}
         out = func(*args, **(kwargs or {}))
         node = torch._C._current_autograd_node()
         if node is None and not self._in_optimizer:
@@ -211,59 +255,107 @@ class Tracer(TorchDispatchMode):
         # In-place ops (the optimizer's _foreach_add_, say) may return nothing: check
         # the tensors they wrote instead.
         returned_nothing = out is None or (isinstance(out, (list, tuple)) and len(out) == 0)
-        for t in (mutated if returned_nothing else _float_tensors(out)):
+        written = mutated if returned_nothing else _float_tensors(out)
+        if self.defer:
+            self._record(name, written, args, kwargs, node, before)
+            return out
+        for t in written:
             kind = _nonfinite_kind(t)
             if kind is not None:
                 self._classify(name, kind, t, args, kwargs, node, before)
                 break
         return out
 
-    def _classify(self, name, kind, out, args, kwargs, node, before):
-        inputs = _float_tensors((args, kwargs))
+    def _decide(self, name: str, kind: str, out_key: int, inputs) -> Optional[str]:
+        """None when the new infinity is an intentional mask (then remembered as one);
+        otherwise the origin: "input" when NaN or +inf came from outside the trace,
+        "op" when this op made the value. ``inputs``: (storage, kind, holds +inf)."""
         outside_bad, carries_mask = False, False
-        for t in inputs:
-            t_kind = before[id(t)] if id(t) in before else _nonfinite_kind(t)
+        for key, t_kind, posinf in inputs:
             if t_kind is None:
                 continue
-            key = t.untyped_storage().data_ptr()
             if key in self._tolerated:
                 carries_mask = True
-            elif t_kind == "nan" or (id(t) not in before and bool((t == math.inf).any())):
+            elif t_kind == "nan" or posinf:
                 outside_bad = True  # NaN or +inf that no traced op produced
             else:
                 self._tolerated.add(key)  # -inf from outside the trace: taken as a mask
                 carries_mask = True
         if not outside_bad and kind == "inf" and (name in _MASK_WRITERS or carries_mask):
-            self._tolerated.add(out.untyped_storage().data_ptr())
-            return
-        self._report(name, kind, "input" if outside_bad else "op", inputs, node)
+            self._tolerated.add(out_key)
+            return None
+        return "input" if outside_bad else "op"
 
-    def _report(self, name, kind, origin, inputs, node):
+    def _event(self, name, kind, origin, absmax, ctx: _OpContext) -> Event:
         op = f"aten.{name}"
-        if node is not None:
-            fwd = self._forward_ops.get(node._sequence_nr())
-            fwd_op, modules, source = fwd if fwd else (None, None, None)
+        if ctx.node_name is not None:
+            fwd_op, modules, source = self._forward_ops.get(ctx.node_seq) or (None, None, None)
+            if ctx.custom:
+                source = ctx.source or source  # the custom backward is user code
+                fwd_op = ctx.node_name.removesuffix("Backward")  # the Function class, not an op inside it
             module = _path_of(*modules) if modules else None
-            node_name = type(node).__name__
-            if isinstance(node, torch.autograd.function.BackwardCFunction):
-                source = _user_frame() or source  # the custom backward is user code
-                fwd_op = node_name.removesuffix("Backward")  # the Function class, not an op inside it
-            event = Event(op, "backward", kind, origin, module, source, _absmax(inputs), node_name, fwd_op)
-        else:
-            phase = "optimizer" if self._in_optimizer else "forward"
-            event = Event(op, phase, kind, origin, self._module_path(), _user_frame(), _absmax(inputs))
-        self.first = event
+            return Event(op, "backward", kind, origin, module, source, absmax, ctx.node_name, fwd_op)
+        module = _path_of(*ctx.modules) if ctx.modules else None
+        return Event(op, "optimizer" if ctx.optimizer else "forward", kind, origin, module, ctx.source, absmax)
+
+    # --- immediate mode
+    def _classify(self, name, kind, out, args, kwargs, node, before):
+        inputs = _float_tensors((args, kwargs))
+        described = []
+        for t in inputs:
+            t_kind = before[id(t)] if id(t) in before else _nonfinite_kind(t)
+            # +inf matters only for a non-finite input a traced op did not produce;
+            # an overwritten input's old values are gone, so it counts as a mask.
+            posinf = (t_kind == "inf" and id(t) not in before and bool((t == math.inf).any()))
+            described.append((t.untyped_storage().data_ptr(), t_kind, posinf))
+        origin = self._decide(name, kind, out.untyped_storage().data_ptr(), described)
+        if origin is None:
+            return
+        self.first = self._event(name, kind, origin, _absmax(inputs), self._context(node))
         if self.stop:
             raise _Stop()
 
+    # --- deferred mode
+    def _stat_index(self, t: torch.Tensor) -> int:
+        self._stats.append(_stats(t))
+        return len(self._stats) - 1
+
+    def _record(self, name, written, args, kwargs, node, before):
+        if not written:
+            return
+        inputs = [(t.untyped_storage().data_ptr(), before[id(t)] if id(t) in before else self._stat_index(t), id(t) in before)
+                  for t in _float_tensors((args, kwargs))]
+        outputs = [(t.untyped_storage().data_ptr(), self._stat_index(t)) for t in written]
+        self._records.append((name, self._context(node), inputs, outputs))
+
+    def _resolve_deferred(self) -> None:
+        values = torch.stack(self._stats).tolist()  # the one host sync
+        for name, ctx, inputs, outputs in self._records:
+            for out_key, index in outputs:
+                kind, _, _ = _state(values[index])
+                if kind is None:
+                    continue
+                described = []
+                for key, i, overwritten in inputs:
+                    t_kind, posinf, _ = _state(values[i])
+                    described.append((key, t_kind, posinf and not overwritten))
+                origin = self._decide(name, kind, out_key, described)
+                if origin is None:
+                    break
+                absmax = max((values[i][2] for _, i, _ in inputs), default=None)
+                self.first = self._event(name, kind, origin, absmax, ctx)
+                return
+        self._records, self._stats = [], []
+
 
 @contextmanager
-def trace():
+def trace(defer: Optional[bool] = None):
     """Run a block under the exact tracer; afterwards ``tr.first`` is None or an Event.
 
     It never raises because of a NaN: the block runs to its end as it would untraced.
+    ``defer`` picks the mode (see Tracer); by default CUDA tensors defer and CPU ones don't.
     """
-    tracer = Tracer(stop=False)
+    tracer = Tracer(stop=False, defer=defer)
     with tracer:
         yield tracer
 

@@ -34,8 +34,14 @@ class Block(nn.Module):
 
 
 def traced(fn):
-    with nanlab.trace() as tr:
-        fn()
+    """The first event, found both ways: checked op by op, and deferred (no host
+    sync per op, as on CUDA). The two must agree exactly."""
+    events = []
+    for defer in (False, True):
+        with nanlab.trace(defer=defer) as tr:
+            fn()
+        events.append(tr.first.to_dict() if tr.first else None)
+    assert events[0] == events[1], events
     return tr.first
 
 
