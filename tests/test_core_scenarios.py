@@ -21,6 +21,9 @@ def test_broken_goes_nonfinite_and_exact_fixes_learn(result_of, name):
     assert r.fixed
     for v in fixes:
         assert len(v.losses) == r.config["steps"] and all(math.isfinite(x) for x in v.losses)
+        # per-step records: gradient norm and parameter norm beside every loss
+        assert len(v.grad_norms) == len(v.param_norms) == len(v.losses)
+        assert all(math.isfinite(g) and g >= 0 for g in v.grad_norms) and all(p > 0 for p in v.param_norms)
 
 
 @pytest.mark.parametrize("name", HEADLINE)
