@@ -34,8 +34,8 @@ class Context:
         return int(self.cfg.seed)
 
     @property
-    def data(self):
-        """The scenario's data knobs (``scenario.data`` in its YAML)."""
+    def knobs(self):
+        """The scenario's data settings: sizes, scales (``scenario.data`` in its YAML)."""
         return self.cfg.scenario.data
 
     def generator(self, offset: int = 0) -> torch.Generator:

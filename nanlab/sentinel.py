@@ -188,6 +188,7 @@ def guard(step_fn: Callable, model: torch.nn.Module, optimizer: Optional[torch.o
     replays the step once under the exact tracer, and raises NonFiniteError carrying
     the step number, the quantity the sentinel saw and the tracer's Event.
     ``step_fn`` may return ``(loss, grad_norm)`` or ``(loss, grad_norm, param_norm)``
-    to spare the sentinel those norms.
+    to spare the sentinel those norms. Build the guard after the model is on its
+    device and dtype: the snapshot holds on to the parameter tensors it finds then.
     """
     return Guard(step_fn, model, optimizer)

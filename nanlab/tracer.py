@@ -54,6 +54,7 @@ _NEVER_CHECK = {"detach", "alias", "clone", "empty", "empty_like", "empty_stride
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _NANLAB_DIR = os.path.dirname(os.path.abspath(__file__))
+_SCENARIOS_DIR = os.path.join(_NANLAB_DIR, "scenarios") + os.sep  # where a wheel installs them
 _STDLIB_DIR = os.path.dirname(os.__file__)
 
 
@@ -96,7 +97,7 @@ def _user_frame(depth: int = 1) -> Optional[str]:
     while frame is not None:
         fn = frame.f_code.co_filename
         if not (fn == __file__ or fn.startswith(_TORCH_DIR) or fn.startswith(_STDLIB_DIR) or fn.startswith("<")):
-            if fn.startswith(_NANLAB_DIR) and os.sep + "scenarios" + os.sep not in fn:
+            if fn.startswith(_NANLAB_DIR) and not fn.startswith(_SCENARIOS_DIR):
                 return None
             return f"{os.path.basename(fn)}:{frame.f_lineno}"
         frame = frame.f_back

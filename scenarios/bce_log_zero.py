@@ -26,7 +26,7 @@ LEARN = Learn(loss_drop=0.5)
 
 
 def make_data(ctx) -> Data:
-    knobs, g = ctx.data, ctx.generator()
+    knobs, g = ctx.knobs, ctx.generator()
     n, d = int(knobs.n), int(knobs.features)
     w = torch.randn(d, generator=g, dtype=torch.float64)
     x = torch.randn(n, d, generator=g, dtype=torch.float64)

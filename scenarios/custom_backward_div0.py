@@ -86,14 +86,14 @@ def sqrt_of_squared(sqrt_fn):
 
 
 def make_data(ctx) -> Data:
-    knobs, g = ctx.data, ctx.generator()
+    knobs, g = ctx.knobs, ctx.generator()
     x = torch.randn(int(knobs.n), 2, generator=g, dtype=torch.float64)
     y = torch.sin(2 * x[:, 0]) + torch.cos(x[:, 1])
     return Data(x, y[:, None])
 
 
 def make_model(ctx, data) -> nn.Module:
-    return RBFNet(data.x[: int(ctx.data.centers)], sqrt_of_squared(SqrtDivByZero))
+    return RBFNet(data.x[: int(ctx.knobs.centers)], sqrt_of_squared(SqrtDivByZero))
 
 
 def exact_loss(pred, y):
@@ -101,7 +101,7 @@ def exact_loss(pred, y):
 
 
 def _model_with(distance):
-    return lambda ctx, data: RBFNet(data.x[: int(ctx.data.centers)], distance)
+    return lambda ctx, data: RBFNet(data.x[: int(ctx.knobs.centers)], distance)
 
 
 VARIANTS = [

@@ -23,7 +23,7 @@ LEARN = Learn(loss_below=0.2)  # the targets' variance is 0.4: half of it must b
 
 
 def make_data(ctx) -> Data:
-    knobs, g = ctx.data, ctx.generator()
+    knobs, g = ctx.knobs, ctx.generator()
     x = torch.randn(int(knobs.n), int(knobs.features), generator=g, dtype=torch.float64)
     w = torch.randn(int(knobs.features), generator=g, dtype=torch.float64)
     return Data(x, torch.sin(x @ w / 4)[:, None])
@@ -34,7 +34,7 @@ def mlp(d, width, activation):
 
 
 def make_model(ctx, data) -> nn.Module:
-    return mlp(data.x.shape[1], int(ctx.data.width), nn.ReLU)
+    return mlp(data.x.shape[1], int(ctx.knobs.width), nn.ReLU)
 
 
 def exact_loss(pred, y):
@@ -58,7 +58,7 @@ VARIANTS = [
     Variant("relu_lr_1", "broken", "ReLU MLP, SGD lr 1.0", F.mse_loss),
     Variant("relu_lr_0.1", "fix", "same network, lr 0.1", F.mse_loss, overrides={"optimizer.lr": 0.1}),
     Variant("leaky_relu_lr_1", "myth", "LeakyReLU(0.01) at the same lr", F.mse_loss,
-            model=lambda ctx, data: mlp(data.x.shape[1], int(ctx.data.width), nn.LeakyReLU)),
+            model=lambda ctx, data: mlp(data.x.shape[1], int(ctx.knobs.width), nn.LeakyReLU)),
     Variant("he_init_lr_1", "myth", "He-normal init at the same lr", F.mse_loss, overrides={"init.name": "he_normal"}),
 ]
 

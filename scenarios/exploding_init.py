@@ -23,15 +23,15 @@ LEARN = Learn(loss_drop=0.9)
 
 
 def make_data(ctx) -> Data:
-    knobs, g = ctx.data, ctx.generator()
+    knobs, g = ctx.knobs, ctx.generator()
     x = torch.randn(int(knobs.n), int(knobs.features), generator=g, dtype=torch.float64)
     w = torch.randn(int(knobs.features), generator=g, dtype=torch.float64)
     return Data(x, torch.sin(x @ w / 4)[:, None])
 
 
 def make_model(ctx, data) -> nn.Module:
-    width, layers, d = int(ctx.data.width), [], data.x.shape[1]
-    for _ in range(int(ctx.data.depth)):
+    width, layers, d = int(ctx.knobs.width), [], data.x.shape[1]
+    for _ in range(int(ctx.knobs.depth)):
         layers += [nn.Linear(d, width), nn.ReLU()]
         d = width
     return nn.Sequential(*layers, nn.Linear(d, 1))

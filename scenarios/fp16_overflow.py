@@ -23,14 +23,14 @@ LEARN = Learn(loss_drop=0.5)
 
 
 def make_data(ctx) -> Data:
-    knobs, g = ctx.data, ctx.generator()
+    knobs, g = ctx.knobs, ctx.generator()
     x = torch.randn(int(knobs.n), int(knobs.features), generator=g, dtype=torch.float64)
     w = torch.randn(int(knobs.features), generator=g, dtype=torch.float64)
     return Data(x, (float(knobs.target_scale) * torch.tanh(x @ w / 2))[:, None])
 
 
 def make_model(ctx, data) -> nn.Module:
-    width = int(ctx.data.width)
+    width = int(ctx.knobs.width)
     return nn.Sequential(nn.Linear(data.x.shape[1], width), nn.Tanh(), nn.Linear(width, 1))
 
 

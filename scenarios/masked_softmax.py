@@ -23,7 +23,7 @@ LEARN = Learn(loss_drop=0.5)
 
 
 def make_data(ctx) -> Data:
-    knobs, g = ctx.data, ctx.generator()
+    knobs, g = ctx.knobs, ctx.generator()
     n, t, d = int(knobs.sequences), int(knobs.tokens), int(knobs.features)
     x = torch.randn(n, t, d, generator=g, dtype=torch.float64)
     lengths = torch.randint(1, t + 1, (n,), generator=g)

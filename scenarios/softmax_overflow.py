@@ -23,7 +23,7 @@ LEARN = Learn(loss_drop=0.5)
 
 
 def make_data(ctx) -> Data:
-    knobs, g = ctx.data, ctx.generator()
+    knobs, g = ctx.knobs, ctx.generator()
     n, d, k = int(knobs.n), int(knobs.features), int(knobs.classes)
     centers = 2.0 * torch.randn(k, d, generator=g, dtype=torch.float64)
     y = torch.randint(0, k, (n,), generator=g)

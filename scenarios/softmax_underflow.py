@@ -21,7 +21,7 @@ LEARN = Learn(loss_drop=0.5)
 
 
 def make_data(ctx) -> Data:
-    knobs, g = ctx.data, ctx.generator()
+    knobs, g = ctx.knobs, ctx.generator()
     n, d, k = int(knobs.n), int(knobs.features), int(knobs.classes)
     x = torch.randn(n, d, generator=g, dtype=torch.float64)
     teacher = torch.softmax(x @ torch.randn(d, k, generator=g, dtype=torch.float64), -1)

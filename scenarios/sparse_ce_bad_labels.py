@@ -24,7 +24,7 @@ IGNORE = -100
 
 
 def make_data(ctx) -> Data:
-    knobs, g = ctx.data, ctx.generator()
+    knobs, g = ctx.knobs, ctx.generator()
     n, t, d, c = int(knobs.sequences), int(knobs.tokens), int(knobs.features), int(knobs.classes)
     x = torch.randn(n, t, d, generator=g, dtype=torch.float64)
     w = torch.randn(d, c, generator=g, dtype=torch.float64)
@@ -36,7 +36,7 @@ def make_data(ctx) -> Data:
 
 
 def make_model(ctx, data) -> nn.Module:
-    return nn.Linear(data.x.shape[-1], int(ctx.data.classes))
+    return nn.Linear(data.x.shape[-1], int(ctx.knobs.classes))
 
 
 def exact_loss(logits, y):

@@ -23,7 +23,7 @@ LEARN = Learn(loss_drop=0.5)
 
 
 def make_data(ctx) -> Data:
-    knobs, g = ctx.data, ctx.generator()
+    knobs, g = ctx.knobs, ctx.generator()
     n, d = int(knobs.n), int(knobs.features)
     x = torch.randn(n, d, generator=g, dtype=torch.float64)
     x[: int(knobs.zero_rows)] = 0.0  # padding rows

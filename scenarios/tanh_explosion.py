@@ -23,7 +23,7 @@ LEARN = Learn(loss_drop=0.5)
 
 
 def make_data(ctx) -> Data:
-    knobs, g = ctx.data, ctx.generator()
+    knobs, g = ctx.knobs, ctx.generator()
     n, d = int(knobs.n), int(knobs.features)
     x = torch.rand(n, d, generator=g, dtype=torch.float64)
     w = torch.randn(d, generator=g, dtype=torch.float64)
@@ -32,7 +32,7 @@ def make_data(ctx) -> Data:
 
 
 def make_model(ctx, data) -> nn.Module:
-    width = int(ctx.data.width)
+    width = int(ctx.knobs.width)
     return nn.Sequential(nn.Linear(data.x.shape[1], width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
                          nn.Linear(width, 1))
 

@@ -23,7 +23,7 @@ LEARN = Learn(loss_drop=0.5)
 
 
 def make_data(ctx) -> Data:
-    knobs, g = ctx.data, ctx.generator()
+    knobs, g = ctx.knobs, ctx.generator()
     n, big = int(knobs.n), float(knobs.big_scale)
     small_feature = torch.randn(n, generator=g, dtype=torch.float64)
     big_feature = big * torch.randn(n, generator=g, dtype=torch.float64)

@@ -22,7 +22,7 @@ LEARN = Learn(loss_below=0.2)  # the targets' variance is 0.4
 
 
 def make_data(ctx) -> Data:
-    knobs, g = ctx.data, ctx.generator()
+    knobs, g = ctx.knobs, ctx.generator()
     x = torch.randn(int(knobs.n), int(knobs.features), generator=g, dtype=torch.float64)
     w = torch.randn(int(knobs.features), generator=g, dtype=torch.float64)
     return Data(x, torch.sin(x @ w / 4)[:, None])
@@ -47,7 +47,7 @@ class Deep(nn.Module):
 
 
 def _deep(**kw):
-    return lambda ctx, data: Deep(data.x.shape[1], int(ctx.data.width), int(ctx.data.depth), **kw)
+    return lambda ctx, data: Deep(data.x.shape[1], int(ctx.knobs.width), int(ctx.knobs.depth), **kw)
 
 
 def make_model(ctx, data) -> nn.Module:

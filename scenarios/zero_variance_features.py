@@ -22,7 +22,7 @@ LEARN = Learn(loss_drop=0.5)
 
 
 def make_data(ctx) -> Data:
-    knobs, g = ctx.data, ctx.generator()
+    knobs, g = ctx.knobs, ctx.generator()
     n, d = int(knobs.n), int(knobs.features)
     x = torch.randn(n, d, generator=g, dtype=torch.float64) * 3 + 10
     x[:, int(knobs.constant_column)] = 7.0

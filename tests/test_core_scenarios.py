@@ -37,6 +37,7 @@ def test_softmax_overflow_paths(result_of):
     r = result_of("softmax_overflow")
     origin = r.broken.first_nonfinite["origin"]
     assert origin["op"] == "aten.exp" and origin["phase"] == "forward" and origin["kind"] == "inf"
+    assert origin["source"].startswith("softmax_overflow.py:")  # scenario code counts as user code
     assert r.variant("log_of_softmax").finite is False  # the library softmax underflows, log gives -inf
     myth = r.variant("log_softmax_as_probs")
     assert myth.finite and myth.wrong and myth.verdict.startswith("myth: finite but wrong")

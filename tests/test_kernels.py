@@ -150,3 +150,23 @@ def test_check_cli_exit_codes(cli, tmp_path, args, code):
     else:
         data = json.loads((tmp_path / "check.json").read_text())
         assert data["passed"] is (code == 0) and data["cases"] and "case" in proc.stdout
+
+
+def test_a_kernel_that_crashes_fails_its_cases_without_stopping_the_check():
+    def crashes(x, dim=-1):
+        raise ZeroDivisionError("kernel bug")
+
+    report = check(crashes, kind="softmax", dtypes=["float32"])
+    assert not report.passed and len(report.failures) == len(report.cases)
+    assert all(c.reason == "raised ZeroDivisionError: kernel bug" for c in report.failures)
+
+
+def test_check_cli_bad_kernel_module_and_missing_fn(cli, tmp_path):
+    (tmp_path / "broken_kernels.py").write_text("raise RuntimeError('cannot even import')\n")
+    proc = cli("mode=check", "kernel.fn=broken_kernels:f", "kernel.kind=softmax", f"hydra.run.dir={tmp_path / 'o'}",
+               env={"PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "nanlab: error: kernel.fn=broken_kernels:f: cannot import broken_kernels (RuntimeError: cannot even import)")
+    proc = cli("mode=check", "kernel.kind=softmax", f"hydra.run.dir={tmp_path / 'o'}")
+    assert proc.returncode == 2 and "must be an import path of the form package.module:function" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -218,13 +218,19 @@ def _row_cases(kind: str) -> list[Case]:
     ]
 
 
+def _loss_case(kind, name, description, make, reduction="mean", undef="", **keywords) -> Case:
+    """A case for a loss kernel: ``make(gen)`` gives (input, target); a reduction
+    other than mean is part of the case's name."""
+
+    def build(g):
+        return list(make(g)), {"reduction": reduction, **keywords}
+
+    return Case(name if reduction == "mean" else f"{name}[{reduction}]", kind, description, build, undef)
+
+
 def _ce_cases() -> list[Case]:
     def case(name, description, make, reduction="mean", undef="", **kw):
-        def build(g):
-            logits, target = make(g)
-            return [logits, target], {"reduction": reduction, **kw}
-
-        return Case(name if reduction == "mean" else f"{name}[{reduction}]", "cross_entropy", description, build, undef)
+        return _loss_case("cross_entropy", name, description, make, reduction, undef, **kw)
 
     def random(g):
         return _randn(g, 8, 5), _targets(g, 8, 5)
@@ -267,11 +273,7 @@ def _ce_cases() -> list[Case]:
 
 def _bce_cases() -> list[Case]:
     def case(name, description, make, reduction="mean"):
-        def build(g):
-            p, y = make(g)
-            return [p, y], {"reduction": reduction}
-
-        return Case(name if reduction == "mean" else f"{name}[{reduction}]", "binary_cross_entropy", description, build)
+        return _loss_case("binary_cross_entropy", name, description, make, reduction)
 
     def random(g):
         return torch.rand(8, generator=g, dtype=torch.float64) * 0.98 + 0.01, torch.randint(0, 2, (8,), generator=g).double()
@@ -294,12 +296,7 @@ def _bce_cases() -> list[Case]:
 
 def _bce_logits_cases() -> list[Case]:
     def case(name, description, make, reduction="mean"):
-        def build(g):
-            z, y = make(g)
-            return [z, y], {"reduction": reduction}
-
-        return Case(name if reduction == "mean" else f"{name}[{reduction}]", "binary_cross_entropy_with_logits",
-                    description, build)
+        return _loss_case("binary_cross_entropy_with_logits", name, description, make, reduction)
 
     def saturating(bound):
         def make(g):

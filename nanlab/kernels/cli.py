@@ -17,8 +17,8 @@ def resolve(path: str, key: str):
         raise ConfigError(key, path, "must be an import path of the form package.module:function")
     try:
         target = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ConfigError(key, path, f"cannot import {module_name} ({err})") from None
+    except Exception as err:  # the user's module may fail to import in any way
+        raise ConfigError(key, path, f"cannot import {module_name} ({type(err).__name__}: {err})") from None
     for part in attr.split("."):
         if not hasattr(target, part):
             raise ConfigError(key, path, f"{module_name} has no attribute {attr}")
