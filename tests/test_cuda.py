@@ -14,3 +14,40 @@ def test_scenario_on_cuda(result_of, name):
     r = result_of(name, "device=cuda")
     assert r.config["device"] == "cuda"
     assert r.reproduced and r.fixed, [(v.name, v.verdict) for v in r.variants]
+
+
+def test_guard_on_cuda_finds_the_backward_division_by_zero():
+    import nanlab
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 3, device="cuda")
+
+    def step():
+        opt.zero_grad()
+        loss = torch.sqrt(model(x) * 0.0).sum()  # d/dx sqrt(x) at x = 0 is +inf
+        loss.backward()
+        opt.step()
+        return loss
+
+    guarded = nanlab.guard(step, model, opt)
+    with pytest.raises(nanlab.NonFiniteError) as info:
+        for _ in range(3):
+            guarded()
+    assert info.value.step == 0 and info.value.quantity == "gradients"
+    assert info.value.event.phase == "backward" and info.value.event.node == "SqrtBackward0"
+
+
+def test_sentinel_merges_flags_from_two_devices():
+    from nanlab.sentinel import Sentinel
+
+    on_cpu, on_gpu = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3, device="cuda"))
+    sentinel = Sentinel([on_cpu, on_gpu])
+    on_cpu.grad, on_gpu.grad = torch.zeros(3), torch.zeros(3, device="cuda")
+    assert sentinel.read(torch.tensor(1.0))[3:] == [0.0, 0.0]
+    on_gpu.grad[0] = float("nan")
+    assert sentinel.read(torch.tensor(1.0))[3:] == [1.0, 0.0]
+    on_gpu.grad[0] = 0.0
+    assert sentinel.read(torch.tensor(1.0))[3:] == [0.0, 0.0]

@@ -1,5 +1,7 @@
 """Issue 4: small models with known NaN bugs; the tracer must place each one."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -250,6 +252,64 @@ def test_guard_places_a_parameter_overflow_in_the_optimizer_step():
     assert err.quantity == "parameters" and err.step == 0
     assert err.event.phase == "optimizer" and err.event.kind == "inf"
     assert all(torch.isfinite(p).all() for p in model.parameters())  # restored to before step 0
+
+
+def test_guard_catches_a_bad_gradient_the_optimizer_never_applies():
+    # The frozen weight is outside the optimizer, so only the gradient check can see it.
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD([model.bias], lr=0.1)
+    x = torch.randn(8, 2)
+    poison = {"on": False}
+
+    def step():
+        opt.zero_grad()
+        weight = model.weight * (torch.full_like(model.weight, float("inf")) if poison["on"] else 1.0)
+        loss = (F.linear(x, weight.clamp(-1, 1), model.bias) ** 2).mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    guarded = nanlab.guard(step, model, opt)
+    guarded()
+    assert guarded.last.bad is None and math.isnan(guarded.last.grad_norm)  # not measured, still checked
+    poison["on"] = True
+    with pytest.raises(nanlab.NonFiniteError) as info:
+        guarded()
+    assert info.value.step == 1 and info.value.quantity == "gradients"
+    assert info.value.event.phase == "backward"
+
+
+def test_sentinel_flags_bad_values_and_leaves_every_value_as_it_was():
+    from nanlab.sentinel import Sentinel
+
+    weight = nn.Parameter(torch.tensor([1.0, -0.0, 1e-45, -3e38]))
+    grads = torch.tensor([float("nan"), 2.0, -0.0, 1e-40])
+    weight.grad = grads.clone()
+    sentinel = Sentinel([weight])
+    loss, grad_norm, param_norm, grads_bad, params_bad = sentinel.read(torch.tensor(0.5))
+    assert loss == 0.5 and math.isnan(grad_norm) and math.isnan(param_norm)
+    assert (grads_bad, params_bad) == (1.0, 0.0)
+    # Bit for bit, signed zeros and subnormals included.
+    assert torch.equal(weight.detach().view(torch.int32),
+                       torch.tensor([1.0, -0.0, 1e-45, -3e38]).view(torch.int32))
+    assert torch.equal(weight.grad[1:].view(torch.int32), grads[1:].view(torch.int32))
+    weight.grad = torch.zeros(4)
+    with torch.no_grad():
+        weight[0] = float("inf")
+    assert sentinel.read(torch.tensor(0.5))[3:] == [0.0, 1.0]
+
+
+def test_sentinel_checks_sparse_gradients_one_by_one():
+    from nanlab.sentinel import Sentinel
+
+    emb = nn.Embedding(5, 3, sparse=True)
+    sentinel = Sentinel(list(emb.parameters()))
+    emb(torch.tensor([1, 2])).sum().backward()
+    assert emb.weight.grad.is_sparse and sentinel.read(torch.tensor(1.0))[3:] == [0.0, 0.0]
+    emb.zero_grad()
+    (emb(torch.tensor([1])) * float("nan")).sum().backward()
+    assert sentinel.read(torch.tensor(1.0))[3:] == [1.0, 0.0]
 
 
 def test_result_json_carries_the_origin_and_the_report_prints_it(result_of):
