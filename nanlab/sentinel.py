@@ -20,10 +20,13 @@ from nanlab.tracer import replay
 
 
 def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Global L2 norm of a list of tensors, with no host sync."""
+    """Global L2 norm of a list of tensors, with no host sync. Computed in float32 at
+    least, so that float16 gradients of a finite size do not overflow the norm, and in
+    float64 for float64 tensors."""
     if not tensors:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)).float())
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)))
 
 
 def _all_finite(tensors) -> bool:
@@ -47,40 +50,41 @@ class Sentinel:
     def __init__(self, params: list[torch.Tensor]):
         self.params = params
         device = params[0].device if params else torch.device("cpu")
-        self._readings = torch.zeros(5, device=device)  # loss, grad norm, param norm, grads bad, params bad
+        # float64, so that a float64 run's loss is neither rounded nor overflowed on the way.
+        self._readings = torch.zeros(5, dtype=torch.float64, device=device)  # loss, grad norm, param norm, flags
         self._slots = [self._readings[i:i + 1] for i in range(3)]
+        self._flags = self._readings[3:5]  # gradients bad, parameters bad
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for p in params:
             by_device.setdefault(p.device, []).append(p)
         self._groups = []
         for group_device, group in by_device.items():
-            own = group_device != device  # flags of a second device are merged into the readings
-            found = torch.zeros(2, device=group_device) if own else self._readings[3:5]
+            found = torch.zeros(2, device=group_device)  # the fused check takes float32 flags
             self._groups.append((group, [p.detach() for p in group], found, found[0:1], found[1:2],
-                                 torch.ones(1, device=group_device), own))
+                                 torch.ones(1, device=group_device)))
 
     def read(self, loss: torch.Tensor, grad_norm: Optional[torch.Tensor] = None,
              param_norm: Optional[torch.Tensor] = None) -> list[float]:
         """[loss, grad norm, param norm, gradients bad, parameters bad]. A norm the
         step did not pass back reads NaN; a flag whose norm was passed back reads 0."""
-        readings = self._readings
         if grad_norm is None or param_norm is None:
-            readings.zero_()
-            for params, data, found, grads_found, params_found, one, own in self._groups:
+            for i, (params, data, found, grads_found, params_found, one) in enumerate(self._groups):
                 grads = [p.grad for p in params if p.grad is not None]
+                found.zero_()
                 try:
                     if grads:
                         torch._amp_foreach_non_finite_check_and_unscale_(grads, grads_found, one)
                     torch._amp_foreach_non_finite_check_and_unscale_(data, params_found, one)
                 except (NotImplementedError, RuntimeError):  # sparse or complex tensors
                     found.copy_(torch.stack([_any_nonfinite(grads, found.device), _any_nonfinite(data, found.device)]))
-                if own:
-                    readings[3:5] = torch.maximum(readings[3:5], found.to(readings.device))
-                    found.zero_()
+                if i == 0:
+                    self._flags.copy_(found)
+                else:
+                    torch.maximum(self._flags, found.to(self._flags), out=self._flags)
         for slot, value in zip(self._slots, (loss, grad_norm, param_norm)):
             if value is not None:
                 slot.copy_(value.detach().reshape(1))
-        values = readings.tolist()
+        values = self._readings.tolist()
         for i, value in ((1, grad_norm), (2, param_norm)):
             if value is None:
                 values[i] = float("nan")

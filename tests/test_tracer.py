@@ -300,6 +300,15 @@ def test_sentinel_flags_bad_values_and_leaves_every_value_as_it_was():
     assert sentinel.read(torch.tensor(0.5))[3:] == [0.0, 1.0]
 
 
+def test_sentinel_reads_a_float64_loss_without_rounding_or_overflow():
+    from nanlab.sentinel import Sentinel
+
+    weight = nn.Parameter(torch.ones(2, dtype=torch.float64))
+    sentinel = Sentinel([weight])
+    assert sentinel.read(torch.tensor(1e300, dtype=torch.float64))[0] == 1e300
+    assert sentinel.read(torch.tensor(0.1, dtype=torch.float64))[0] == 0.1
+
+
 def test_sentinel_checks_sparse_gradients_one_by_one():
     from nanlab.sentinel import Sentinel
 
@@ -319,3 +328,11 @@ def test_result_json_carries_the_origin_and_the_report_prints_it(result_of):
     origin = r.to_dict()["variants"][0]["first_nonfinite"]["origin"]
     assert origin["node"] == "SqrtDivByZeroBackward" and origin["phase"] == "backward"
     assert "Inf first in backward: SqrtDivByZeroBackward (backward of SqrtDivByZero)" in render(r)
+
+
+def test_total_norm_of_large_finite_float16_gradients_is_finite():
+    from nanlab.sentinel import total_norm
+
+    norm = total_norm([torch.full((4,), 60000.0, dtype=torch.float16)])
+    assert norm.dtype == torch.float32 and norm.item() == 120000.0
+    assert total_norm([torch.full((2,), 0.1, dtype=torch.float64)]).dtype == torch.float64
