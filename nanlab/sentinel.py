@@ -41,8 +41,8 @@ class Sentinel:
     and version counters are not bumped. On a CPU that is about 7 us for 14 tensors,
     against 25 us for ``_foreach_norm``; on CUDA it is one kernel launch per device.
     The loss, the flags and any norms the step passes back land in one small buffer
-    that is read once. Sparse gradients, and gradients that are part of a
-    double-backward graph, are checked one by one.
+    that is read once. Sparse and complex tensors, which the fused check does not
+    take, are checked one by one.
 
     The sentinel holds on to the parameter tensors it is given, like the snapshot.
     """
