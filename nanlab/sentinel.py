@@ -33,6 +33,17 @@ def _all_finite(tensors) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+@dataclass
+class StepCheck:
+    """What the sentinel read after one step. A norm reads NaN when the step did not
+    pass it back; that quantity was still checked, by a fused flag."""
+
+    loss: float
+    grad_norm: float
+    param_norm: float
+    bad: Optional[str]  # None, or the first non-finite quantity: loss, gradients, parameters
+
+
 class Sentinel:
     """The per-step check of loss, gradients and parameters, read with one host sync.
 
@@ -48,7 +59,7 @@ class Sentinel:
     """
 
     def __init__(self, params: list[torch.Tensor]):
-        self.params = params
+        self._params = params
         device = params[0].device if params else torch.device("cpu")
         # float64, so that a float64 run's loss is neither rounded nor overflowed on the way.
         self._readings = torch.zeros(5, dtype=torch.float64, device=device)  # loss, grad norm, param norm, flags
@@ -59,38 +70,52 @@ class Sentinel:
             by_device.setdefault(p.device, []).append(p)
         self._groups = []
         for group_device, group in by_device.items():
+            fusable = all(p.is_floating_point() and p.layout == torch.strided for p in group)
             found = torch.zeros(2, device=group_device)  # the fused check takes float32 flags
-            self._groups.append((group, [p.detach() for p in group], found, found[0:1], found[1:2],
+            self._groups.append((group, [p.detach() for p in group], fusable, found, found[0:1], found[1:2],
                                  torch.ones(1, device=group_device)))
 
-    def read(self, loss: torch.Tensor, grad_norm: Optional[torch.Tensor] = None,
-             param_norm: Optional[torch.Tensor] = None) -> list[float]:
-        """[loss, grad norm, param norm, gradients bad, parameters bad]. A norm the
-        step did not pass back reads NaN; a flag whose norm was passed back reads 0."""
+    def check(self, loss: torch.Tensor, grad_norm: Optional[torch.Tensor] = None,
+              param_norm: Optional[torch.Tensor] = None) -> StepCheck:
+        """Check one step. A norm the step already computed and passes back is that
+        quantity's check (and is reported); otherwise the fused flag is, and the norm
+        reads NaN (not measured)."""
         if grad_norm is None or param_norm is None:
-            for i, (params, data, found, grads_found, params_found, one) in enumerate(self._groups):
-                grads = [p.grad for p in params if p.grad is not None]
-                found.zero_()
-                try:
-                    if grads:
-                        torch._amp_foreach_non_finite_check_and_unscale_(grads, grads_found, one)
-                    torch._amp_foreach_non_finite_check_and_unscale_(data, params_found, one)
-                except (NotImplementedError, RuntimeError):  # sparse or complex tensors
-                    found.copy_(torch.stack([_any_nonfinite(grads, found.device), _any_nonfinite(data, found.device)]))
-                if i == 0:
-                    self._flags.copy_(found)
-                else:
-                    torch.maximum(self._flags, found.to(self._flags), out=self._flags)
+            self._flag_nonfinite()
         for slot, value in zip(self._slots, (loss, grad_norm, param_norm)):
             if value is not None:
                 slot.copy_(value.detach().reshape(1))
-        values = self._readings.tolist()
-        for i, value in ((1, grad_norm), (2, param_norm)):
-            if value is None:
-                values[i] = float("nan")
+        loss_v, grad_v, param_v, grads_flag, params_flag = self._readings.tolist()
+        # A norm can overflow on finite values; the exact check runs only then.
+        if grad_norm is None:
+            grad_v, grads_bad = float("nan"), grads_flag != 0
+        else:
+            grads_bad = not math.isfinite(grad_v) and not _all_finite(self._grads())
+        if param_norm is None:
+            param_v, params_bad = float("nan"), params_flag != 0
+        else:
+            params_bad = not math.isfinite(param_v) and not _all_finite([p.detach() for p in self._params])
+        bad = next((name for name, is_bad in (("loss", not math.isfinite(loss_v)), ("gradients", grads_bad),
+                                              ("parameters", params_bad)) if is_bad), None)
+        return StepCheck(loss_v, grad_v, param_v, bad)
+
+    def _grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self._params if p.grad is not None]
+
+    def _flag_nonfinite(self) -> None:
+        for i, (params, data, fusable, found, grads_found, params_found, one) in enumerate(self._groups):
+            grads = [p.grad for p in params if p.grad is not None]
+            if fusable and not any(g.is_sparse for g in grads):
+                found.zero_()
+                if grads:
+                    torch._amp_foreach_non_finite_check_and_unscale_(grads, grads_found, one)
+                torch._amp_foreach_non_finite_check_and_unscale_(data, params_found, one)
             else:
-                values[i + 2] = 0.0
-        return values
+                found.copy_(torch.stack([_any_nonfinite(grads, found.device), _any_nonfinite(data, found.device)]))
+            if i == 0:
+                self._flags.copy_(found)
+            else:
+                torch.maximum(self._flags, found.to(self._flags), out=self._flags)
 
 
 def _any_nonfinite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -171,25 +196,13 @@ class Snapshot:
             torch.cuda.set_rng_state_all(self._cuda_rng)
 
 
-@dataclass
-class StepCheck:
-    """What the sentinel read after one step. A norm reads NaN when the step did not
-    pass it back; that quantity was still checked, by a fused flag."""
-
-    loss: float
-    grad_norm: float
-    param_norm: float
-    bad: Optional[str]  # None, or the first non-finite quantity: loss, gradients, parameters
-
-
 class Guard:
     """``guard(step_fn, model, optimizer)``: see :func:`nanlab.guard`."""
 
     def __init__(self, step_fn: Callable, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None):
         self.step_fn, self.model, self.optimizer = step_fn, model, optimizer
         self.snapshot = Snapshot(model, optimizer)
-        self._params = list(model.parameters())
-        self._sentinel = Sentinel(self._params)
+        self._sentinel = Sentinel(list(model.parameters()))
         self.step = 0
         self.last: Optional[StepCheck] = None
 
@@ -197,7 +210,7 @@ class Guard:
         self.snapshot.take()
         out = self.step_fn(*args)
         loss, grad_norm, param_norm = (tuple(out) + (None, None))[:3] if isinstance(out, tuple) else (out, None, None)
-        self.last = check = self.sentinel(loss, grad_norm, param_norm)
+        self.last = check = self._sentinel.check(loss, grad_norm, param_norm)
         if check.bad is not None:
             self.snapshot.restore()
             event = replay(self.step_fn, *args)
@@ -205,24 +218,6 @@ class Guard:
             raise NonFiniteError(self.step, check.bad, event)
         self.step += 1
         return out
-
-    def sentinel(self, loss: torch.Tensor, grad_norm: Optional[torch.Tensor] = None,
-                 param_norm: Optional[torch.Tensor] = None) -> StepCheck:
-        """Check one step's loss, gradients and parameters with one host sync. A norm
-        the step already computed and passes back is reused as that quantity's check;
-        the others are checked by :class:`Sentinel`'s fused flags."""
-        loss_v, grad_v, param_v, grads_flag, params_flag = self._sentinel.read(loss, grad_norm, param_norm)
-        bad = None
-        if not math.isfinite(loss_v):
-            bad = "loss"
-        # A norm can overflow on finite values; the exact check runs only then.
-        elif (grads_flag or not math.isfinite(grad_v) and grad_norm is not None) \
-                and not _all_finite([p.grad for p in self._params if p.grad is not None]):
-            bad = "gradients"
-        elif (params_flag or not math.isfinite(param_v) and param_norm is not None) \
-                and not _all_finite([p.detach() for p in self._params]):
-            bad = "parameters"
-        return StepCheck(loss_v, grad_v, param_v, bad)
 
 
 def guard(step_fn: Callable, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> Guard:

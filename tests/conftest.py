@@ -18,6 +18,20 @@ def run_cli(*args, cwd=None, env=None, timeout=300):
                           cwd=cwd, env=full_env, timeout=timeout)
 
 
+def training_step(optimizer, compute_loss):
+    """One step as users write it: zero the gradients, compute the loss, backward,
+    optimizer step. Returns the step function, which returns the loss."""
+
+    def step():
+        optimizer.zero_grad()
+        loss = compute_loss()
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
 @lru_cache(maxsize=None)
 def scenario_result(name, *overrides):
     """Each scenario's default run, shared by every test that reads it."""
@@ -29,6 +43,11 @@ def scenario_result(name, *overrides):
 @pytest.fixture
 def result_of():
     return scenario_result
+
+
+@pytest.fixture
+def make_step():
+    return training_step
 
 
 @pytest.fixture

@@ -166,7 +166,7 @@ def test_trace_never_raises_and_the_block_runs_to_the_end():
     assert tr.first is not None and done == [NEG_INF]
 
 
-def _scenario_step(name):
+def _scenario_step(name, make_step):
     cfg = compose([f"scenario={name}"])
     scenario = registry.load(name)
     ctx = Context(cfg, resolve_device("cpu"), torch.float32)
@@ -175,21 +175,12 @@ def _scenario_step(name):
     torch.manual_seed(0)
     model = scenario.make_model(ctx, data)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.optimizer.lr)
-    loss_fn = scenario.broken.loss
-
-    def step():
-        opt.zero_grad()
-        loss = loss_fn(model(data.x), data.y)
-        loss.backward()
-        opt.step()
-        return loss
-
-    return model, opt, step
+    return model, opt, make_step(opt, lambda: scenario.broken.loss(model(data.x), data.y))
 
 
 @pytest.mark.parametrize("name", ["softmax_overflow", "custom_backward_div0"])
-def test_guard_raises_the_event_the_scenario_reports(result_of, name):
-    model, opt, step = _scenario_step(name)
+def test_guard_raises_the_event_the_scenario_reports(result_of, make_step, name):
+    model, opt, step = _scenario_step(name, make_step)
     guarded = nanlab.guard(step, model, opt)
     with pytest.raises(nanlab.NonFiniteError) as info:
         for _ in range(200):
@@ -199,22 +190,18 @@ def test_guard_raises_the_event_the_scenario_reports(result_of, name):
     assert info.value.event.to_dict() == reported["origin"]
 
 
-def test_guard_restores_exactly_the_pre_step_state():
+def test_guard_restores_exactly_the_pre_step_state(make_step):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     x = torch.randn(16, 2)
     poison = {"on": False}
 
-    def step():
-        opt.zero_grad()
+    def poisoned_loss():
         out = model(x)
-        loss = F.mse_loss(out, torch.zeros_like(out)) * (float("nan") if poison["on"] else 1.0)
-        loss.backward()
-        opt.step()
-        return loss
+        return F.mse_loss(out, torch.zeros_like(out)) * (float("nan") if poison["on"] else 1.0)
 
-    guarded = nanlab.guard(step, model, opt)
+    guarded = nanlab.guard(make_step(opt, poisoned_loss), model, opt)
     for _ in range(5):
         guarded()
     params = [p.detach().clone() for p in model.parameters()]
@@ -231,20 +218,13 @@ def test_guard_restores_exactly_the_pre_step_state():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_guard_places_a_parameter_overflow_in_the_optimizer_step():
+def test_guard_places_a_parameter_overflow_in_the_optimizer_step(make_step):
     torch.manual_seed(0)
     model = nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=1e37)
     x, y = torch.randn(8, 2) * 100, torch.randn(8, 1)
 
-    def step():
-        opt.zero_grad()
-        loss = F.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss
-
-    guarded = nanlab.guard(step, model, opt)
+    guarded = nanlab.guard(make_step(opt, lambda: F.mse_loss(model(x), y)), model, opt)
     with pytest.raises(nanlab.NonFiniteError) as info:
         for _ in range(5):
             guarded()
@@ -254,7 +234,7 @@ def test_guard_places_a_parameter_overflow_in_the_optimizer_step():
     assert all(torch.isfinite(p).all() for p in model.parameters())  # restored to before step 0
 
 
-def test_guard_catches_a_bad_gradient_the_optimizer_never_applies():
+def test_guard_catches_a_bad_gradient_the_optimizer_never_applies(make_step):
     # The frozen weight is outside the optimizer, so only the gradient check can see it.
     torch.manual_seed(0)
     model = nn.Linear(2, 1)
@@ -262,15 +242,11 @@ def test_guard_catches_a_bad_gradient_the_optimizer_never_applies():
     x = torch.randn(8, 2)
     poison = {"on": False}
 
-    def step():
-        opt.zero_grad()
+    def poisoned_loss():
         weight = model.weight * (torch.full_like(model.weight, float("inf")) if poison["on"] else 1.0)
-        loss = (F.linear(x, weight.clamp(-1, 1), model.bias) ** 2).mean()
-        loss.backward()
-        opt.step()
-        return loss
+        return (F.linear(x, weight.clamp(-1, 1), model.bias) ** 2).mean()
 
-    guarded = nanlab.guard(step, model, opt)
+    guarded = nanlab.guard(make_step(opt, poisoned_loss), model, opt)
     guarded()
     assert guarded.last.bad is None and math.isnan(guarded.last.grad_norm)  # not measured, still checked
     poison["on"] = True
@@ -287,17 +263,18 @@ def test_sentinel_flags_bad_values_and_leaves_every_value_as_it_was():
     grads = torch.tensor([float("nan"), 2.0, -0.0, 1e-40])
     weight.grad = grads.clone()
     sentinel = Sentinel([weight])
-    loss, grad_norm, param_norm, grads_bad, params_bad = sentinel.read(torch.tensor(0.5))
-    assert loss == 0.5 and math.isnan(grad_norm) and math.isnan(param_norm)
-    assert (grads_bad, params_bad) == (1.0, 0.0)
+    check = sentinel.check(torch.tensor(0.5))
+    assert check.loss == 0.5 and math.isnan(check.grad_norm) and math.isnan(check.param_norm)
+    assert check.bad == "gradients"
     # Bit for bit, signed zeros and subnormals included.
     assert torch.equal(weight.detach().view(torch.int32),
                        torch.tensor([1.0, -0.0, 1e-45, -3e38]).view(torch.int32))
     assert torch.equal(weight.grad[1:].view(torch.int32), grads[1:].view(torch.int32))
     weight.grad = torch.zeros(4)
+    assert sentinel.check(torch.tensor(0.5)).bad is None  # the parameters were never flagged
     with torch.no_grad():
         weight[0] = float("inf")
-    assert sentinel.read(torch.tensor(0.5))[3:] == [0.0, 1.0]
+    assert sentinel.check(torch.tensor(0.5)).bad == "parameters"
 
 
 def test_sentinel_reads_a_float64_loss_without_rounding_or_overflow():
@@ -305,8 +282,8 @@ def test_sentinel_reads_a_float64_loss_without_rounding_or_overflow():
 
     weight = nn.Parameter(torch.ones(2, dtype=torch.float64))
     sentinel = Sentinel([weight])
-    assert sentinel.read(torch.tensor(1e300, dtype=torch.float64))[0] == 1e300
-    assert sentinel.read(torch.tensor(0.1, dtype=torch.float64))[0] == 0.1
+    assert sentinel.check(torch.tensor(1e300, dtype=torch.float64)).loss == 1e300
+    assert sentinel.check(torch.tensor(0.1, dtype=torch.float64)).loss == 0.1
 
 
 def test_sentinel_checks_sparse_gradients_one_by_one():
@@ -315,10 +292,21 @@ def test_sentinel_checks_sparse_gradients_one_by_one():
     emb = nn.Embedding(5, 3, sparse=True)
     sentinel = Sentinel(list(emb.parameters()))
     emb(torch.tensor([1, 2])).sum().backward()
-    assert emb.weight.grad.is_sparse and sentinel.read(torch.tensor(1.0))[3:] == [0.0, 0.0]
+    assert emb.weight.grad.is_sparse and sentinel.check(torch.tensor(1.0)).bad is None
     emb.zero_grad()
     (emb(torch.tensor([1])) * float("nan")).sum().backward()
-    assert sentinel.read(torch.tensor(1.0))[3:] == [1.0, 0.0]
+    assert sentinel.check(torch.tensor(1.0)).bad == "gradients"
+
+
+def test_sentinel_checks_complex_parameters_one_by_one():
+    from nanlab.sentinel import Sentinel
+
+    weight = nn.Parameter(torch.ones(3, dtype=torch.complex64))
+    sentinel = Sentinel([weight])
+    weight.grad = torch.zeros(3, dtype=torch.complex64)
+    assert sentinel.check(torch.tensor(1.0)).bad is None
+    weight.grad[1] = complex(float("inf"), 0.0)
+    assert sentinel.check(torch.tensor(1.0)).bad == "gradients"
 
 
 def test_result_json_carries_the_origin_and_the_report_prints_it(result_of):
