@@ -73,11 +73,18 @@ def anomaly(device):
     return run
 
 
+def positive_int(text):
+    value = int(text) if text.isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--steps", type=int, default=20, help="steps per way in each round")
+    parser.add_argument("--rounds", type=positive_int, default=40)
+    parser.add_argument("--steps", type=positive_int, default=20, help="steps per way in each round")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.exit(2, "tracer_overhead.py: error: --device cuda: torch sees no CUDA device\n")

@@ -27,3 +27,9 @@ def test_kernel_check_prints_one_line_per_kernel():
     rc, out = run("kernel_check.py")
     assert rc == 0, out
     assert len(re.findall(r"median +\d+\.\d\d s +\(\d+\.\d\d of the 3 s target: (met|MISSED)\)", out)) == 4, out
+
+
+def test_tracer_overhead_rejects_a_bad_count_in_one_line():
+    rc, out = run("tracer_overhead.py", "--rounds", "0")
+    assert rc == 2 and "Traceback" not in out
+    assert "error: argument --rounds: '0' is not a whole number >= 1" in out
