@@ -1,11 +1,17 @@
 """Issue 5: the kernel checker breaks naive kernels, passes stable ones, and says why."""
+import ast
 import json
+import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from nanlab.kernels import KINDS, cases, check
+from nanlab import options
+from nanlab.kernels import KINDS, Case, CaseResult, Report, cases, check
 from nanlab.kernels import examples as ex
 
 
@@ -99,7 +105,45 @@ def test_catalogue_covers_the_issue():
 
 @pytest.mark.parametrize("case", cases("log_softmax"), ids=str)
 def test_cases_parametrize_one_test_per_case(case):
-    assert case.check(torch.log_softmax).passed
+    assert check(torch.log_softmax, case).passed
+
+
+def test_check_takes_the_kind_from_its_cases():
+    some = cases("cross_entropy")[:2]
+    one = check(ex.naive_softmax_cross_entropy, some[0], dtypes=["float32"])
+    assert one.kind == "cross_entropy" and {c.name for c in one.cases} == {some[0].name}
+    several = check(ex.naive_softmax_cross_entropy, cases=some, dtypes=["float32"])
+    assert several.kind == "cross_entropy" and [c.name for c in several.cases] == [c.name for c in some]
+    assert several.to_dict() == check(ex.naive_softmax_cross_entropy, kind="cross_entropy", cases=some,
+                                      dtypes=["float32"]).to_dict()
+    with pytest.raises(ValueError, match="all of one kind"):
+        check(torch.softmax, cases=[cases("softmax")[0], cases("log_softmax")[0]])
+    with pytest.raises(ValueError, match="kind='softmax'"):
+        check(torch.softmax, kind="softmax", cases=cases("log_softmax")[:1])
+    with pytest.raises(TypeError, match="needs a kind"):
+        check(torch.softmax)
+    with pytest.raises(AttributeError, match=r"check\(fn, case\)"):
+        some[0].check(torch.softmax)
+
+
+def test_per_kind_tables_have_every_kind_once():
+    from nanlab.kernels.catalogue import REFERENCES
+    from nanlab.kernels.check import FRAMEWORK_OPS
+
+    assert KINDS is options.KERNEL_KINDS
+    assert set(REFERENCES) == set(FRAMEWORK_OPS) == set(options.KERNEL_KINDS)
+    assert {case.kind for kind in KINDS for case in cases(kind)} == set(options.KERNEL_KINDS)
+    with pytest.raises(ValueError, match="unknown framework 'jax'; choose torch or numpy"):
+        check(torch.softmax, kind="softmax", framework="jax")
+
+
+def test_report_json_writes_non_finite_errors_as_strings():
+    report = Report("k", "softmax", "torch", [CaseResult("c", "float32", "d", "fail", math.inf, -math.inf, "r"),
+                                              CaseResult("e", "float32", "d", "fail", math.nan)])
+    data = report.to_dict()
+    assert [(c["forward_error"], c["grad_error"]) for c in data["cases"]] == [("inf", "-inf"), ("nan", None)]
+    assert data["passed"] is False
+    json.dumps(data, allow_nan=False)
 
 
 def test_bce_probs_torch_clamp_is_reported_honestly():
@@ -128,9 +172,13 @@ def test_plugin_fixture_lists_failing_cases(pytester):
 
         def test_stable(nanlab_check):
             nanlab_check(ex.torch_log_softmax, kind="log_softmax", dtypes=["float32"])
+
+        def test_one_case(nanlab_check):
+            from nanlab.kernels import cases
+            assert len(nanlab_check(ex.torch_log_softmax, cases("log_softmax")[0], dtypes=["float32"]).cases) == 1
     """)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=1, failed=1)
+    result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(["*log_softmax_without_max fails * nanlab log_softmax case(s):*",
                                  "*large_positive ?float32?: forward:*"])
 

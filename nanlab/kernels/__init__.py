@@ -3,6 +3,7 @@
     from nanlab.kernels import check, cases
     report = check(my_cross_entropy, kind="cross_entropy")          # torch kernel
     report = check(np_ce, kind="cross_entropy", framework="numpy")  # any array kernel
+    report = check(my_cross_entropy, case)                          # one Case of cases(kind)
     report.passed, report.cases, print(report.table())
 
 JAX or TensorFlow kernels are checked as NumPy callables: wrap them so they take
@@ -10,7 +11,10 @@ and return NumPy arrays, e.g. ``lambda z, t, **kw: np.asarray(jax_ce(jnp.asarray
 and pass ``grad_fn`` built the same way from ``jax.vjp`` (or ``tf.GradientTape``) to
 check gradients too. See docs/kernels.md.
 """
-from nanlab.kernels.catalogue import KINDS, Case, cases
+from nanlab import options
+from nanlab.kernels.catalogue import Case, cases
 from nanlab.kernels.check import CaseResult, Report, check
+
+KINDS = options.KERNEL_KINDS  # kept for compatibility; the table is options.KERNEL_KINDS
 
 __all__ = ["KINDS", "Case", "CaseResult", "Report", "cases", "check"]

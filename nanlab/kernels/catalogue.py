@@ -9,6 +9,10 @@ Policy where the reference is undefined: the softmax or log_softmax of a row tha
 is all -inf, and a mean over targets that are all ignored, have no value (0/0).
 The reference holds NaN there, and any output, NaN or finite, is accepted at those
 positions only. Every kernel gets the same policy.
+
+This module holds cases and references only. Comparing a kernel with them, and
+running a kernel over them, is the checker's job (the check module), which depends
+on this module, never the other way round: check a single case with ``check(fn, case)``.
 """
 from __future__ import annotations
 
@@ -17,8 +21,8 @@ from typing import Callable
 
 import torch
 
-KINDS = ("cross_entropy", "binary_cross_entropy", "binary_cross_entropy_with_logits", "softmax", "log_softmax",
-         "logsumexp")
+from nanlab import options
+
 NEG_INF = float("-inf")
 IGNORE = -100
 
@@ -38,11 +42,11 @@ class Case:
     def __str__(self) -> str:
         return f"{self.kind}:{self.name}"
 
-    def check(self, fn, framework: str = "torch", dtypes=None, grad_fn=None):
-        """Check one kernel on this case alone (for pytest.mark.parametrize)."""
-        from nanlab.kernels.check import check
-
-        return check(fn, kind=self.kind, framework=framework, dtypes=dtypes, grad_fn=grad_fn, cases=[self])
+    @property
+    def check(self):
+        # Removed: it made the catalogue depend on the checker, which depends on the catalogue.
+        raise AttributeError("Case.check was removed; use nanlab.kernels.check(fn, case) "
+                             "(or check(fn, cases=[case]))")
 
 
 # ---------------------------------------------------------------- references (float64)
@@ -144,15 +148,7 @@ REFERENCES = {
     "log_softmax": ref_log_softmax,
     "logsumexp": ref_logsumexp,
 }
-
-FRAMEWORK_OPS = {
-    "cross_entropy": torch.nn.functional.cross_entropy,
-    "binary_cross_entropy": torch.nn.functional.binary_cross_entropy,
-    "binary_cross_entropy_with_logits": torch.nn.functional.binary_cross_entropy_with_logits,
-    "softmax": torch.softmax,
-    "log_softmax": torch.log_softmax,
-    "logsumexp": torch.logsumexp,
-}
+assert set(REFERENCES) == set(options.KERNEL_KINDS), "REFERENCES must have one entry per options.KERNEL_KINDS"
 
 
 # ---------------------------------------------------------------- the cases
@@ -332,8 +328,8 @@ def _precise_lse_case() -> Case:
 
 def cases(kind: str) -> list[Case]:
     """Every case for one kind; works with pytest.mark.parametrize (ids=str)."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown kernel kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if kind not in options.KERNEL_KINDS:
+        raise ValueError(f"unknown kernel kind {kind!r}; choose one of {', '.join(options.KERNEL_KINDS)}")
     if kind == "cross_entropy":
         return _ce_cases()
     if kind == "binary_cross_entropy":
@@ -350,27 +346,3 @@ def reference(case: Case, tensors, keywords):
         return mp_logsumexp_rows(tensors[0])
     return REFERENCES[case.kind](*tensors, **keywords)
 
-
-def is_close(out: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float):
-    """(ok mask, reason) elementwise. A NaN reference means undefined: accepted."""
-    undefined = torch.isnan(ref)
-    both_finite = torch.isfinite(out) & torch.isfinite(ref)
-    close = both_finite & ((out - ref).abs() <= atol + rtol * ref.abs())
-    same_inf = torch.isinf(ref) & (out == ref)
-    return undefined | close | same_inf
-
-
-def max_abs_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.detach(), ref.detach()
-    both = torch.isfinite(out) & torch.isfinite(ref)
-    return float((out - ref).abs()[both].max()) if both.any() else 0.0
-
-
-def describe_mismatch(out: torch.Tensor, ref: torch.Tensor) -> str:
-    """The first disagreement in finiteness (finite vs inf, NaN vs -inf, inf vs -inf)."""
-    agree = torch.isnan(ref) | (torch.isfinite(out) & torch.isfinite(ref)) | (torch.isinf(ref) & (out == ref))
-    bad = ~agree
-    if bad.any():
-        i = int(torch.nonzero(bad.flatten())[0])
-        return f"{out.flatten()[i].item()} where the reference is {ref.flatten()[i].item()}"
-    return ""

@@ -11,21 +11,35 @@ no further from the reference than the framework's own op at the same dtype. A
 non-finite value where the reference is finite always fails, and so does a
 non-finite value of a different kind (NaN where the reference is -inf). Where the
 reference is undefined (NaN), any value is accepted, for every kernel alike.
+
+The comparison lives here; the cases and their references live in
+nanlab.kernels.catalogue, which never imports this module.
 """
 from __future__ import annotations
 
 import inspect
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
 
-from nanlab.kernels.catalogue import FRAMEWORK_OPS, KINDS, describe_mismatch, is_close, max_abs_error, reference
+from nanlab import jsonio, options
+from nanlab.build import DTYPES
+from nanlab.kernels.catalogue import Case, reference
 from nanlab.kernels.catalogue import cases as catalogue_cases
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The framework's own op for each kind: a kernel no further from the reference than it passes.
+FRAMEWORK_OPS = {
+    "cross_entropy": torch.nn.functional.cross_entropy,
+    "binary_cross_entropy": torch.nn.functional.binary_cross_entropy,
+    "binary_cross_entropy_with_logits": torch.nn.functional.binary_cross_entropy_with_logits,
+    "softmax": torch.softmax,
+    "log_softmax": torch.log_softmax,
+    "logsumexp": torch.logsumexp,
+}
+assert set(FRAMEWORK_OPS) == set(options.KERNEL_KINDS), "FRAMEWORK_OPS must have one entry per options.KERNEL_KINDS"
 # torch.testing.assert_close's defaults: (rtol, atol)
 TOLERANCES = {torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5), torch.float32: (1.3e-6, 1e-5),
               torch.float64: (1e-7, 1e-7)}
@@ -59,11 +73,8 @@ class Report:
         return [c for c in self.cases if c.status == "fail"]
 
     def to_dict(self) -> dict:
-        def clean(v):
-            return str(v) if isinstance(v, float) and not math.isfinite(v) else v
-
-        return {"kernel": self.kernel, "kind": self.kind, "framework": self.framework, "passed": self.passed,
-                "cases": [{k: clean(v) for k, v in asdict(c).items()} for c in self.cases]}
+        return jsonio.jsonable({"kernel": self.kernel, "kind": self.kind, "framework": self.framework,
+                                "passed": self.passed, "cases": [asdict(c) for c in self.cases]})
 
     def table(self) -> str:
         lines = [f"{'case':<34} {'dtype':<9} {'status':<12} {'fwd err':>10} {'grad err':>10}  reason", "-" * 100]
@@ -76,6 +87,31 @@ class Report:
         lines.append(f"{self.kernel} ({self.kind}, {self.framework}): {counts['pass']} pass, {counts['fail']} fail, "
                      f"{counts['unsupported']} unsupported -> {'PASSED' if self.passed else 'FAILED'}")
         return "\n".join(lines)
+
+
+def is_close(out: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float):
+    """The elementwise ok mask. A NaN reference means undefined: accepted."""
+    undefined = torch.isnan(ref)
+    both_finite = torch.isfinite(out) & torch.isfinite(ref)
+    close = both_finite & ((out - ref).abs() <= atol + rtol * ref.abs())
+    same_inf = torch.isinf(ref) & (out == ref)
+    return undefined | close | same_inf
+
+
+def max_abs_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach(), ref.detach()
+    both = torch.isfinite(out) & torch.isfinite(ref)
+    return float((out - ref).abs()[both].max()) if both.any() else 0.0
+
+
+def describe_mismatch(out: torch.Tensor, ref: torch.Tensor) -> str:
+    """The first disagreement in finiteness (finite vs inf, NaN vs -inf, inf vs -inf)."""
+    agree = torch.isnan(ref) | (torch.isfinite(out) & torch.isfinite(ref)) | (torch.isinf(ref) & (out == ref))
+    bad = ~agree
+    if bad.any():
+        i = int(torch.nonzero(bad.flatten())[0])
+        return f"{out.flatten()[i].item()} where the reference is {ref.flatten()[i].item()}"
+    return ""
 
 
 def _accepts(fn: Callable, keywords: dict) -> list[str]:
@@ -188,9 +224,35 @@ def _run_numpy(fn, grad_fn, case, tensors, keywords, dtype, gen):
     return ("pass" if ok_g else "fail"), err_f, err_g, "" if ok_g else f"gradient: {why_g}"
 
 
-def check(fn: Callable, kind: str, framework: str = "torch", dtypes=None, grad_fn: Optional[Callable] = None,
-          cases: Optional[list] = None, seed: int = 0) -> Report:
+def _kind_and_cases(kind, cases) -> tuple[str, Optional[list]]:
+    """Resolve check()'s ``kind``/``cases``: a Case in place of the kind is
+    ``cases=[case]``, and an omitted kind is the one kind of ``cases``."""
+    if isinstance(kind, Case):
+        if cases is not None:
+            raise TypeError("check() takes one Case in place of kind, or cases=[...], not both")
+        return kind.kind, [kind]
+    if cases is None:
+        if kind is None:
+            raise TypeError("check() needs a kind, a Case, or cases=[...]")
+        return kind, None
+    cases = list(cases)
+    kinds = sorted({case.kind for case in cases})
+    if kind is None:
+        if len(kinds) != 1:
+            raise ValueError("check() takes the kind from cases= only when they are all of one kind; "
+                             f"got {', '.join(kinds) or 'no cases'}: pass kind=")
+        return kinds[0], cases
+    if kinds and kinds != [kind]:
+        raise ValueError(f"cases= of kind {', '.join(kinds)} given to check() with kind={kind!r}")
+    return kind, cases
+
+
+def check(fn: Callable, kind: Union[str, Case, None] = None, framework: str = "torch", dtypes=None,
+          grad_fn: Optional[Callable] = None, cases: Optional[list] = None, seed: int = 0) -> Report:
     """Check ``fn`` against every case of ``kind`` at each dtype; returns a Report.
+
+    ``check(fn, case)`` checks one Case alone (for pytest.mark.parametrize), and
+    ``check(fn, cases=[...])`` some cases; the kind is then taken from the cases.
 
     framework="torch": fn takes and returns torch tensors; gradients are checked
     through autograd. framework="numpy": fn takes and returns NumPy arrays;
@@ -198,10 +260,11 @@ def check(fn: Callable, kind: str, framework: str = "torch", dtypes=None, grad_f
     returns the gradient with respect to the first input.
     A keyword the kernel's signature lacks makes that case "unsupported".
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown kernel kind {kind!r}; choose one of {', '.join(KINDS)}")
-    if framework not in ("torch", "numpy"):
-        raise ValueError(f"unknown framework {framework!r}; choose torch or numpy")
+    kind, cases = _kind_and_cases(kind, cases)
+    if kind not in options.KERNEL_KINDS:
+        raise ValueError(f"unknown kernel kind {kind!r}; choose one of {', '.join(options.KERNEL_KINDS)}")
+    if framework not in options.KERNEL_FRAMEWORKS:
+        raise ValueError(f"unknown framework {framework!r}; choose {' or '.join(options.KERNEL_FRAMEWORKS)}")
     chosen = [DTYPES[d] if isinstance(d, str) else d for d in (dtypes or DTYPES)]
     report = Report(getattr(fn, "__qualname__", repr(fn)), kind, framework)
     for case in cases if cases is not None else catalogue_cases(kind):

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
+from nanlab import jsonio, options
 from nanlab.errors import ConfigError
 
 EXIT_FAIL = 1
@@ -31,17 +31,13 @@ def resolve(path: str, key: str):
 def run_check(cfg, run_dir) -> int:
     kernel = cfg.kernel
     if kernel.kind is None:
-        from nanlab.kernels.catalogue import KINDS
-
-        raise ConfigError("kernel.kind", None, "is required; choose one of " + ", ".join(KINDS))
+        raise ConfigError("kernel.kind", None, "is required; choose one of " + ", ".join(options.KERNEL_KINDS))
     fn = resolve(kernel.fn, "kernel.fn")
     grad_fn = resolve(kernel.grad_fn, "kernel.grad_fn") if kernel.grad_fn else None
     from nanlab.kernels.check import check
 
     report = check(fn, kind=kernel.kind, framework=kernel.framework, dtypes=list(kernel.dtypes), grad_fn=grad_fn)
-    path = Path(run_dir) / "check.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    path = jsonio.write_json(Path(run_dir) / "check.json", report.to_dict())
     print(report.table())
     print(f"Wrote {path}")
     return 0 if report.passed else EXIT_FAIL

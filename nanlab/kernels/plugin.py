@@ -3,7 +3,8 @@
     def test_my_ce(nanlab_check):
         nanlab_check(my_ce, kind="cross_entropy")
 
-fails the test with a readable list of the failing cases.
+fails the test with a readable list of the failing cases; ``nanlab_check(my_ce, case)``
+checks one Case of ``nanlab.kernels.cases(kind)``.
 """
 import pytest
 
@@ -12,11 +13,11 @@ import pytest
 def nanlab_check():
     from nanlab.kernels.check import check
 
-    def run(fn, kind, **options):
-        report = check(fn, kind=kind, **options)
+    def run(fn, kind=None, **options):
+        report = check(fn, kind, **options)
         if not report.passed:
             lines = [f"  {c.name} [{c.dtype}]: {c.reason}" for c in report.failures]
-            pytest.fail(f"{report.kernel} fails {len(lines)} nanlab {kind} case(s):\n" + "\n".join(lines), pytrace=False)
+            pytest.fail(f"{report.kernel} fails {len(lines)} nanlab {report.kind} case(s):\n" + "\n".join(lines), pytrace=False)
         return report
 
     return run
