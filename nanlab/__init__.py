@@ -17,7 +17,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "run": ("nanlab.runner", "run"),
     "trace": ("nanlab.tracer", "trace"),
-    "Event": ("nanlab.tracer", "Event"),
+    "Event": ("nanlab.result", "Event"),
+    "ScenarioResult": ("nanlab.result", "ScenarioResult"),
     "guard": ("nanlab.sentinel", "guard"),
     "validate_labels": ("nanlab.validate", "validate_labels"),
     "validate_data": ("nanlab.validate", "validate_data"),

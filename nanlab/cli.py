@@ -13,6 +13,7 @@ import hydra
 
 from nanlab import config, registry
 from nanlab.errors import ConfigError
+from nanlab.scenario import ContractError
 
 EXIT_BAD_INPUT = 2
 
@@ -28,7 +29,7 @@ def app(cfg) -> int:
     # make it print its own error banner first.
     try:
         code = _run_mode(cfg)
-    except ConfigError as err:
+    except (ConfigError, ContractError) as err:
         fail(err)
     if code:  # Hydra drops the task's return value; a failed check must still exit 1
         sys.exit(code)

@@ -5,28 +5,67 @@ inputs with the same words.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
-from nanlab import registry, schema
+from nanlab import options, registry, schema
 from nanlab.errors import ConfigError
 
 CONFIG_MODULE = "nanlab.conf"
+DEFAULT_SCENARIO = "softmax_overflow"  # conf/config.yaml's default
 _ready = False
 
 
 def setup() -> None:
-    """Register the schema and any third-party scenarios with Hydra (once)."""
+    """Register the schema, the option groups and every scenario with Hydra (once)."""
     global _ready
     if _ready:
         return
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     schema.register()
     store = ConfigStore.instance()
-    for name in registry.plugin_entry_points():
-        # A plugin scenario has no YAML of ours: it starts from the global defaults.
-        store.store(group="scenario", name=name, package="_global_", node={"scenario": {"name": name}})
+    for name, option in options.OPTIMIZERS.items():
+        lr = f"${{oc.select:scenario.lr.{name},{option.lr}}}"  # the scenario's lr for this optimizer
+        store.store(group="optimizer", name=name, node={"name": name, "lr": lr, **option.settings})
+    for name, option in options.INITS.items():
+        store.store(group="init", name=name, node={"name": name})
+    for name in options.CLIPS:
+        store.store(group="clip", name=name, node={"name": name})
+    for decl in registry.declarations().values():
+        store.store(group="scenario", name=decl.name, package="_global_", node=scenario_node(decl))
+    if not OmegaConf.has_resolver("nanlab.run_name"):
+        OmegaConf.register_new_resolver("nanlab.run_name", run_name)
     _ready = True
+
+
+def run_name(mode, scenario_name) -> str:
+    """The folder a run writes under: the scenario's name for a scenario run, the
+    mode's name (claims, check, ...) for modes that are not about one scenario."""
+    mode = getattr(mode, "value", mode)
+    return str(scenario_name) if mode == "run" else str(mode)
+
+
+def scenario_node(decl) -> dict:
+    """A scenario's declaration as a config node: its group choices go into the
+    defaults list, its lr under ``scenario.lr.<optimizer>``, the rest on top."""
+    defaults, node = [], {"scenario": {"name": decl.name, "lr": {}, "data": dict(decl.data)}}
+    optimizer = "sgd"
+    for key, value in decl.defaults.items():
+        if key in registry.GROUP_KEYS:
+            settings = dict(value) if isinstance(value, dict) else {"name": value}
+            choice = settings.pop("name")
+            defaults.append({f"override /{key}": choice})
+            if settings:
+                node[key] = settings
+            if key == "optimizer":
+                optimizer = choice
+        elif key != "lr":
+            node[key] = value
+    if "lr" in decl.defaults:
+        node["scenario"]["lr"][optimizer] = decl.defaults["lr"]
+    return {"defaults": defaults, **node} if defaults else node
 
 
 def finalize(cfg):
@@ -34,9 +73,34 @@ def finalize(cfg):
     from omegaconf import OmegaConf
 
     schema.validate(cfg)
+    check_knobs(cfg)
     plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     plain.pop("hydra", None)
     return OmegaConf.create(plain)
+
+
+def _knob_list(decl) -> str:
+    if not decl.data:
+        return f"{decl.name} has no data knobs"
+    return f"{decl.name}'s data knobs: " + ", ".join(f"{k} ({decl.knob_type(k).__name__})" for k in decl.data)
+
+
+def check_knobs(cfg) -> None:
+    """Each ``scenario.data`` value has the type of the default its scenario declares
+    (an int knob also rejects 2.5; a float knob accepts 3) and is finite."""
+    decl = registry.declaration(cfg.scenario.name)
+    for key, value in cfg.scenario.data.items():
+        if key not in decl.data:
+            raise ConfigError(f"scenario.data.{key}", value, "not a data knob; " + _knob_list(decl))
+        want = decl.knob_type(key)
+        ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if ok and want is float:
+            ok = math.isfinite(value)
+        if not ok:
+            names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+            raise ConfigError(f"scenario.data.{key}", value, f"must be {names[want]}; " + _knob_list(decl))
 
 
 def compose(overrides: Sequence[str]):
@@ -69,8 +133,9 @@ def _override_value(key: str, overrides: Sequence[str]) -> Optional[str]:
     return None
 
 
-def explain(exc: BaseException, overrides: Sequence[str]) -> Optional[ConfigError]:
-    """A ConfigError for a config problem Hydra or OmegaConf raised; None for anything else."""
+def explain(exc: BaseException, overrides: Sequence[str]) -> Optional[Exception]:
+    """A one-line error (ConfigError, or the ContractError of a broken scenario module)
+    for a config problem Hydra or OmegaConf raised; None for anything else."""
     from hydra.errors import HydraException, MissingConfigException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -78,9 +143,21 @@ def explain(exc: BaseException, overrides: Sequence[str]) -> Optional[ConfigErro
         return exc
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and "/" in exc.missing_cfg_file:
         group, _, value = exc.missing_cfg_file.partition("/")
-        options = registry.names() if group == "scenario" else sorted(exc.options or [])
+        if group == "scenario":
+            broken = registry.contract_error(value)
+            if broken is not None:
+                return broken
+        choices = registry.names() if group == "scenario" else sorted(exc.options or [])
         what = "not a scenario" if group == "scenario" else "not an option"
-        return ConfigError(group, value, f"{what}; choose one of {', '.join(options)}")
+        return ConfigError(group, value, f"{what}; choose one of {', '.join(choices)}")
+    if isinstance(exc, HydraException) and str(exc).startswith("Could not override '"):
+        key = str(exc).split("'")[1]
+        value = _override_value(key, overrides)
+        if key.startswith("scenario.data."):
+            scenario = _override_value("scenario", overrides) or DEFAULT_SCENARIO
+            if scenario in registry.names():
+                return ConfigError(key, value, "not a data knob; " + _knob_list(registry.declaration(scenario)))
+        return ConfigError(key, value, schema.allowed(key))
     if isinstance(exc, OverrideParseException):
         return ConfigError("override", " ".join(overrides), str(exc).splitlines()[0])
     cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc

@@ -13,11 +13,11 @@ from typing import Optional
 import torch
 from omegaconf import OmegaConf
 
-from nanlab.build import DTYPES, Context, apply_init, clip_gradients, make_optimizer
+from nanlab.build import DTYPES, apply_init, clip_gradients, make_optimizer
 from nanlab.errors import NonFiniteError
+from nanlab.result import FirstNonFinite, VariantResult
+from nanlab.scenario import Context, Data, Scenario, Variant
 from nanlab.sentinel import Guard, total_norm
-from nanlab.result import VariantResult, learned
-from nanlab.scenario import Data, Scenario, Variant
 
 
 def overrides_of(variant: Variant, data: Data, cfg) -> dict:
@@ -54,6 +54,7 @@ def evaluate(scenario: Scenario, model, data: Data) -> tuple[float, Optional[flo
 
 
 def train(scenario: Scenario, variant: Variant, cfg, raw: Data, ctx: Context) -> VariantResult:
+    """Train one variant and measure it. Verdicts are left to nanlab.verdicts."""
     started = time.perf_counter()
     prepared = variant.prepare(raw) if variant.prepare else raw
     overrides = overrides_of(variant, prepared, cfg)
@@ -62,7 +63,7 @@ def train(scenario: Scenario, variant: Variant, cfg, raw: Data, ctx: Context) ->
     data = _to(prepared, ctx.device, ctx.dtype)
 
     torch.manual_seed(int(vcfg.seed))
-    model = (variant.model or scenario.make_model)(ctx, data)
+    model = variant.model(ctx, data) if variant.model else scenario.make_model(ctx, data, **variant.swap)
     apply_init(model, vcfg.init)
     model.to(device=ctx.device, dtype=ctx.dtype)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -103,8 +104,7 @@ def train(scenario: Scenario, variant: Variant, cfg, raw: Data, ctx: Context) ->
         try:
             guard()
         except NonFiniteError as err:
-            first = {"step": err.step, "quantity": _quantity(err), "loss": guard.last.loss,
-                     "origin": err.event.to_dict() if err.event else None}
+            first = FirstNonFinite(err.step, _quantity(err), guard.last.loss, err.event)
             losses.append(guard.last.loss)
             break
         losses.append(guard.last.loss)
@@ -122,7 +122,7 @@ def train(scenario: Scenario, variant: Variant, cfg, raw: Data, ctx: Context) ->
         grad_norms=[float(g) for g in grad_norms[: len(losses)]], param_norms=param_norms,
         final_loss=next((x for x in reversed(losses) if x == x and abs(x) != float("inf")), None),
         exact_loss_start=exact_start, exact_loss_end=exact_end, accuracy_start=acc_start, accuracy_end=acc_end,
-        learned=learned(finite, exact_start, exact_end, acc_end, scenario.learn), loss_gap=gap, metrics=metrics,
+        loss_gap=gap, metrics=metrics,
         seconds=time.perf_counter() - started,
     )
 

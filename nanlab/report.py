@@ -1,10 +1,14 @@
-"""What a person reads: the terminal report, result.json, and the optional figure."""
+"""What a person reads: the terminal report, result.json, and the optional figure.
+
+Built from a ScenarioResult alone, so a saved result.json (``ScenarioResult.load``)
+renders the same report without torch."""
 from __future__ import annotations
 
 import math
 import textwrap
 from pathlib import Path
 
+from nanlab import jsonio
 from nanlab.result import ScenarioResult, VariantResult
 
 
@@ -22,22 +26,13 @@ def _happened(v: VariantResult) -> str:
     first = v.first_nonfinite
     if first is None:
         return f"finite for {len(v.losses)} steps"
-    if first["quantity"] == "loss":
-        kind = "NaN" if first["loss"] != first["loss"] else "Inf"
-    elif first.get("origin"):
-        kind = "NaN" if first["origin"]["kind"] == "nan" else "Inf"
-    else:
-        kind = "non-finite"
-    return f"{kind} {first['quantity']} at step {first['step']}"
+    return f"{first.kind_word} {first.quantity} at step {first.step}"
 
 
 def _detail(v: VariantResult) -> list[str]:
     lines = []
-    origin = (v.first_nonfinite or {}).get("origin")
-    if origin:
-        from nanlab.tracer import Event
-
-        lines.append(Event(**origin).describe())
+    if v.first_nonfinite and v.first_nonfinite.event:
+        lines.append(v.first_nonfinite.event.describe())
     if v.role == "myth" and v.wrong:
         lines.append(f"its loss reads {_num(v.losses[0])} where the exact loss is {_num(v.exact_loss_start)} "
                      f"(off by {_num(v.loss_gap)})")
@@ -85,8 +80,8 @@ def render(result: ScenarioResult, files: list[str] = ()) -> str:
     if result.claims:
         out.append("Claims:")
         for claim in result.claims:
-            out.append(f"  [{claim['verdict']}] {claim['claim']}")
-            out += textwrap.wrap(claim["evidence"], 100, initial_indent="      ", subsequent_indent="      ")
+            out.append(f"  [{claim.verdict}] {claim.claim}")
+            out += textwrap.wrap(claim.evidence, 100, initial_indent="      ", subsequent_indent="      ")
         out.append("")
     failed = "stalled" if result.failure == "stall" else "went non-finite"
     out.append(f"Verdict: {'reproduced' if result.reproduced else 'NOT reproduced'} (the broken variant "
@@ -98,9 +93,7 @@ def render(result: ScenarioResult, files: list[str] = ()) -> str:
 
 
 def write(result: ScenarioResult, run_dir: Path, plot: bool) -> list[str]:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "result.json"
-    path.write_text(result.to_json() + "\n")
+    path = jsonio.write_text(run_dir / "result.json", result.to_json() + "\n")
     files = [str(path)]
     if plot:
         files.append(plot_losses(result, run_dir / "losses.png"))
@@ -118,7 +111,7 @@ def plot_losses(result: ScenarioResult, path: Path) -> str:
         ys = [y if isinstance(y, float) and math.isfinite(y) and y > 0 else float("nan") for y in v.losses]
         line, = ax.plot(range(len(ys)), ys, label=f"{v.name} ({v.role})")
         if v.first_nonfinite:
-            ax.axvline(v.first_nonfinite["step"], color=line.get_color(), linestyle=":", alpha=0.7)
+            ax.axvline(v.first_nonfinite.step, color=line.get_color(), linestyle=":", alpha=0.7)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")

@@ -1,17 +1,97 @@
-"""Results and verdicts. Every verdict here is a function of measured numbers.
+"""What a run measured, as typed data: the results every report, summary and claim
+table is built from.
 
-Torch-free, so reports and claim tables can be built from saved result.json files.
+Torch-free. ``ScenarioResult.load(path)`` rebuilds a result from its result.json,
+so reports can be rendered from saved runs without importing torch. The rules that
+turn these numbers into verdicts live in :mod:`nanlab.verdicts`.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
+from pathlib import Path
+from typing import Optional
 
-# A myth's loss counts as "wrong" when it differs from the exact loss by more than this.
-GAP_TOLERANCE = 1e-3
+from nanlab import jsonio
+
 TIMING_KEYS = {"seconds"}
+
+
+@dataclass
+class Event:
+    """The tracer's account of the first op that produced a NaN or Inf.
+
+    ``origin`` is "op" when this op made the value non-finite, "input" when the NaN
+    or +Inf came in from outside the traced code. ``module`` and ``source`` may be
+    None when unknown; ``node`` and ``forward_op`` are set for backward ops."""
+
+    op: str
+    phase: str
+    kind: str
+    origin: str
+    module: Optional[str] = None
+    source: Optional[str] = None
+    input_absmax: Optional[float] = None
+    node: Optional[str] = None
+    forward_op: Optional[str] = None
+
+    @property
+    def kind_word(self) -> str:
+        return "NaN" if self.kind == "nan" else "Inf"
+
+    def describe(self) -> str:
+        what = self.op
+        if self.node:
+            what = f"{self.node} (backward of {self.forward_op or '?'})"
+        where = f" in {self.module}" if self.module else ""
+        src = f" ({self.source})" if self.source else ""
+        came = " (came in from outside: bad input or parameters)" if self.origin == "input" else ""
+        return f"{self.kind_word} first in {self.phase}: {what}{where}{src}{came}"
+
+    def to_dict(self) -> dict:
+        return jsonio.jsonable(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Event":
+        known = {f.name for f in fields(cls)}
+        event = cls(**{k: v for k, v in d.items() if k in known})
+        event.input_absmax = jsonio.number(event.input_absmax)
+        return event
+
+
+@dataclass
+class FirstNonFinite:
+    """Where a variant's training first went non-finite. ``quantity`` is what went
+    first: loss, gradients, parameters, or activations (the loss was finite but the
+    tracer found the first bad value in the forward pass). ``loss`` is that step's
+    loss; ``event`` the tracer's first op, None when the replay found none."""
+
+    step: int
+    quantity: str
+    loss: float
+    event: Optional[Event] = None
+
+    @property
+    def kind_word(self) -> str:
+        """NaN or Inf, as a person reads it."""
+        if self.quantity == "loss":
+            return "NaN" if math.isnan(self.loss) else "Inf"
+        return self.event.kind_word if self.event is not None else "non-finite"
+
+    def to_dict(self) -> dict:
+        # result.json calls the event "origin"
+        return {"step": self.step, "quantity": self.quantity, "loss": self.loss,
+                "origin": self.event.to_dict() if self.event is not None else None}
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> Optional["FirstNonFinite"]:
+        if d is None:
+            return None
+        origin = d.get("origin")
+        return cls(int(d["step"]), d["quantity"], jsonio.number(d.get("loss", math.nan)),
+                   Event.from_dict(origin) if origin else None)
 
 
 @dataclass
@@ -22,7 +102,7 @@ class VariantResult:
     lossy: bool
     overrides: dict
     finite: bool
-    first_nonfinite: Optional[dict]  # {step, quantity, origin: tracer Event as dict or None}
+    first_nonfinite: Optional[FirstNonFinite]
     losses: list
     grad_norms: list
     param_norms: list
@@ -31,25 +111,74 @@ class VariantResult:
     exact_loss_end: float
     accuracy_start: Optional[float]
     accuracy_end: Optional[float]
-    learned: bool
     loss_gap: Optional[float]  # training loss minus exact loss, both at the initial parameters
     metrics: dict = field(default_factory=dict)
+    # Set by nanlab.verdicts from the numbers above.
+    learned: bool = False
+    wrong: bool = False  # finite, yet its training loss is not the quantity it claims to be
     cost: Optional[dict] = None  # lossy fixes: exact loss and accuracy against the best exact fix
     verdict: str = ""
     seconds: float = 0.0
 
     @property
-    def loss_drop(self) -> float:
-        """Fraction by which the exact loss fell from start to end."""
-        if not (math.isfinite(self.exact_loss_start) and math.isfinite(self.exact_loss_end)) or self.exact_loss_start == 0:
-            return float("nan")
-        return 1.0 - self.exact_loss_end / self.exact_loss_start
+    def nonfinite_step(self) -> Optional[int]:
+        """The step at which it first went non-finite; None if it stayed finite."""
+        return self.first_nonfinite.step if self.first_nonfinite else None
 
     @property
-    def wrong(self) -> bool:
-        """Finite, yet its training loss is not the quantity it claims to be."""
-        gap = self.loss_gap
-        return gap is not None and math.isfinite(gap) and abs(gap) > GAP_TOLERANCE * max(1.0, abs(self.exact_loss_start))
+    def loss_drop(self) -> float:
+        """Fraction by which the exact loss fell from start to end (NaN if undefined)."""
+        start, end = self.exact_loss_start, self.exact_loss_end
+        if not (math.isfinite(start) and math.isfinite(end)) or start == 0:
+            return math.nan
+        return 1.0 - end / start
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["first_nonfinite"] = self.first_nonfinite.to_dict() if self.first_nonfinite else None
+        return jsonio.jsonable(d)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VariantResult":
+        known = {f.name for f in fields(cls)}
+        v = cls(**{k: val for k, val in d.items() if k in known and k != "first_nonfinite"},
+                first_nonfinite=FirstNonFinite.from_dict(d.get("first_nonfinite")))
+        for name in ("losses", "grad_norms", "param_norms"):
+            setattr(v, name, jsonio.numbers(getattr(v, name)))
+        for name in ("final_loss", "exact_loss_start", "exact_loss_end", "accuracy_start", "accuracy_end", "loss_gap"):
+            setattr(v, name, jsonio.number(getattr(v, name)))
+        v.metrics = {k: jsonio.number(x) for k, x in v.metrics.items()}
+        if v.cost:
+            v.cost = {k: jsonio.number(x) for k, x in v.cost.items()}
+        return v
+
+
+class Verdict(str, Enum):
+    """What a claim's measurement says of it."""
+
+    confirmed = "confirmed"
+    partly = "partly"
+    refuted = "refuted"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class ClaimResult:
+    scenario: str
+    claim: str
+    verdict: Verdict
+    evidence: str
+    source: str = ""
+
+    def to_dict(self) -> dict:
+        return {"scenario": self.scenario, "claim": self.claim, "verdict": self.verdict.value,
+                "evidence": self.evidence, "source": self.source}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ClaimResult":
+        return cls(d["scenario"], d["claim"], Verdict(d["verdict"]), d["evidence"], d.get("source", ""))
 
 
 @dataclass
@@ -67,86 +196,41 @@ class ScenarioResult:
     seconds: float = 0.0
 
     def variant(self, name: str) -> VariantResult:
-        return next(v for v in self.variants if v.name == name)
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise KeyError(f"{self.scenario} has no variant {name!r}; its variants are "
+                       + ", ".join(v.name for v in self.variants))
 
     @property
     def broken(self) -> VariantResult:
         return next(v for v in self.variants if v.role == "broken")
 
     def to_dict(self) -> dict:
-        return _jsonable(asdict(self))
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["variants"] = [v.to_dict() for v in self.variants]
+        d["claims"] = [c.to_dict() for c in self.claims]
+        return jsonio.jsonable(d)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "ScenarioResult":
+        known = {f.name for f in fields(cls)}
+        result = cls(**{k: v for k, v in d.items() if k in known})
+        result.variants = [VariantResult.from_dict(v) for v in d["variants"]]
+        result.claims = [ClaimResult.from_dict(c) for c in d.get("claims", [])]
+        result.probes = {k: jsonio.number(v) for k, v in result.probes.items()}
+        return result
 
-def variant_verdict(v: VariantResult, failure: str) -> str:
-    """One word or phrase, computed from the variant's run."""
-    if v.role == "broken":
-        if failure == "stall":
-            if not v.finite:
-                return "went non-finite (expected a stall)"
-            return "not reproduced (it learned)" if v.learned else "stalled"
-        return "reproduced" if not v.finite else "not reproduced (stayed finite)"
-    if v.role == "myth":
-        if not v.finite:
-            return "myth: still non-finite"
-        if v.wrong:
-            return "myth: finite but wrong"
-        if not v.learned:
-            return "myth: finite, did not learn"
-        return "works here (not a myth in this setup)"
-    if not v.finite:
-        return "still non-finite"
-    if not v.learned:
-        return "finite, did not learn"
-    return "fixed (lossy)" if v.lossy else "fixed"
+    @classmethod
+    def load(cls, path) -> "ScenarioResult":
+        """Rebuild a result from a result.json written by a run (no torch needed)."""
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
-def learned(v_finite: bool, start: float, end: float, acc_end: Optional[float], learn) -> bool:
-    if not v_finite or not (math.isfinite(start) and math.isfinite(end)):
-        return False
-    if learn.accuracy is not None and acc_end is not None and acc_end >= learn.accuracy:
-        return True
-    if learn.loss_below is not None:
-        return end <= learn.loss_below
-    return end <= (1.0 - learn.loss_drop) * start
-
-
-def scenario_verdicts(variants: list, failure: str) -> tuple[bool, bool]:
-    """(reproduced, fixed): the broken variant failed the way the scenario says, and
-    every non-lossy fix stayed finite and learned."""
-    broken = next(v for v in variants if v.role == "broken")
-    reproduced = (broken.finite and not broken.learned) if failure == "stall" else not broken.finite
-    exact_fixes = [v for v in variants if v.role == "fix" and not v.lossy]
-    fixed = bool(exact_fixes) and all(v.finite and v.learned for v in exact_fixes)
-    return reproduced, fixed
-
-
-def lossy_cost(v: VariantResult, variants: list) -> Optional[dict]:
-    """What a lossy fix costs, against the best non-lossy fix that learned."""
-    refs = [r for r in variants if r.role == "fix" and not r.lossy and r.finite and r.learned]
-    if not refs:
-        return None
-    ref = min(refs, key=lambda r: r.exact_loss_end)
-    cost = {"against": ref.name, "exact_loss": v.exact_loss_end - ref.exact_loss_end}
-    if v.accuracy_end is not None and ref.accuracy_end is not None:
-        cost["accuracy"] = v.accuracy_end - ref.accuracy_end
-    return cost
-
-
-def _jsonable(obj: Any) -> Any:
-    """Strict JSON: non-finite floats become the strings 'nan', 'inf', '-inf'."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else str(obj)
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
-def strip_timing(obj: Any) -> Any:
+def strip_timing(obj):
     """The result without wall-clock fields: what determinism is judged on."""
     if isinstance(obj, dict):
         return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}

@@ -5,10 +5,11 @@ import time
 
 from omegaconf import OmegaConf
 
-from nanlab import registry
-from nanlab.build import DTYPES, Context, resolve_device
+from nanlab import registry, verdicts
+from nanlab.build import DTYPES, resolve_device
 from nanlab.loop import train
-from nanlab.result import ScenarioResult, lossy_cost, scenario_verdicts, variant_verdict
+from nanlab.result import ClaimResult, ScenarioResult, Verdict
+from nanlab.scenario import Context, ContractError
 
 
 def run_scenario(cfg) -> ScenarioResult:
@@ -17,13 +18,13 @@ def run_scenario(cfg) -> ScenarioResult:
     scenario = registry.load(cfg.scenario.name)
     ctx = Context(cfg, resolve_device(cfg.device), DTYPES[cfg.dtype])
     raw = scenario.make_data(ctx)
+
+    def run_variant(variant):
+        return verdicts.judge_learning(train(scenario, variant, cfg, raw, ctx), scenario.learn)
+
     variants = [train(scenario, v, cfg, raw, ctx) for v in scenario.variants]
-    for v in variants:
-        if v.lossy:
-            v.cost = lossy_cost(v, variants)
-        v.verdict = variant_verdict(v, scenario.failure)
-    reproduced, fixed = scenario_verdicts(variants, scenario.failure)
-    probes = scenario.probes(ctx, lambda variant: train(scenario, variant, cfg, raw, ctx)) if scenario.probes else {}
+    reproduced, fixed = verdicts.judge(variants, scenario.failure, scenario.learn)
+    probes = scenario.probes(ctx, run_variant) if scenario.probes else {}
     result = ScenarioResult(
         scenario=scenario.name, summary=scenario.summary, explanation=scenario.explanation,
         failure=scenario.failure, config=OmegaConf.to_container(cfg), reproduced=reproduced, fixed=fixed,
@@ -31,8 +32,9 @@ def run_scenario(cfg) -> ScenarioResult:
     )
     for claim in scenario.claims:
         verdict, evidence = claim.decide(result)
-        result.claims.append({"scenario": scenario.name, "claim": claim.text, "verdict": verdict,
-                              "evidence": evidence, "source": claim.source})
+        if not isinstance(verdict, Verdict):
+            raise ContractError(scenario.name, f"a claim must decide with a nanlab.result.Verdict, not {verdict!r}")
+        result.claims.append(ClaimResult(scenario.name, claim.text, verdict, evidence, claim.source))
     result.seconds = time.perf_counter() - started
     return result
 

@@ -11,60 +11,22 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional, Union
 
+from nanlab import options
 from nanlab.errors import ConfigError
 
 
-class OptimizerName(Enum):
-    sgd = "sgd"
-    adam = "adam"
-    rmsprop = "rmsprop"
+def _enum(name: str, values) -> type:
+    return Enum(name, {v: v for v in values}, module=__name__)
 
 
-class InitName(Enum):
-    default = "default"
-    xavier_uniform = "xavier_uniform"
-    he_normal = "he_normal"
-    normal = "normal"
-
-
-class ClipName(Enum):
-    none = "none"
-    norm = "norm"
-    value = "value"
-
-
-class Device(Enum):
-    cpu = "cpu"
-    cuda = "cuda"
-    auto = "auto"
-
-
-class DType(Enum):
-    float32 = "float32"
-    float64 = "float64"
-    float16 = "float16"
-    bfloat16 = "bfloat16"
-
-
-class Mode(Enum):
-    run = "run"
-    list = "list"
-    claims = "claims"
-    check = "check"
-
-
-class KernelKind(Enum):
-    cross_entropy = "cross_entropy"
-    binary_cross_entropy = "binary_cross_entropy"
-    binary_cross_entropy_with_logits = "binary_cross_entropy_with_logits"
-    softmax = "softmax"
-    log_softmax = "log_softmax"
-    logsumexp = "logsumexp"
-
-
-class Framework(Enum):
-    torch = "torch"
-    numpy = "numpy"
+OptimizerName = _enum("OptimizerName", options.OPTIMIZERS)
+InitName = _enum("InitName", options.INITS)
+ClipName = _enum("ClipName", options.CLIPS)
+Device = _enum("Device", options.DEVICES)
+DType = _enum("DType", options.DTYPES)
+Mode = _enum("Mode", options.MODES)
+KernelKind = _enum("KernelKind", options.KERNEL_KINDS)
+Framework = _enum("Framework", options.KERNEL_FRAMEWORKS)
 
 
 @dataclass

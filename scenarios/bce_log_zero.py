@@ -3,9 +3,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanlab.result import Verdict
 from nanlab.scenario import Claim, Data, Learn, Variant
 
-NAME = "bce_log_zero"
 SUMMARY = "Hand-written BCE on sigmoid outputs that saturate to exactly 0 or 1: log(0) and 0*(-inf) = NaN."
 EXPLANATION = """
 In float32, sigmoid(z) rounds to exactly 1.0 once z > 16.6 and to exactly 0.0 once
@@ -22,14 +22,16 @@ stays -1 for any wrong example. The probes measure all four at z = -5, -30, -120
 Here, with separable data, the clamped losses still learn: the harm is to the
 examples that start saturated on the wrong side.
 """
+DEFAULTS = dict(optimizer="sgd", lr=0.01, steps=60)
+DATA = dict(n=256, features=4, input_scale=100.0)
 LEARN = Learn(loss_drop=0.5)
 
 
 def make_data(ctx) -> Data:
-    knobs, g = ctx.knobs, ctx.generator()
+    knobs, rng = ctx.knobs, ctx.rng()
     n, d = int(knobs.n), int(knobs.features)
-    w = torch.randn(d, generator=g, dtype=torch.float64)
-    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = rng.randn(d)
+    x = rng.randn(n, d)
     y = (x @ w > 0).double()
     return Data(x * float(knobs.input_scale), y)
 
@@ -86,28 +88,35 @@ def _grad_wrt_logit(loss_fn, z, y, dtype, device):
     return float(logit.grad[0])
 
 
+PROBED_LOSSES = {"hand": hand_bce_on_sigmoid, "clamp_1e-7": clamped_bce, "torch_bce": torch_bce_on_probs,
+                 "with_logits": F.binary_cross_entropy_with_logits}
+
+
+def grad_key(loss_name: str, z: float) -> str:
+    return f"dloss/dlogit_{loss_name}_at_z={z:g}"
+
+
 def probes(ctx, train):
     """The gradient each loss gives a wrong example (label 1) at logits -5, -30 and
     -120; the exact gradient is sigmoid(z) - 1, about -1 for all three."""
     out = {}
     for z in (-5.0, -30.0, -120.0):
-        for name, fn in (("hand", hand_bce_on_sigmoid), ("clamp_1e-7", clamped_bce),
-                         ("torch_bce", torch_bce_on_probs), ("with_logits", F.binary_cross_entropy_with_logits)):
-            out[f"dloss/dlogit_{name}_at_z={z:g}"] = _grad_wrt_logit(fn, z, 1.0, ctx.dtype, ctx.device)
+        for name, fn in PROBED_LOSSES.items():
+            out[grad_key(name, z)] = _grad_wrt_logit(fn, z, 1.0, ctx.dtype, ctx.device)
     return out
 
 
 def _eps_prevents_nan(r):
     clamp, exact = r.variant("clamp_eps_1e-7"), r.variant("bce_with_logits")
-    g = r.probes["dloss/dlogit_clamp_1e-7_at_z=-30"]
+    g = r.probes[grad_key("clamp_1e-7", -30)]
     evidence = (f"clamped BCE finite={clamp.finite}, accuracy {clamp.accuracy_end:.3f} vs {exact.accuracy_end:.3f} "
                 f"with logits; gradient at a wrong logit of -30: {g:.3g} (exact: "
-                f"{r.probes['dloss/dlogit_with_logits_at_z=-30']:.3g}); torch's BCE there: "
-                f"{r.probes['dloss/dlogit_torch_bce_at_z=-30']:.3g}, and at -120: "
-                f"{r.probes['dloss/dlogit_torch_bce_at_z=-120']:.3g}")
+                f"{r.probes[grad_key('with_logits', -30)]:.3g}); torch's BCE there: "
+                f"{r.probes[grad_key('torch_bce', -30)]:.3g}, and at -120: "
+                f"{r.probes[grad_key('torch_bce', -120)]:.3g}")
     if not clamp.finite:
-        return "refuted", evidence
-    return ("partly" if g == 0.0 else "confirmed"), evidence + (
+        return Verdict.refuted, evidence
+    return (Verdict.partly if g == 0.0 else Verdict.confirmed), evidence + (
         "; the NaN is gone, but the clamp zeroes the gradient of saturated examples" if g == 0.0 else "")
 
 

@@ -3,9 +3,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanlab.result import Verdict
 from nanlab.scenario import Claim, Data, Learn, Variant
 
-NAME = "custom_backward_div0"
 SUMMARY = "A custom autograd sqrt whose backward divides by 2*sqrt(x) = 0: inf gradients, then NaN."
 EXPLANATION = """
 A radial-basis network measures the distance from each input to learned centers,
@@ -18,6 +18,8 @@ and 0 * inf = NaN lands in the centers' gradient. The distance has no derivative
 uses is the subgradient 0, which we implement and check with gradcheck where the
 derivative exists. A safe division (clamping the denominator) is the other fix.
 """
+DEFAULTS = dict(optimizer="sgd", lr=0.1, steps=150)
+DATA = dict(n=128, centers=16)
 LEARN = Learn(loss_drop=0.5)
 
 
@@ -86,40 +88,38 @@ def sqrt_of_squared(sqrt_fn):
 
 
 def make_data(ctx) -> Data:
-    knobs, g = ctx.knobs, ctx.generator()
-    x = torch.randn(int(knobs.n), 2, generator=g, dtype=torch.float64)
+    knobs, rng = ctx.knobs, ctx.rng()
+    x = rng.randn(int(knobs.n), 2)
     y = torch.sin(2 * x[:, 0]) + torch.cos(x[:, 1])
     return Data(x, y[:, None])
 
 
-def make_model(ctx, data) -> nn.Module:
-    return RBFNet(data.x[: int(ctx.knobs.centers)], sqrt_of_squared(SqrtDivByZero))
+def make_model(ctx, data, distance=sqrt_of_squared(SqrtDivByZero)) -> nn.Module:
+    return RBFNet(data.x[: int(ctx.knobs.centers)], distance)
 
 
 def exact_loss(pred, y):
     return F.mse_loss(pred, y)
 
 
-def _model_with(distance):
-    return lambda ctx, data: RBFNet(data.x[: int(ctx.knobs.centers)], distance)
-
-
 VARIANTS = [
     Variant("backward_div_by_zero", "broken", "custom sqrt, backward grad / (2 sqrt(x))", F.mse_loss),
     Variant("correct_backward", "fix", "custom distance with the subgradient 0 at d = 0 (gradcheck-verified)",
-            F.mse_loss, model=_model_with(Distance.apply)),
+            F.mse_loss, swap={"distance": Distance.apply}),
     Variant("safe_division", "fix", "custom sqrt, backward grad / max(2 sqrt(x), 1e-12)", F.mse_loss,
-            model=_model_with(sqrt_of_squared(SqrtSafeDivision))),
+            swap={"distance": sqrt_of_squared(SqrtSafeDivision)}),
 ]
+
+
+GRADCHECK = "gradcheck_correct_backward"
 
 
 def probes(ctx, train):
     """gradcheck of the correct backward in float64 where the derivative exists, and
     the gradients each version gives at distance exactly 0."""
-    g = torch.Generator().manual_seed(ctx.seed)
-    x = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    c = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    out = {"gradcheck_correct_backward": bool(torch.autograd.gradcheck(Distance.apply, (x, c)))}
+    rng = ctx.rng()
+    x, c = rng.randn(5, 3).requires_grad_(), rng.randn(4, 3).requires_grad_()
+    out = {GRADCHECK: bool(torch.autograd.gradcheck(Distance.apply, (x, c)))}
     for name, fn in (("div_by_zero", sqrt_of_squared(SqrtDivByZero)), ("correct", Distance.apply),
                      ("safe_division", sqrt_of_squared(SqrtSafeDivision))):
         point = torch.ones(1, 3, dtype=ctx.dtype, device=ctx.device)
@@ -131,12 +131,12 @@ def probes(ctx, train):
 
 def _fixed_by_correct_backward(r):
     broken, fix = r.broken, r.variant("correct_backward")
-    origin = (broken.first_nonfinite or {}).get("origin") or {}
-    evidence = (f"broken: first non-finite {origin.get('kind')} in {origin.get('phase')} at {origin.get('node')}; "
-                f"correct backward: gradcheck={r.probes['gradcheck_correct_backward']}, finite={fix.finite}, "
+    event = broken.first_nonfinite.event if broken.first_nonfinite else None
+    evidence = (f"broken: first non-finite {event.describe() if event else 'not traced'}; "
+                f"correct backward: gradcheck={r.probes[GRADCHECK]}, finite={fix.finite}, "
                 f"exact loss {fix.exact_loss_start:.3g} -> {fix.exact_loss_end:.3g}")
-    ok = not broken.finite and fix.finite and fix.learned and r.probes["gradcheck_correct_backward"]
-    return ("confirmed" if ok else "refuted"), evidence
+    ok = not broken.finite and fix.finite and fix.learned and r.probes[GRADCHECK]
+    return (Verdict.confirmed if ok else Verdict.refuted), evidence
 
 
 CLAIMS = [

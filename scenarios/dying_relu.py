@@ -3,9 +3,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanlab.scenario import Claim, Data, Learn, Variant
+from nanlab.data import sine_regression
+from nanlab.result import Verdict
+from nanlab.scenario import Claim, Learn, Variant
 
-NAME = "dying_relu"
 FAILURE = "stall"
 SUMMARY = "SGD at lr 1.0 knocks a ReLU MLP's units into the negative region for good: no NaN, training just stops."
 EXPLANATION = """
@@ -19,22 +20,16 @@ still gets 1% of its gradient and is not dead; whether that rescues training at
 this lr, and whether He init does, is measured in the report, not assumed. The
 fraction of units negative on every input is reported per hidden layer.
 """
+DEFAULTS = dict(optimizer="sgd", lr=1.0, steps=300)
+DATA = dict(n=256, features=16, width=64)
 LEARN = Learn(loss_below=0.2)  # the targets' variance is 0.4: half of it must be explained
 
-
-def make_data(ctx) -> Data:
-    knobs, g = ctx.knobs, ctx.generator()
-    x = torch.randn(int(knobs.n), int(knobs.features), generator=g, dtype=torch.float64)
-    w = torch.randn(int(knobs.features), generator=g, dtype=torch.float64)
-    return Data(x, torch.sin(x @ w / 4)[:, None])
+make_data = sine_regression
 
 
-def mlp(d, width, activation):
+def make_model(ctx, data, activation=nn.ReLU) -> nn.Module:
+    d, width = data.x.shape[1], int(ctx.knobs.width)
     return nn.Sequential(nn.Linear(d, width), activation(), nn.Linear(width, width), activation(), nn.Linear(width, 1))
-
-
-def make_model(ctx, data) -> nn.Module:
-    return mlp(data.x.shape[1], int(ctx.knobs.width), nn.ReLU)
 
 
 def exact_loss(pred, y):
@@ -57,8 +52,7 @@ def metrics(model, data):
 VARIANTS = [
     Variant("relu_lr_1", "broken", "ReLU MLP, SGD lr 1.0", F.mse_loss),
     Variant("relu_lr_0.1", "fix", "same network, lr 0.1", F.mse_loss, overrides={"optimizer.lr": 0.1}),
-    Variant("leaky_relu_lr_1", "myth", "LeakyReLU(0.01) at the same lr", F.mse_loss,
-            model=lambda ctx, data: mlp(data.x.shape[1], int(ctx.knobs.width), nn.LeakyReLU)),
+    Variant("leaky_relu_lr_1", "myth", "LeakyReLU(0.01) at the same lr", F.mse_loss, swap={"activation": nn.LeakyReLU}),
     Variant("he_init_lr_1", "myth", "He-normal init at the same lr", F.mse_loss, overrides={"init.name": "he_normal"}),
 ]
 
@@ -68,17 +62,17 @@ def _leaky_prevents(r):
     dead_relu = max(relu.metrics.values())
     stuck_leaky = max(leaky.metrics.values())
     dead_leaky = 0.0  # a LeakyReLU unit always passes 1% of its gradient back
-    first = leaky.first_nonfinite or {}
+    first = leaky.first_nonfinite
     evidence = (f"units negative on every input: ReLU {dead_relu:.2f} (dead: zero gradient), LeakyReLU "
                 f"{stuck_leaky:.2f} (not dead: 0.01 slope); LeakyReLU run: "
-                f"finite={leaky.finite}" + (f" (non-finite {first.get('quantity')} at step {first.get('step')})" if first else
+                f"finite={leaky.finite}" + (f" (non-finite {first.quantity} at step {first.step})" if first else
                                             f", learned={leaky.learned}"))
     if dead_leaky < dead_relu and leaky.finite and leaky.learned:
-        return "confirmed", evidence
+        return Verdict.confirmed, evidence
     if dead_leaky < dead_relu:
-        return "partly", evidence + "; no unit dies, but training still fails at this lr"
+        return Verdict.partly, evidence + "; no unit dies, but training still fails at this lr"
     # (dead_leaky is 0 by construction, so a ReLU run with no dead units is the only way here)
-    return "refuted", evidence
+    return Verdict.refuted, evidence
 
 
 CLAIMS = [

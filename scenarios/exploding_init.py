@@ -3,9 +3,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanlab.scenario import Claim, Data, Learn, Variant
+from nanlab.data import sine_regression
+from nanlab.result import Verdict
+from nanlab.scenario import Claim, Learn, Variant
 
-NAME = "exploding_init"
 SUMMARY = "A 6-layer ReLU MLP with N(0, 1) weights on 256-wide layers: outputs near 1e7, SGD overflows in 2 steps."
 EXPLANATION = """
 A ReLU layer with fan-in n and weights of variance v multiplies the mean square of
@@ -19,14 +20,11 @@ enough for the next forward pass to overflow (see grad_norms in result.json).
 Clipping the gradient norm keeps every step finite, but a model whose outputs are
 1e6 off cannot be walked back at lr * 1.0 per step.
 """
+DEFAULTS = dict(optimizer="sgd", lr=1e-3, init={"name": "normal", "std": 1.0}, steps=100)
+DATA = dict(n=256, features=16, width=256, depth=6)
 LEARN = Learn(loss_drop=0.9)
 
-
-def make_data(ctx) -> Data:
-    knobs, g = ctx.knobs, ctx.generator()
-    x = torch.randn(int(knobs.n), int(knobs.features), generator=g, dtype=torch.float64)
-    w = torch.randn(int(knobs.features), generator=g, dtype=torch.float64)
-    return Data(x, torch.sin(x @ w / 4)[:, None])
+make_data = sine_regression
 
 
 def make_model(ctx, data) -> nn.Module:
@@ -65,19 +63,19 @@ def _he_and_clipping(r):
     he_ok = he.finite and he.learned
     clip_ok = clip.finite and clip.learned
     if he_ok and clip_ok:
-        return "confirmed", evidence
+        return Verdict.confirmed, evidence
     if he_ok or clip.finite:
-        return "partly", evidence + ("; clipping keeps it finite but does not make it learn" if clip.finite and not clip_ok else "")
-    return "refuted", evidence
+        return Verdict.partly, evidence + ("; clipping keeps it finite but does not make it learn" if clip.finite and not clip_ok else "")
+    return Verdict.refuted, evidence
 
 
 def _lower_lr(r):
     low = r.variant("lr_1e-12")
-    first = low.first_nonfinite or {}
+    first = low.first_nonfinite
     evidence = f"N(0,1) at lr 1e-12: finite={low.finite}" + (
-        f", non-finite {first.get('quantity')} at step {first.get('step')}" if first else
+        f", non-finite {first.quantity} at step {first.step}" if first else
         f", exact loss {low.exact_loss_start:.3g} -> {low.exact_loss_end:.3g}")
-    return ("confirmed" if low.finite and low.learned else "refuted"), evidence
+    return (Verdict.confirmed if low.finite and low.learned else Verdict.refuted), evidence
 
 
 CLAIMS = [

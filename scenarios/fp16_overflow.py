@@ -3,9 +3,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanlab.result import Verdict
 from nanlab.scenario import Claim, Data, Learn, Variant
 
-NAME = "fp16_overflow"
 SUMMARY = "Pure float16 training on targets in the hundreds: a squared error above 65504 is inf, then NaN."
 EXPLANATION = """
 float16 tops out at 65504, so any value above 256 squares to inf. With targets in
@@ -19,13 +19,15 @@ gradients overflowed) before unscaling. bfloat16 has float32's exponent range, s
 neither overflow nor this underflow happens, at the cost of 8 bits of precision.
 The probe measures how many gradient entries flush to 0 with and without scaling.
 """
+DEFAULTS = dict(optimizer="adam", lr=0.3, dtype="float16", steps=150)
+DATA = dict(n=256, features=8, width=32, target_scale=400.0)
 LEARN = Learn(loss_drop=0.5)
 
 
 def make_data(ctx) -> Data:
-    knobs, g = ctx.knobs, ctx.generator()
-    x = torch.randn(int(knobs.n), int(knobs.features), generator=g, dtype=torch.float64)
-    w = torch.randn(int(knobs.features), generator=g, dtype=torch.float64)
+    knobs, rng = ctx.knobs, ctx.rng()
+    x = rng.randn(int(knobs.n), int(knobs.features))
+    w = rng.randn(int(knobs.features))
     return Data(x, (float(knobs.target_scale) * torch.tanh(x @ w / 2))[:, None])
 
 
@@ -49,6 +51,9 @@ VARIANTS = [
 ]
 
 
+ZEROS_UNSCALED, ZEROS_SCALED = "fp16_zero_grad_fraction_unscaled", "fp16_zero_grad_fraction_scaled_2^16"
+
+
 def probes(ctx, train):
     """Gradient entries that flush to zero in float16 when the loss is small."""
     g = torch.Generator().manual_seed(ctx.seed)
@@ -60,7 +65,7 @@ def probes(ctx, train):
     w.grad = None
     tiny_loss(2.0 ** 16).backward()
     scaled = float((w.grad.float() / 2 ** 16 == 0).float().mean())
-    return {"fp16_zero_grad_fraction_unscaled": unscaled, "fp16_zero_grad_fraction_scaled_2^16": scaled,
+    return {ZEROS_UNSCALED: unscaled, ZEROS_SCALED: scaled,
             "float16_max": float(torch.finfo(torch.float16).max)}
 
 
@@ -70,10 +75,10 @@ def _mixed_precision(r):
     evidence = (f"pure fp16: finite={b.finite}; autocast: finite={amp.finite}, learned={amp.learned}; "
                 f"autocast+GradScaler: finite={scaler.finite}, skipped steps {scaler.metrics.get('skipped_steps')}; "
                 f"bfloat16: finite={bf.finite}; zero-gradient fraction of a tiny loss: "
-                f"{r.probes['fp16_zero_grad_fraction_unscaled']:.2f} unscaled vs "
-                f"{r.probes['fp16_zero_grad_fraction_scaled_2^16']:.2f} scaled")
+                f"{r.probes[ZEROS_UNSCALED]:.2f} unscaled vs "
+                f"{r.probes[ZEROS_SCALED]:.2f} scaled")
     ok = not b.finite and amp.finite and amp.learned and scaler.finite and bf.finite
-    return ("confirmed" if ok else "refuted"), evidence
+    return (Verdict.confirmed if ok else Verdict.refuted), evidence
 
 
 CLAIMS = [

@@ -3,9 +3,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanlab.result import Verdict
 from nanlab.scenario import Claim, Data, Learn, Variant
 
-NAME = "masked_softmax"
 SUMMARY = "Attention over a fully masked row: softmax of all -inf is 0/0 = NaN; partly masked rows are fine."
 EXPLANATION = """
 Masked attention sets the scores of padding positions to -inf so that softmax gives
@@ -19,17 +19,19 @@ answer with torch.where so no NaN exists in either branch. Replacing -inf by a
 large negative number such as -1e9 is finite too, but an empty row then attends
 uniformly to its padding, which is a different answer, so it is marked lossy.
 """
+DEFAULTS = dict(optimizer="sgd", lr=0.1, steps=150)
+DATA = dict(sequences=64, tokens=8, features=6, empty_sequences=4)
 LEARN = Learn(loss_drop=0.5)
 
 
 def make_data(ctx) -> Data:
-    knobs, g = ctx.knobs, ctx.generator()
+    knobs, rng = ctx.knobs, ctx.rng()
     n, t, d = int(knobs.sequences), int(knobs.tokens), int(knobs.features)
-    x = torch.randn(n, t, d, generator=g, dtype=torch.float64)
-    lengths = torch.randint(1, t + 1, (n,), generator=g)
+    x = rng.randn(n, t, d)
+    lengths = rng.randint(1, t + 1, (n,))
     lengths[: int(knobs.empty_sequences)] = 0
     mask = torch.arange(t)[None, :] < lengths[:, None]
-    w = torch.randn(d, generator=g, dtype=torch.float64)
+    w = rng.randn(d)
     real = (x @ w) * mask
     y = real.sum(1) / lengths.clamp_min(1)  # the mean over real tokens; 0 for an empty sequence
     return Data(x, y[:, None], {"mask": mask})
@@ -62,11 +64,8 @@ def large_negative_masked_softmax(scores, mask):
     return torch.softmax(scores.masked_fill(~mask, -1e9), -1)
 
 
-def _model(masked_softmax):
-    return lambda ctx, data: AttentionPool(data.x.shape[-1], data.extra["mask"], masked_softmax)
-
-
-make_model = _model(plain_masked_softmax)
+def make_model(ctx, data, softmax=plain_masked_softmax) -> nn.Module:
+    return AttentionPool(data.x.shape[-1], data.extra["mask"], softmax)
 
 
 def exact_loss(pred, y):
@@ -76,10 +75,13 @@ def exact_loss(pred, y):
 VARIANTS = [
     Variant("softmax_of_all_-inf", "broken", "masked_fill(-inf) then softmax", F.mse_loss),
     Variant("guard_empty_rows", "fix", "empty rows get zero weights; softmax only sees finite stand-ins", F.mse_loss,
-            model=_model(guarded_masked_softmax)),
+            swap={"softmax": guarded_masked_softmax}),
     Variant("fill_-1e9", "fix", "masked_fill(-1e9) instead of -inf", F.mse_loss,
-            model=_model(large_negative_masked_softmax), lossy=True),
+            swap={"softmax": large_negative_masked_softmax}, lossy=True),
 ]
+
+
+PARTLY_MASKED_DIFFERENCE, FULLY_MASKED_IS_NAN = "partly_masked_rows_max_difference", "fully_masked_row_plain_is_nan"
 
 
 def probes(ctx, train):
@@ -89,19 +91,19 @@ def probes(ctx, train):
     mask = torch.tensor([[True] * 6, [True, True, False, False, False, False],
                          [False, True, False, True, False, False], [False] * 6])
     plain, guarded = plain_masked_softmax(scores, mask), guarded_masked_softmax(scores, mask)
-    return {"partly_masked_rows_max_difference": float((plain[:3] - guarded[:3]).abs().max()),
-            "fully_masked_row_plain_is_nan": bool(plain[3].isnan().all()),
+    return {PARTLY_MASKED_DIFFERENCE: float((plain[:3] - guarded[:3]).abs().max()),
+            FULLY_MASKED_IS_NAN: bool(plain[3].isnan().all()),
             "fully_masked_row_guarded_sum": float(guarded[3].sum())}
 
 
 def _fully_masked(r):
     p = r.probes
     fix = r.variant("guard_empty_rows")
-    evidence = (f"fully masked row NaN: {p['fully_masked_row_plain_is_nan']}; partly masked rows differ by "
-                f"{p['partly_masked_rows_max_difference']:g} between plain and guarded; guarded training: "
+    evidence = (f"fully masked row NaN: {p[FULLY_MASKED_IS_NAN]}; partly masked rows differ by "
+                f"{p[PARTLY_MASKED_DIFFERENCE]:g} between plain and guarded; guarded training: "
                 f"finite={fix.finite}, learned={fix.learned}")
-    ok = p["fully_masked_row_plain_is_nan"] and p["partly_masked_rows_max_difference"] == 0 and fix.finite and fix.learned
-    return ("confirmed" if ok else "refuted"), evidence
+    ok = p[FULLY_MASKED_IS_NAN] and p[PARTLY_MASKED_DIFFERENCE] == 0 and fix.finite and fix.learned
+    return (Verdict.confirmed if ok else Verdict.refuted), evidence
 
 
 CLAIMS = [

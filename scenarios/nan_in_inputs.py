@@ -3,10 +3,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanlab.result import Verdict
 from nanlab.scenario import Claim, Data, Learn, Variant
 from nanlab.validate import DataError, finite_rows, impute_column_mean, validate_data
 
-NAME = "nan_in_inputs"
 SUMMARY = "A few NaN and Inf cells in the features: one bad cell makes its row's prediction, and the mean loss, NaN."
 EXPLANATION = """
 NaN is contagious: any arithmetic with NaN gives NaN, and inf * 0 or inf - inf make
@@ -19,16 +19,18 @@ that consumed the bad values. validate_data names the rows and columns before
 training; imputing the column mean of the finite values, or dropping the rows,
 removes the problem.
 """
+DEFAULTS = dict(optimizer="sgd", lr=0.05, steps=100)
+DATA = dict(n=200, features=6, bad_cells=3)
 LEARN = Learn(loss_drop=0.5)
 
 
 def make_data(ctx) -> Data:
-    knobs, g = ctx.knobs, ctx.generator()
+    knobs, rng = ctx.knobs, ctx.rng()
     n, d = int(knobs.n), int(knobs.features)
-    x = torch.randn(n, d, generator=g, dtype=torch.float64)
-    y = (x @ torch.randn(d, generator=g, dtype=torch.float64))[:, None]
-    rows = torch.randperm(n, generator=g)[: int(knobs.bad_cells)]
-    cols = torch.randint(0, d, (len(rows),), generator=g)
+    x = rng.randn(n, d)
+    y = (x @ rng.randn(d))[:, None]
+    rows = rng.randperm(n)[: int(knobs.bad_cells)]
+    cols = rng.randint(0, d, (len(rows),))
     x[rows, cols] = torch.tensor([float("nan"), float("inf")], dtype=torch.float64).repeat(len(rows))[: len(rows)]
     return Data(x, y)
 
@@ -57,22 +59,27 @@ VARIANTS = [
 ]
 
 
+VALIDATE_MESSAGE, VALIDATE_FOUND = "validate_data", "validate_data_found_problems"
+
+
 def probes(ctx, train):
     try:
         validate_data(make_data(ctx).x)
-        message = "no problem found"
+        message, found = "no problem found", False
     except DataError as err:
-        message = str(err)
-    return {"validate_data": message}
+        message, found = str(err), True
+    return {VALIDATE_MESSAGE: message, VALIDATE_FOUND: found}
 
 
 def _validator(r):
-    origin = (r.broken.first_nonfinite or {}).get("origin") or {}
+    first = r.broken.first_nonfinite
+    event = first.event if first else None
     fixes = [r.variant("impute_column_mean"), r.variant("drop_bad_rows")]
-    evidence = (f"tracer origin of the first NaN: {origin.get('origin')} at {origin.get('op')}; validate_data: "
-                f"{r.probes['validate_data']}; after imputing/dropping: finite={[v.finite for v in fixes]}")
-    ok = origin.get("origin") == "input" and all(v.finite and v.learned for v in fixes) and "rows" in r.probes["validate_data"]
-    return ("confirmed" if ok else "refuted"), evidence
+    evidence = (f"tracer origin of the first NaN: {event.origin if event else None} at {event.op if event else None}; "
+                f"validate_data: {r.probes[VALIDATE_MESSAGE]}; after imputing/dropping: finite={[v.finite for v in fixes]}")
+    ok = (event is not None and event.origin == "input" and all(v.finite and v.learned for v in fixes)
+          and r.probes[VALIDATE_FOUND])
+    return (Verdict.confirmed if ok else Verdict.refuted), evidence
 
 
 CLAIMS = [

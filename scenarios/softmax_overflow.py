@@ -3,9 +3,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanlab.result import Verdict
 from nanlab.scenario import Claim, Data, Learn, Variant
 
-NAME = "softmax_overflow"
 SUMMARY = "A hand-written softmax overflows exp() on large logits: inf/inf = NaN."
 EXPLANATION = """
 Unscaled inputs (x100) give a linear classifier logits in the hundreds. In float32,
@@ -19,15 +19,17 @@ and no log of a tiny one. Clipping logits to [-10, 10] is finite too, but the cl
 has zero gradient outside that range, so examples whose logits start beyond it stop
 learning; the report measures that cost against log_softmax.
 """
+DEFAULTS = dict(optimizer="sgd", lr=0.001, steps=60)
+DATA = dict(n=256, features=8, classes=4, input_scale=100.0)
 LEARN = Learn(loss_drop=0.5)
 
 
 def make_data(ctx) -> Data:
-    knobs, g = ctx.knobs, ctx.generator()
+    knobs, rng = ctx.knobs, ctx.rng()
     n, d, k = int(knobs.n), int(knobs.features), int(knobs.classes)
-    centers = 2.0 * torch.randn(k, d, generator=g, dtype=torch.float64)
-    y = torch.randint(0, k, (n,), generator=g)
-    x = centers[y] + torch.randn(n, d, generator=g, dtype=torch.float64)
+    centers = 2.0 * rng.randn(k, d)
+    y = rng.randint(0, k, (n,))
+    x = centers[y] + rng.randn(n, d)
     return Data(x * float(knobs.input_scale), y)
 
 
@@ -97,10 +99,10 @@ def _large_logits_nan(r):
     evidence = (f"hand-written softmax: finite={hand.finite}; library softmax then log: finite={log_sm.finite}; "
                 f"cross_entropy on logits: finite={exact.finite}")
     if not hand.finite and not exact.finite:
-        return "confirmed", evidence + " (every path failed)"
+        return Verdict.confirmed, evidence + " (every path failed)"
     if not hand.finite and exact.finite:
-        return "partly", evidence + " (only the hand-written and log(softmax) paths fail; the library's log-sum-exp path does not)"
-    return "refuted", evidence
+        return Verdict.partly, evidence + " (only the hand-written and log(softmax) paths fail; the library's log-sum-exp path does not)"
+    return Verdict.refuted, evidence
 
 
 def _clipping_removes_nan(r):
@@ -108,9 +110,9 @@ def _clipping_removes_nan(r):
     evidence = (f"clipped: finite={clip.finite}, exact loss {clip.exact_loss_end:.4g}, accuracy {clip.accuracy_end:.3f}; "
                 f"log_softmax: exact loss {exact.exact_loss_end:.4g}, accuracy {exact.accuracy_end:.3f}")
     if not clip.finite:
-        return "refuted", evidence
+        return Verdict.refuted, evidence
     costs = clip.exact_loss_end > exact.exact_loss_end * 1.01 or clip.accuracy_end < exact.accuracy_end - 0.01
-    return ("partly" if costs else "confirmed"), evidence + (" (finite, but it costs loss or accuracy)" if costs else "")
+    return (Verdict.partly if costs else Verdict.confirmed), evidence + (" (finite, but it costs loss or accuracy)" if costs else "")
 
 
 def _log_softmax_as_probs(r):
@@ -118,7 +120,7 @@ def _log_softmax_as_probs(r):
     evidence = (f"finite={myth.finite}; at step 0 its loss reads {myth.losses[0]:.4g} against the exact "
                 f"cross-entropy {myth.exact_loss_start:.4g}; exact loss after training {myth.exact_loss_end:.4g}")
     works = myth.finite and not myth.wrong and myth.learned
-    return ("confirmed" if works else "refuted"), evidence
+    return (Verdict.confirmed if works else Verdict.refuted), evidence
 
 
 CLAIMS = [

@@ -3,9 +3,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanlab.result import Verdict
 from nanlab.scenario import Claim, Data, Learn, Variant
 
-NAME = "softmax_underflow"
 SUMMARY = "Soft targets with exact zeros against softmax probabilities that underflow to 0: 0*log(0) = NaN."
 EXPLANATION = """
 Distillation and label smoothing train against soft targets q. Written as
@@ -17,14 +17,16 @@ NaN at exactly those entries: the NaN moves to the backward pass. Working in log
 space fixes both: log_softmax(z) is finite for any finite z, and q * log_softmax(z)
 is 0 wherever q is 0, with a zero gradient there.
 """
+DEFAULTS = dict(optimizer="sgd", lr=0.002, steps=80)
+DATA = dict(n=256, features=8, classes=6, input_scale=60.0)
 LEARN = Learn(loss_drop=0.5)
 
 
 def make_data(ctx) -> Data:
-    knobs, g = ctx.knobs, ctx.generator()
+    knobs, rng = ctx.knobs, ctx.rng()
     n, d, k = int(knobs.n), int(knobs.features), int(knobs.classes)
-    x = torch.randn(n, d, generator=g, dtype=torch.float64)
-    teacher = torch.softmax(x @ torch.randn(d, k, generator=g, dtype=torch.float64), -1)
+    x = rng.randn(n, d)
+    teacher = torch.softmax(x @ rng.randn(d, k), -1)
     top2 = teacher.topk(2, -1).indices
     q = torch.zeros_like(teacher).scatter(1, top2, teacher.gather(1, top2))  # a sparse teacher: top-2 only
     return Data(x * float(knobs.input_scale), q / q.sum(-1, keepdim=True))
@@ -55,25 +57,28 @@ VARIANTS = [
 ]
 
 
+XLOGY_AT_0, XLOGY_GRAD_AT_0 = "xlogy(0, 0)", "d xlogy(q, p) / dp at q=0, p=0"
+
+
 def probes(ctx, train):
     q = torch.tensor([0.0, 1.0], dtype=torch.float64)
     p = torch.tensor([0.0, 1.0], dtype=torch.float64, requires_grad=True)
     torch.xlogy(q, p).sum().backward()
-    return {"xlogy(0, 0)": float(torch.xlogy(q, p.detach())[0]), "d xlogy(q, p) / dp at q=0, p=0": float(p.grad[0])}
+    return {XLOGY_AT_0: float(torch.xlogy(q, p.detach())[0]), XLOGY_GRAD_AT_0: float(p.grad[0])}
 
 
 def _xlogy_fixes(r):
     x = r.variant("xlogy")
-    first = x.first_nonfinite or {}
-    evidence = (f"xlogy forward at (0, 0) = {r.probes['xlogy(0, 0)']:g}, gradient {r.probes['d xlogy(q, p) / dp at q=0, p=0']}; "
-                f"training: finite={x.finite}" + (f", non-finite {first.get('quantity')} at step {first.get('step')}" if first else ""))
-    return ("confirmed" if x.finite and x.learned else "refuted"), evidence
+    first = x.first_nonfinite
+    evidence = (f"xlogy forward at (0, 0) = {r.probes[XLOGY_AT_0]:g}, gradient {r.probes[XLOGY_GRAD_AT_0]}; "
+                f"training: finite={x.finite}" + (f", non-finite {first.quantity} at step {first.step}" if first else ""))
+    return (Verdict.confirmed if x.finite and x.learned else Verdict.refuted), evidence
 
 
 def _underflow_nan(r):
     b, fix = r.broken, r.variant("log_softmax")
     evidence = f"-sum(q log softmax): finite={b.finite}; with log_softmax: finite={fix.finite}, learned={fix.learned}"
-    return ("confirmed" if not b.finite and fix.finite else "refuted"), evidence
+    return (Verdict.confirmed if not b.finite and fix.finite else Verdict.refuted), evidence
 
 
 CLAIMS = [

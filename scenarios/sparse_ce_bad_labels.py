@@ -1,12 +1,14 @@
 """sparse_ce_bad_labels: integer-label cross-entropy fed labels it cannot use."""
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanlab.result import Verdict
 from nanlab.scenario import Claim, Data, Learn, Variant
 from nanlab.validate import DataError, label_problems, validate_labels
 
-NAME = "sparse_ce_bad_labels"
 SUMMARY = "A token-tagging batch whose padded sequences are all ignore_index: a per-sequence mean is 0/0 = NaN."
 EXPLANATION = """
 Labels outside [0, C) do not quietly give NaN in torch: on the CPU cross_entropy
@@ -19,17 +21,19 @@ mean over its tokens, and fully padded sequences make that 0/0. validate_labels
 finds them (and every out-of-range, negative, NaN or fractional label) before training,
 in one message; a safe reduction divides the summed token losses by max(count, 1).
 """
+DEFAULTS = dict(optimizer="sgd", lr=0.5, steps=80)
+DATA = dict(sequences=64, tokens=12, features=8, classes=5, empty_sequences=4)
 LEARN = Learn(loss_drop=0.5)
 IGNORE = -100
 
 
 def make_data(ctx) -> Data:
-    knobs, g = ctx.knobs, ctx.generator()
+    knobs, rng = ctx.knobs, ctx.rng()
     n, t, d, c = int(knobs.sequences), int(knobs.tokens), int(knobs.features), int(knobs.classes)
-    x = torch.randn(n, t, d, generator=g, dtype=torch.float64)
-    w = torch.randn(d, c, generator=g, dtype=torch.float64)
+    x = rng.randn(n, t, d)
+    w = rng.randn(d, c)
     y = (x @ w).argmax(-1)
-    lengths = torch.randint(1, t + 1, (n,), generator=g)
+    lengths = rng.randint(1, t + 1, (n,))
     lengths[: int(knobs.empty_sequences)] = 0  # fully padded sequences
     y[torch.arange(t)[None, :] >= lengths[:, None]] = IGNORE
     return Data(x, y)
@@ -79,45 +83,62 @@ VARIANTS = [
 ]
 
 
-def _what_cross_entropy_does(labels, classes=3):
+def _what_cross_entropy_does(labels, classes=3) -> tuple[str, bool, float]:
+    """(what a person reads, whether it raised, the loss or NaN if it raised)."""
     logits = torch.zeros(len(labels), classes)
     try:
-        loss = F.cross_entropy(logits, labels)
-        return f"loss {float(loss):.4g}"
+        loss = float(F.cross_entropy(logits, labels))
+        return f"loss {loss:.4g}", False, loss
     except (RuntimeError, IndexError) as err:
-        return "raises: " + str(err).splitlines()[0][:80]
+        return "raises: " + str(err).splitlines()[0][:80], True, float("nan")
+
+
+CASES = {"label_3_of_3_classes": [0, 3, 1], "label_-1": [0, -1, 1], "all_ignored": [IGNORE, IGNORE, IGNORE]}
+# Four problems, one of each kind validate_labels knows: NaN, fractional, >= classes, negative.
+BAD_LABELS = [0.0, 2.7, float("nan"), 5.0, -3.0]
+
+
+def ce_key(case: str, what: str = "") -> str:
+    """Probe keys: what cross_entropy did on a case ("" for the words, "raises", "loss")."""
+    return f"cross_entropy_{case}" + (f"_{what}" if what else "")
+
+
+PROBLEM_COUNT = "validate_labels_problem_count"
 
 
 def probes(ctx, train):
-    nan_labels = torch.tensor([0.0, float("nan"), 2.0])
-    float_labels = torch.tensor([0.0, 2.7, 1.2])
-    return {
-        "cross_entropy_label_3_of_3_classes": _what_cross_entropy_does(torch.tensor([0, 3, 1])),
-        "cross_entropy_label_-1": _what_cross_entropy_does(torch.tensor([0, -1, 1])),
-        "cross_entropy_nan_label_cast_to_long": _what_cross_entropy_does(nan_labels.long()),
-        "float_labels_2.7_1.2_cast_to_long": str(float_labels.long().tolist()),
-        "cross_entropy_all_ignored": _what_cross_entropy_does(torch.tensor([IGNORE, IGNORE, IGNORE])),
-        "validate_labels_on_bad_labels": "; ".join(label_problems(torch.tensor([0.0, 2.7, float("nan"), 5.0, -3.0]), 3, IGNORE)),
-    }
+    out = {}
+    for case, labels in CASES.items():
+        said, raised, loss = _what_cross_entropy_does(torch.tensor(labels))
+        out[ce_key(case)], out[ce_key(case, "raises")] = said, raised
+        if not raised:
+            out[ce_key(case, "loss")] = loss
+    out["cross_entropy_nan_label_cast_to_long"] = _what_cross_entropy_does(torch.tensor([0.0, float("nan"), 2.0]).long())[0]
+    out["float_labels_2.7_1.2_cast_to_long"] = str(torch.tensor([0.0, 2.7, 1.2]).long().tolist())
+    problems = label_problems(torch.tensor(BAD_LABELS), 3, IGNORE)
+    out["validate_labels_on_bad_labels"] = "; ".join(problems)
+    out[PROBLEM_COUNT] = len(problems)
+    return out
 
 
 def _out_of_range_is_nan(r):
     p = r.probes
-    evidence = (f"label 3 of 3 classes: {p['cross_entropy_label_3_of_3_classes']}; label -1: "
-                f"{p['cross_entropy_label_-1']}; all targets ignored: {p['cross_entropy_all_ignored']}. "
+    evidence = (f"label 3 of 3 classes: {p[ce_key('label_3_of_3_classes')]}; label -1: "
+                f"{p[ce_key('label_-1')]}; all targets ignored: {p[ce_key('all_ignored')]}. "
                 "Not measurable here: Keras/TensorFlow's behaviour, and CUDA's device-side assert (no GPU in this run)")
-    raises = p["cross_entropy_label_3_of_3_classes"].startswith("raises")
-    nan_path = "nan" in p["cross_entropy_all_ignored"]
+    raises = p[ce_key("label_3_of_3_classes", "raises")]
+    nan_path = not p[ce_key("all_ignored", "raises")] and math.isnan(p[ce_key("all_ignored", "loss")])
     if raises and nan_path:
-        return "refuted", evidence + " -> out-of-range labels raise on CPU; the NaN comes from all-ignored targets"
-    return ("confirmed" if not raises else "partly"), evidence
+        return Verdict.refuted, evidence + " -> out-of-range labels raise on CPU; the NaN comes from all-ignored targets"
+    return (Verdict.confirmed if not raises else Verdict.partly), evidence
 
 
 def _validation_catches(r):
     fix = r.variant("validate_then_drop")
-    problems = r.probes["validate_labels_on_bad_labels"]
-    evidence = f"validate_labels found: {problems}; training after dropping flagged rows: finite={fix.finite}"
-    return ("confirmed" if fix.finite and fix.learned and problems.count(";") >= 3 else "refuted"), evidence
+    found = r.probes[PROBLEM_COUNT]
+    evidence = (f"validate_labels found {found} of 4 problems: {r.probes['validate_labels_on_bad_labels']}; "
+                f"training after dropping flagged rows: finite={fix.finite}")
+    return (Verdict.confirmed if fix.finite and fix.learned and found == 4 else Verdict.refuted), evidence
 
 
 CLAIMS = [

@@ -3,9 +3,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanlab.result import Verdict
 from nanlab.scenario import Claim, Data, Learn, Variant
 
-NAME = "sqrt_at_zero"
 SUMMARY = "sqrt(sum(x^2)) at x = 0: the forward is 0, the gradient is inf * 0 = NaN."
 EXPLANATION = """
 The length of a vector, sqrt(sum(x^2)), is 0 at x = 0, a perfectly finite value. Its
@@ -19,15 +19,17 @@ defines the gradient at 0 as 0, and an epsilon inside the sqrt moves the singula
 point away at the cost of a bias of sqrt(eps) at zero. The same holds for
 where(x > 0, log(x), 0), measured by the probe.
 """
+DEFAULTS = dict(optimizer="sgd", lr=0.05, steps=100)
+DATA = dict(n=128, features=6, zero_rows=8)
 LEARN = Learn(loss_drop=0.5)
 
 
 def make_data(ctx) -> Data:
-    knobs, g = ctx.knobs, ctx.generator()
+    knobs, rng = ctx.knobs, ctx.rng()
     n, d = int(knobs.n), int(knobs.features)
-    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    x = rng.randn(n, d)
     x[: int(knobs.zero_rows)] = 0.0  # padding rows
-    w = torch.randn(d, 4, generator=g, dtype=torch.float64)
+    w = rng.randn(d, 4)
     return Data(x, (x @ w).norm(dim=-1, keepdim=True))
 
 
@@ -66,11 +68,8 @@ class LengthModel(nn.Module):
         return self.length(self.project(x))
 
 
-def _model(length):
-    return lambda ctx, data: LengthModel(data.x.shape[1], length)
-
-
-make_model = _model(sqrt_sum_squares)
+def make_model(ctx, data, length=sqrt_sum_squares) -> nn.Module:
+    return LengthModel(data.x.shape[1], length)
 
 
 def exact_loss(pred, y):
@@ -79,29 +78,38 @@ def exact_loss(pred, y):
 
 VARIANTS = [
     Variant("sqrt_of_sum_of_squares", "broken", "torch.sqrt((z * z).sum())", F.mse_loss),
-    Variant("where_then_sqrt", "myth", "torch.where(s > 0, sqrt(s), 0)", F.mse_loss, model=_model(where_then_sqrt)),
-    Variant("vector_norm", "fix", "torch.linalg.vector_norm(z)", F.mse_loss, model=_model(vector_norm)),
-    Variant("double_where", "fix", "where(s > 0, sqrt(where(s > 0, s, 1)), 0)", F.mse_loss, model=_model(double_where)),
-    Variant("eps_in_sqrt", "fix", "sqrt(sum(z^2) + 1e-12)", F.mse_loss, model=_model(eps_in_sqrt), lossy=True),
+    Variant("where_then_sqrt", "myth", "torch.where(s > 0, sqrt(s), 0)", F.mse_loss, swap={"length": where_then_sqrt}),
+    Variant("vector_norm", "fix", "torch.linalg.vector_norm(z)", F.mse_loss, swap={"length": vector_norm}),
+    Variant("double_where", "fix", "where(s > 0, sqrt(where(s > 0, s, 1)), 0)", F.mse_loss, swap={"length": double_where}),
+    Variant("eps_in_sqrt", "fix", "sqrt(sum(z^2) + 1e-12)", F.mse_loss, swap={"length": eps_in_sqrt}, lossy=True),
 ]
+
+
+MASKED_LOGS = {
+    "where_log": lambda x: torch.where(x > 0, torch.log(x), torch.zeros_like(x)),
+    "double_where_log": lambda x: torch.where(x > 0, torch.log(torch.where(x > 0, x, torch.ones_like(x))),
+                                              torch.zeros_like(x)),
+}
+
+
+def grad_key(name: str) -> str:
+    return f"grad_at_0_{name}"
 
 
 def probes(ctx, train):
     out = {}
-    for name, f in (("where_log", lambda x: torch.where(x > 0, torch.log(x), torch.zeros_like(x))),
-                    ("double_where_log", lambda x: torch.where(x > 0, torch.log(torch.where(x > 0, x, torch.ones_like(x))),
-                                                               torch.zeros_like(x)))):
+    for name, f in MASKED_LOGS.items():
         x = torch.tensor([0.0, 2.0], requires_grad=True)
         f(x).sum().backward()
-        out[f"grad_at_0_{name}"] = float(x.grad[0])
+        out[grad_key(name)] = float(x.grad[0])
     return out
 
 
 def _where_fixes(r):
     myth = r.variant("where_then_sqrt")
     evidence = (f"where(s > 0, sqrt(s), 0) in training: finite={myth.finite}; gradient at 0 of where(x > 0, log(x), 0): "
-                f"{r.probes['grad_at_0_where_log']}, of the double-where form: {r.probes['grad_at_0_double_where_log']}")
-    return ("confirmed" if myth.finite else "refuted"), evidence
+                f"{r.probes[grad_key('where_log')]}, of the double-where form: {r.probes[grad_key('double_where_log')]}")
+    return (Verdict.confirmed if myth.finite else Verdict.refuted), evidence
 
 
 CLAIMS = [

@@ -3,9 +3,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanlab.data import standardize
+from nanlab.result import Verdict
 from nanlab.scenario import Claim, Data, Learn, Variant
 
-NAME = "tanh_explosion"
 SUMMARY = "A tanh MLP on inputs scaled x100 diverges under SGD at lr 0.2; Adam at 1e-3 does not."
 EXPLANATION = """
 Inputs in [0, 100] push most first-layer tanh units to +-1, so the last hidden
@@ -19,14 +20,16 @@ un-saturates the units and shrinks lambda_max; a 10x lower lr sits below the
 critical value. Adam divides each step by a running RMS of the gradient, so its
 step is about lr per weight whatever the gradient's scale: at lr 1e-3 it is stable.
 """
+DEFAULTS = dict(optimizer="sgd", lr=0.2, steps=200)
+DATA = dict(n=256, features=10, width=64, input_scale=100.0)
 LEARN = Learn(loss_drop=0.5)
 
 
 def make_data(ctx) -> Data:
-    knobs, g = ctx.knobs, ctx.generator()
+    knobs, rng = ctx.knobs, ctx.rng()
     n, d = int(knobs.n), int(knobs.features)
-    x = torch.rand(n, d, generator=g, dtype=torch.float64)
-    w = torch.randn(d, generator=g, dtype=torch.float64)
+    x = rng.rand(n, d)
+    w = rng.randn(d)
     y = torch.sin(((x - 0.5) * 3.46) @ w)  # a smooth target of the unit-variance inputs
     return Data(x * float(knobs.input_scale), y[:, None])
 
@@ -39,10 +42,6 @@ def make_model(ctx, data) -> nn.Module:
 
 def exact_loss(pred, y):
     return F.mse_loss(pred, y)
-
-
-def standardize(data: Data) -> Data:
-    return Data((data.x - data.x.mean(0)) / data.x.std(0), data.y)
 
 
 VARIANTS = [
@@ -61,24 +60,24 @@ def _adam_explodes(r):
     adam, sgd = r.variant("adam_1e-3"), r.broken
     evidence = (f"Adam lr 1e-3: finite={adam.finite}, exact loss {adam.exact_loss_start:.3g} -> "
                 f"{adam.exact_loss_end:.3g}; SGD lr {r.config['optimizer']['lr']:g}: non-finite at step "
-                f"{(sgd.first_nonfinite or {}).get('step')}")
-    return ("confirmed" if not adam.finite else "refuted"), evidence
+                f"{sgd.nonfinite_step}")
+    return (Verdict.confirmed if not adam.finite else Verdict.refuted), evidence
 
 
 def _sgd_large_lr_diverges(r):
     sgd = r.broken
-    first = sgd.first_nonfinite or {}
-    return ("confirmed" if not sgd.finite else "refuted"), (
+    first = sgd.first_nonfinite
+    return (Verdict.confirmed if not sgd.finite else Verdict.refuted), (
         f"SGD lr {r.config['optimizer']['lr']:g}: finite={sgd.finite}, first non-finite "
-        f"{first.get('quantity')} at step {first.get('step')}")
+        f"{first.quantity if first else None} at step {first.step if first else None}")
 
 
 def _clip_prevents(r):
     clip = r.variant("clip_norm_1")
     evidence = f"clip_norm_1 at the same lr: finite={clip.finite}, exact loss {clip.exact_loss_start:.3g} -> {clip.exact_loss_end:.3g}"
     if not clip.finite:
-        return "refuted", evidence
-    return ("confirmed" if clip.learned else "partly"), evidence + ("" if clip.learned else " (finite but did not learn)")
+        return Verdict.refuted, evidence
+    return (Verdict.confirmed if clip.learned else Verdict.partly), evidence + ("" if clip.learned else " (finite but did not learn)")
 
 
 CLAIMS = [

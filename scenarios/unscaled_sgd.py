@@ -3,9 +3,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanlab.data import standardize
+from nanlab.result import Verdict
 from nanlab.scenario import Claim, Data, Learn, Variant
 
-NAME = "unscaled_sgd"
 SUMMARY = "SGD on features of scale 1 and 1e5: the step overshoots, the loss grows to inf, then NaN."
 EXPLANATION = """
 For mean squared error, gradient descent on a linear model multiplies the error
@@ -19,16 +20,18 @@ Lowering the lr below 2/lambda_max (here 0.9 of it) also stays finite, but the
 small feature's direction then has lr * lambda_min near 1e-10: its part of the fit
 never moves, which is why standardizing beats a smaller lr.
 """
+DEFAULTS = dict(optimizer="sgd", lr=0.01, steps=100)
+DATA = dict(n=128, big_scale=1e5)
 LEARN = Learn(loss_drop=0.5)
 
 
 def make_data(ctx) -> Data:
-    knobs, g = ctx.knobs, ctx.generator()
+    knobs, rng = ctx.knobs, ctx.rng()
     n, big = int(knobs.n), float(knobs.big_scale)
-    small_feature = torch.randn(n, generator=g, dtype=torch.float64)
-    big_feature = big * torch.randn(n, generator=g, dtype=torch.float64)
+    small_feature = rng.randn(n)
+    big_feature = big * rng.randn(n)
     x = torch.stack([small_feature, big_feature], 1)
-    y = 0.3 * small_feature + (2.0 / big) * big_feature + 0.05 * torch.randn(n, generator=g, dtype=torch.float64)
+    y = 0.3 * small_feature + (2.0 / big) * big_feature + 0.05 * rng.randn(n)
     return Data(x, y[:, None])
 
 
@@ -38,11 +41,6 @@ def make_model(ctx, data) -> nn.Module:
 
 def exact_loss(pred, y):
     return F.mse_loss(pred, y)
-
-
-def standardize(data: Data) -> Data:
-    x = data.x
-    return Data((x - x.mean(0)) / x.std(0), data.y)
 
 
 def hessian_max_eigenvalue(x) -> float:
@@ -63,27 +61,33 @@ VARIANTS = [
 ]
 
 
+CRITICAL_LR = "critical_lr"
+
+
+def loss_ratio_key(factor: float) -> str:
+    return f"loss_ratio_end_over_start_at_{factor}x_critical"
+
+
 def probes(ctx, train):
     """The critical lr from the Hessian, checked against runs just below and above it."""
     raw = make_data(ctx)
     crit = critical_lr(raw.x)
-    out = {"lambda_max": hessian_max_eigenvalue(raw.x), "critical_lr": crit}
+    out = {"lambda_max": hessian_max_eigenvalue(raw.x), CRITICAL_LR: crit}
     for factor in (0.9, 1.1):
         run = train(Variant(f"lr_{factor}x", "fix", "", F.mse_loss, overrides={"optimizer.lr": factor * crit, "steps": 300}))
-        out[f"loss_ratio_end_over_start_at_{factor}x_critical"] = (
-            run.exact_loss_end / run.exact_loss_start if run.finite else float("inf"))
+        out[loss_ratio_key(factor)] = run.exact_loss_end / run.exact_loss_start if run.finite else float("inf")
     return out
 
 
 def _unscaled_diverges(r):
     broken, std = r.broken, r.variant("standardized")
-    below, above = (r.probes[f"loss_ratio_end_over_start_at_{f}x_critical"] for f in (0.9, 1.1))
+    below, above = r.probes[loss_ratio_key(0.9)], r.probes[loss_ratio_key(1.1)]
     evidence = (f"raw features at lr {r.config['optimizer']['lr']:g}: non-finite at step "
-                f"{(broken.first_nonfinite or {}).get('step')}; standardized: finite={std.finite}, exact loss "
-                f"{std.exact_loss_start:.3g} -> {std.exact_loss_end:.3g}; critical lr {r.probes['critical_lr']:.3g}: "
+                f"{broken.nonfinite_step}; standardized: finite={std.finite}, exact loss "
+                f"{std.exact_loss_start:.3g} -> {std.exact_loss_end:.3g}; critical lr {r.probes[CRITICAL_LR]:.3g}: "
                 f"loss ratio {below:.3g} at 0.9x, {above:.3g} at 1.1x")
     ok = not broken.finite and std.finite and std.learned and below < 1 < above
-    return ("confirmed" if ok else "refuted"), evidence
+    return (Verdict.confirmed if ok else Verdict.refuted), evidence
 
 
 CLAIMS = [

@@ -3,9 +3,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanlab.scenario import Claim, Data, Learn, Variant
+from nanlab.data import sine_regression
+from nanlab.result import Verdict
+from nanlab.scenario import Claim, Learn, Variant
 
-NAME = "vanishing_gradients"
 FAILURE = "stall"
 SUMMARY = "A 20-layer sigmoid MLP: each layer scales the gradient by at most 0.25, so training stalls at the mean."
 EXPLANATION = """
@@ -18,14 +19,11 @@ and stays finite. ReLU with He init keeps the gradient's scale layer to layer, a
 residual connections (h + f(h)) give the gradient a path around every layer. A
 LayerNorm in front of each sigmoid is often suggested too; it is measured here.
 """
+DEFAULTS = dict(optimizer="sgd", lr=0.1, steps=300)
+DATA = dict(n=256, features=16, width=32, depth=20)
 LEARN = Learn(loss_below=0.2)  # the targets' variance is 0.4
 
-
-def make_data(ctx) -> Data:
-    knobs, g = ctx.knobs, ctx.generator()
-    x = torch.randn(int(knobs.n), int(knobs.features), generator=g, dtype=torch.float64)
-    w = torch.randn(int(knobs.features), generator=g, dtype=torch.float64)
-    return Data(x, torch.sin(x @ w / 4)[:, None])
+make_data = sine_regression
 
 
 class Deep(nn.Module):
@@ -46,12 +44,8 @@ class Deep(nn.Module):
         return self.out(h)
 
 
-def _deep(**kw):
-    return lambda ctx, data: Deep(data.x.shape[1], int(ctx.knobs.width), int(ctx.knobs.depth), **kw)
-
-
-def make_model(ctx, data) -> nn.Module:
-    return _deep(activation=nn.Sigmoid)(ctx, data)
+def make_model(ctx, data, activation=nn.Sigmoid, residual=False, norm=False) -> nn.Module:
+    return Deep(data.x.shape[1], int(ctx.knobs.width), int(ctx.knobs.depth), activation, residual, norm)
 
 
 def exact_loss(pred, y):
@@ -68,12 +62,10 @@ def metrics(model, data):
 
 VARIANTS = [
     Variant("sigmoid_20", "broken", "20 sigmoid layers, torch default init", F.mse_loss),
-    Variant("relu_he", "fix", "ReLU with He-normal init", F.mse_loss, model=_deep(activation=nn.ReLU),
+    Variant("relu_he", "fix", "ReLU with He-normal init", F.mse_loss, swap={"activation": nn.ReLU},
             overrides={"init.name": "he_normal", "optimizer.lr": 0.01}),
-    Variant("residual_sigmoid", "fix", "sigmoid blocks with residual connections", F.mse_loss,
-            model=_deep(activation=nn.Sigmoid, residual=True)),
-    Variant("layernorm_sigmoid", "myth", "LayerNorm before every sigmoid", F.mse_loss,
-            model=_deep(activation=nn.Sigmoid, norm=True)),
+    Variant("residual_sigmoid", "fix", "sigmoid blocks with residual connections", F.mse_loss, swap={"residual": True}),
+    Variant("layernorm_sigmoid", "myth", "LayerNorm before every sigmoid", F.mse_loss, swap={"norm": True}),
 ]
 
 
@@ -83,7 +75,7 @@ def _relu_fixes_vanishing(r):
                 f"{b.metrics['grad_norm_first_over_last_block']:.2g}; ReLU+He: {relu.exact_loss_start:.3g} -> "
                 f"{relu.exact_loss_end:.3g}, first/last {relu.metrics['grad_norm_first_over_last_block']:.2g}")
     ok = r.reproduced and relu.learned
-    return ("confirmed" if ok else "refuted"), evidence
+    return (Verdict.confirmed if ok else Verdict.refuted), evidence
 
 
 CLAIMS = [

@@ -3,9 +3,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanlab.result import Verdict
 from nanlab.scenario import Claim, Data, Learn, Variant
 
-NAME = "zero_variance_features"
 SUMMARY = "Standardizing a constant feature computes (x - mean) / std = 0 / 0 = NaN."
 EXPLANATION = """
 A feature that is constant in the data (a sensor stuck at one value, a one-hot
@@ -18,15 +18,17 @@ same regression both ways on data with a single 1000x outlier: one outlier sets
 both the range and the std, and the probe reports how each scaling squeezes the
 other rows and what loss each reaches.
 """
+DEFAULTS = dict(optimizer="sgd", lr=0.1, steps=100)
+DATA = dict(n=128, features=4, constant_column=2)
 LEARN = Learn(loss_drop=0.5)
 
 
 def make_data(ctx) -> Data:
-    knobs, g = ctx.knobs, ctx.generator()
+    knobs, rng = ctx.knobs, ctx.rng()
     n, d = int(knobs.n), int(knobs.features)
-    x = torch.randn(n, d, generator=g, dtype=torch.float64) * 3 + 10
+    x = rng.randn(n, d) * 3 + 10
     x[:, int(knobs.constant_column)] = 7.0
-    w = torch.randn(d, generator=g, dtype=torch.float64)
+    w = rng.randn(d)
     w[int(knobs.constant_column)] = 0.0
     return Data(x, ((x - 10) @ w / 3)[:, None])
 
@@ -45,8 +47,8 @@ class Standardized(nn.Module):
         return self.linear((x - x.mean(0)) / (x.std(0) + self.eps))
 
 
-def make_model(ctx, data) -> nn.Module:
-    return Standardized(data.x.shape[1])
+def make_model(ctx, data, eps=0.0, drop_constant=False) -> nn.Module:
+    return Standardized(data.x.shape[1], eps=eps, keep=data.x.std(0) > 0 if drop_constant else None)
 
 
 def exact_loss(pred, y):
@@ -56,10 +58,18 @@ def exact_loss(pred, y):
 VARIANTS = [
     Variant("divide_by_std", "broken", "(x - mean) / std on every column", F.mse_loss),
     Variant("std_plus_eps", "fix", "(x - mean) / (std + 1e-8)", F.mse_loss,
-            model=lambda ctx, data: Standardized(data.x.shape[1], eps=1e-8)),
+            swap={"eps": 1e-8}),
     Variant("drop_constant_columns", "fix", "drop columns whose std is 0, then standardize", F.mse_loss,
-            model=lambda ctx, data: Standardized(data.x.shape[1], keep=data.x.std(0) > 0)),
+            swap={"drop_constant": True}),
 ]
+
+
+def spread_key(scaling: str) -> str:
+    return f"{scaling}_spread_of_other_rows_col0"
+
+
+def loss_key(scaling: str) -> str:
+    return f"{scaling}_exact_loss_end"
 
 
 def probes(ctx, train):
@@ -73,29 +83,30 @@ def probes(ctx, train):
                 "standardize": (xs - xs.mean(0)) / xs.std(0)}
     out = {}
     for name, scaled in scalings.items():
-        out[f"{name}_spread_of_other_rows_col0"] = float(scaled[1:, 0].std())
+        out[spread_key(name)] = float(scaled[1:, 0].std())
         run = train(Variant(f"linear_{name}", "fix", "", F.mse_loss, prepare=lambda d, s=scaled: Data(s, d.y),
                             model=lambda ctx, data: nn.Linear(data.x.shape[1], 1)))
-        out[f"{name}_exact_loss_end"] = run.exact_loss_end
+        out[loss_key(name)] = run.exact_loss_end
     return out
 
 
 def _std_beats_minmax(r):
     p = r.probes
-    evidence = (f"after scaling, the non-outlier rows of the outlier column spread {p['minmax_spread_of_other_rows_col0']:.3g} "
-                f"(min-max) vs {p['standardize_spread_of_other_rows_col0']:.3g} (standardize); final loss "
-                f"{p['minmax_exact_loss_end']:.3g} (min-max) vs {p['standardize_exact_loss_end']:.3g} (standardize)")
-    better = p["standardize_exact_loss_end"] < 0.9 * p["minmax_exact_loss_end"]
-    same = abs(p["standardize_exact_loss_end"] - p["minmax_exact_loss_end"]) <= 0.1 * p["minmax_exact_loss_end"]
-    return ("confirmed" if better else "partly" if same else "refuted"), evidence
+    minmax, std = p[loss_key("minmax")], p[loss_key("standardize")]
+    evidence = (f"after scaling, the non-outlier rows of the outlier column spread {p[spread_key('minmax')]:.3g} "
+                f"(min-max) vs {p[spread_key('standardize')]:.3g} (standardize); final loss "
+                f"{minmax:.3g} (min-max) vs {std:.3g} (standardize)")
+    better = std < 0.9 * minmax
+    same = abs(std - minmax) <= 0.1 * minmax
+    return (Verdict.confirmed if better else Verdict.partly if same else Verdict.refuted), evidence
 
 
 def _eps_fixes(r):
     b, eps = r.broken, r.variant("std_plus_eps")
-    origin = (b.first_nonfinite or {}).get("origin") or {}
-    evidence = (f"without eps: first {origin.get('kind')} at {origin.get('op')} in the forward pass; "
+    event = b.first_nonfinite.event if b.first_nonfinite else None
+    evidence = (f"without eps: first {event.kind if event else None} at {event.op if event else None} in the forward pass; "
                 f"with eps: finite={eps.finite}, exact loss {eps.exact_loss_start:.3g} -> {eps.exact_loss_end:.3g}")
-    return ("confirmed" if not b.finite and eps.finite and eps.learned else "refuted"), evidence
+    return (Verdict.confirmed if not b.finite and eps.finite and eps.learned else Verdict.refuted), evidence
 
 
 CLAIMS = [

@@ -11,9 +11,10 @@ HEADLINE = ["softmax_overflow", "bce_log_zero", "unscaled_sgd", "tanh_explosion"
 
 @pytest.mark.parametrize("name", HEADLINE)
 def test_scenario_on_cuda(result_of, name):
-    r = result_of(name, "device=cuda")
-    assert r.config["device"] == "cuda"
+    r, on_cpu = result_of(name, "device=cuda"), result_of(name)
     assert r.reproduced and r.fixed, [(v.name, v.verdict) for v in r.variants]
+    # the same failure, found by the tracer at the same op as on the CPU
+    assert r.broken.first_nonfinite.event.op == on_cpu.broken.first_nonfinite.event.op
 
 
 def test_guard_on_cuda_finds_the_backward_division_by_zero(make_step):

@@ -2,6 +2,8 @@
 import json
 import textwrap
 
+import pytest
+
 PLUGIN_MODULE = textwrap.dedent('''
     import torch
     import torch.nn.functional as F
@@ -9,20 +11,20 @@ PLUGIN_MODULE = textwrap.dedent('''
 
     from nanlab.scenario import Data, Learn, Variant
 
-    NAME = "log_of_zero_feature"
     SUMMARY = "A plugin scenario: log of a feature that can be exactly 0."
     EXPLANATION = """
     log(0) is -inf; a linear layer then makes it inf or NaN.
     log1p keeps 0 at 0.
     Shipped by a third-party package through an entry point.
     """
+    DEFAULTS = dict(optimizer="sgd", lr=0.1, steps=40)
+    DATA = dict(n=64, zero_every=8)
     LEARN = Learn(loss_drop=0.5)
 
 
     def make_data(ctx):
-        g = ctx.generator()
-        x = torch.rand(64, 3, generator=g, dtype=torch.float64)
-        x[::8, 0] = 0.0
+        x = ctx.rng().rand(int(ctx.knobs.n), 3)
+        x[::int(ctx.knobs.zero_every), 0] = 0.0
         return Data(x, (x.sum(1, keepdim=True)))
 
 
@@ -50,13 +52,18 @@ PLUGIN_MODULE = textwrap.dedent('''
 ''')
 
 
-def make_plugin(site):
-    site.mkdir()
-    (site / "nanlab_plugin_example.py").write_text(PLUGIN_MODULE)
+def make_plugin(site, plugins=None):
+    """Install plugin scenarios into ``site`` through a real .dist-info entry point:
+    ``plugins`` maps scenario name -> module source (default: the example above)."""
+    plugins = plugins or {"log_of_zero_feature": PLUGIN_MODULE}
+    site.mkdir(exist_ok=True)
+    for name, source in plugins.items():
+        (site / f"plugin_{name}.py").write_text(source)
     dist = site / "nanlab_plugin_example-0.1.dist-info"
-    dist.mkdir()
+    dist.mkdir(exist_ok=True)
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: nanlab-plugin-example\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[nanlab.scenarios]\nlog_of_zero_feature = nanlab_plugin_example\n")
+    (dist / "entry_points.txt").write_text(
+        "[nanlab.scenarios]\n" + "".join(f"{name} = plugin_{name}\n" for name in plugins))
 
 
 def test_plugin_scenario_lists_and_runs(cli, tmp_path):
@@ -66,11 +73,94 @@ def test_plugin_scenario_lists_and_runs(cli, tmp_path):
     listed = cli("mode=list", env=env)
     assert listed.returncode == 0 and "log_of_zero_feature" in listed.stdout
     assert "A plugin scenario: log of a feature that can be exactly 0." in listed.stdout
-    run = cli("scenario=log_of_zero_feature", "optimizer.lr=0.1", f"hydra.run.dir={tmp_path / 'out'}", env=env)
+    run = cli("scenario=log_of_zero_feature", f"hydra.run.dir={tmp_path / 'out'}", env=env)
     assert run.returncode == 0, run.stderr
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["scenario"] == "log_of_zero_feature" and result["reproduced"] is True and result["fixed"] is True
     assert result["variants"][0]["first_nonfinite"]["origin"]["op"] == "aten.log"
+    # its DEFAULTS and DATA, declared once in the module, are the run's config
+    assert result["config"]["optimizer"]["lr"] == 0.1 and result["config"]["steps"] == 40
+    assert result["config"]["scenario"]["data"] == {"n": 64, "zero_every": 8}
+
+
+def test_plugin_data_knobs_are_overridable_and_checked(cli, tmp_path):
+    site = tmp_path / "site"
+    make_plugin(site)
+    env = {"PYTHONPATH": str(site)}
+    run = cli("scenario=log_of_zero_feature", "scenario.data.zero_every=4", "scenario.data.n=32", "steps=5",
+              f"hydra.run.dir={tmp_path / 'out'}", env=env)
+    assert run.returncode == 0, run.stderr
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["config"]["scenario"]["data"] == {"n": 32, "zero_every": 4}
+    for bad, expected in (("scenario.data.typo=1", "scenario.data.typo=1: not a data knob; log_of_zero_feature's "
+                                                   "data knobs: n (int), zero_every (int)"),
+                          ("scenario.data.n=2.5", "scenario.data.n=2.5: must be an integer"),
+                          ("scenario.data.n=abc", "scenario.data.n=abc: must be an integer")):
+        proc = cli("scenario=log_of_zero_feature", bad, f"hydra.run.dir={tmp_path / 'bad'}", env=env)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr
+
+
+BROKEN = {
+    "two_broken": PLUGIN_MODULE.replace('"log1p", "fix"', '"log1p", "broken"'),
+    "no_exact_loss": PLUGIN_MODULE.replace("def exact_loss(pred, y):", "def not_the_exact_loss(pred, y):"),
+    "import_fails": "import a_module_that_does_not_exist\n" + PLUGIN_MODULE,
+    "defaults_not_literal": PLUGIN_MODULE.replace('DEFAULTS = dict(optimizer="sgd", lr=0.1, steps=40)',
+                                                  "DEFAULTS = dict(lr=0.1 * 2)"),
+}
+RULES = {
+    "two_broken": "breaks the contract: it needs exactly one broken variant, and has 2",
+    "no_exact_loss": "breaks the contract: it must define exact_loss (see nanlab.scenario)",
+    "import_fails": "breaks the contract: importing it raised ModuleNotFoundError",
+    "defaults_not_literal": "breaks the contract: DEFAULTS must be a literal",
+}
+
+
+@pytest.mark.parametrize("broken", sorted(BROKEN))
+def test_a_module_that_breaks_the_contract_is_one_line(cli, tmp_path, broken):
+    make_plugin(tmp_path / "site", {broken: BROKEN[broken]})
+    proc = cli(f"scenario={broken}", "steps=2", f"hydra.run.dir={tmp_path / 'out'}", env={"PYTHONPATH": str(tmp_path / "site")})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"scenario module plugin_{broken} {RULES[broken]}" in lines[-1]
+    assert len(lines) <= 2  # a module broken in its source is also warned about while the config is built
+
+
+def test_list_skips_a_broken_plugin_with_one_warning(cli, tmp_path):
+    make_plugin(tmp_path / "site", {"no_exact_loss": BROKEN["no_exact_loss"], "log_of_zero_feature": PLUGIN_MODULE})
+    proc = cli("mode=list", env={"PYTHONPATH": str(tmp_path / "site")})
+    assert proc.returncode == 0
+    assert proc.stderr.strip().splitlines() == [
+        f"nanlab: warning: skipping scenario no_exact_loss: scenario module plugin_no_exact_loss {RULES['no_exact_loss']}"]
+    assert "log_of_zero_feature" in proc.stdout and "softmax_overflow" in proc.stdout
+    assert "no_exact_loss" not in proc.stdout
+
+
+def test_claims_skip_a_plugin_that_fails_on_import(tmp_path, monkeypatch, capsys):
+    """A plugin whose source reads fine but whose import breaks the contract is skipped
+    by mode=claims with one warning line; every other scenario's claims still come."""
+    from conftest import scenario_result
+
+    from nanlab import config, registry
+    from nanlab.claims import collect_claims
+
+    make_plugin(tmp_path / "site", {"two_broken": BROKEN["two_broken"]})
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    for cached in (registry.plugin_entry_points, registry._declarations):
+        cached.cache_clear()
+    monkeypatch.setattr(config, "_ready", False)
+    try:
+        config.setup()
+        builtin = set(registry.builtin_names())
+        rows = collect_claims(run=lambda cfg: scenario_result(cfg.scenario.name) if cfg.scenario.name in builtin
+                              else __import__("nanlab.runner").runner.run_scenario(cfg))
+    finally:
+        monkeypatch.undo()
+        for cached in (registry.plugin_entry_points, registry._declarations):
+            cached.cache_clear()
+    assert {r.scenario for r in rows} == builtin
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert warnings == [f"nanlab: warning: skipping scenario two_broken: scenario module plugin_two_broken {RULES['two_broken']}"]
 
 
 def test_unknown_scenario_lists_plugins_too(cli, tmp_path):

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import nanlab
-from nanlab.build import Context, resolve_device
+from nanlab.build import resolve_device
+from nanlab.scenario import Context
 from nanlab.config import compose
 from nanlab import registry
 
@@ -186,8 +187,8 @@ def test_guard_raises_the_event_the_scenario_reports(result_of, make_step, name)
         for _ in range(200):
             guarded()
     reported = result_of(name).broken.first_nonfinite
-    assert info.value.step == reported["step"]
-    assert info.value.event.to_dict() == reported["origin"]
+    assert info.value.step == reported.step
+    assert info.value.event == reported.event
 
 
 def test_guard_restores_exactly_the_pre_step_state(make_step):

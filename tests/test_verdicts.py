@@ -1,16 +1,19 @@
 """The verdict rules, on hand-made results: each label follows the numbers."""
 import pytest
 
-from nanlab.result import VariantResult, learned, lossy_cost, scenario_verdicts, variant_verdict
+import math
+
+from nanlab.result import FirstNonFinite, VariantResult
 from nanlab.scenario import Learn
+from nanlab.verdicts import judge_learning, learned, lossy_cost, scenario_verdicts, variant_verdict
 
 
 def variant(role="fix", finite=True, start=1.0, end=0.1, lossy=False, gap=0.0, acc=None, name="v"):
-    ok = learned(finite, start, end, acc, Learn(loss_drop=0.5))
-    return VariantResult(name=name, role=role, summary="", lossy=lossy, overrides={}, finite=finite,
-                         first_nonfinite=None if finite else {"step": 3, "quantity": "loss"}, losses=[start + gap],
-                         grad_norms=[], param_norms=[], final_loss=end, exact_loss_start=start, exact_loss_end=end,
-                         accuracy_start=None, accuracy_end=acc, learned=ok, loss_gap=gap)
+    v = VariantResult(name=name, role=role, summary="", lossy=lossy, overrides={}, finite=finite,
+                      first_nonfinite=None if finite else FirstNonFinite(3, "loss", math.nan), losses=[start + gap],
+                      grad_norms=[], param_norms=[], final_loss=end, exact_loss_start=start, exact_loss_end=end,
+                      accuracy_start=None, accuracy_end=acc, loss_gap=gap)
+    return judge_learning(v, Learn(loss_drop=0.5))
 
 
 @pytest.mark.parametrize("kw,failure,expected", [

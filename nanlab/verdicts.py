@@ -1,0 +1,95 @@
+"""Every verdict rule, in one place. Each is a function of measured numbers.
+
+A variant *learned* when its exact float64 loss fell far enough (or its accuracy
+reached the bar); a myth reads *wrong* when its training loss differs from the
+exact loss; a scenario is *reproduced* when its broken variant failed the way the
+scenario says, and *fixed* when every exact (non-lossy) fix stayed finite and learned.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from nanlab.result import VariantResult
+
+# A myth's loss counts as "wrong" when it differs from the exact loss by more than
+# this fraction of the exact loss (or of 1, for losses below 1).
+GAP_TOLERANCE = 1e-3
+
+
+def learned(finite: bool, start: float, end: float, accuracy_end: Optional[float], learn) -> bool:
+    """``learn`` is the scenario's :class:`nanlab.scenario.Learn` bar."""
+    if not finite or not (math.isfinite(start) and math.isfinite(end)):
+        return False
+    if learn.accuracy is not None and accuracy_end is not None and accuracy_end >= learn.accuracy:
+        return True
+    if learn.loss_below is not None:
+        return end <= learn.loss_below
+    return end <= (1.0 - learn.loss_drop) * start
+
+
+def reads_wrong(v: VariantResult) -> bool:
+    gap = v.loss_gap
+    return gap is not None and math.isfinite(gap) and abs(gap) > GAP_TOLERANCE * max(1.0, abs(v.exact_loss_start))
+
+
+def judge_learning(v: VariantResult, learn) -> VariantResult:
+    """Fill in the rules that need only this variant's numbers."""
+    v.learned = learned(v.finite, v.exact_loss_start, v.exact_loss_end, v.accuracy_end, learn)
+    v.wrong = reads_wrong(v)
+    return v
+
+
+def variant_verdict(v: VariantResult, failure: str) -> str:
+    """One word or phrase, computed from the variant's run."""
+    if v.role == "broken":
+        if failure == "stall":
+            if not v.finite:
+                return "went non-finite (expected a stall)"
+            return "not reproduced (it learned)" if v.learned else "stalled"
+        return "reproduced" if not v.finite else "not reproduced (stayed finite)"
+    if v.role == "myth":
+        if not v.finite:
+            return "myth: still non-finite"
+        if v.wrong:
+            return "myth: finite but wrong"
+        if not v.learned:
+            return "myth: finite, did not learn"
+        return "works here (not a myth in this setup)"
+    if not v.finite:
+        return "still non-finite"
+    if not v.learned:
+        return "finite, did not learn"
+    return "fixed (lossy)" if v.lossy else "fixed"
+
+
+def scenario_verdicts(variants: list, failure: str) -> tuple[bool, bool]:
+    """(reproduced, fixed)."""
+    broken = next(v for v in variants if v.role == "broken")
+    reproduced = (broken.finite and not broken.learned) if failure == "stall" else not broken.finite
+    exact_fixes = [v for v in variants if v.role == "fix" and not v.lossy]
+    fixed = bool(exact_fixes) and all(v.finite and v.learned for v in exact_fixes)
+    return reproduced, fixed
+
+
+def lossy_cost(v: VariantResult, variants: list) -> Optional[dict]:
+    """What a lossy fix costs, against the best non-lossy fix that learned."""
+    refs = [r for r in variants if r.role == "fix" and not r.lossy and r.finite and r.learned]
+    if not refs:
+        return None
+    ref = min(refs, key=lambda r: r.exact_loss_end)
+    cost = {"against": ref.name, "exact_loss": v.exact_loss_end - ref.exact_loss_end}
+    if v.accuracy_end is not None and ref.accuracy_end is not None:
+        cost["accuracy"] = v.accuracy_end - ref.accuracy_end
+    return cost
+
+
+def judge(variants: list, failure: str, learn) -> tuple[bool, bool]:
+    """Every variant's verdict and cost, then the scenario's (reproduced, fixed)."""
+    for v in variants:
+        judge_learning(v, learn)
+    for v in variants:
+        if v.lossy:
+            v.cost = lossy_cost(v, variants)
+        v.verdict = variant_verdict(v, failure)
+    return scenario_verdicts(variants, failure)
