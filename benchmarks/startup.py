@@ -1,9 +1,10 @@
-"""Wall time of `python -m nanlab scenario=softmax_overflow` against `python -c "import torch"`.
+"""Wall time of `python -m nanlab scenario=softmax_overflow` against the floor any
+torch training script pays: `import torch` plus one torch.optim step.
 
-Interleaved runs, median of 5 each, measured side by side in this one process.
-Target (issue 2): ratio <= 1.25. A third command shows what torch itself costs once
-an optimizer steps: torch.optim (and TorchDispatchMode, GradScaler, gradcheck)
-import torch._dynamo on first use, which `import torch` alone does not.
+Interleaved runs, median of RUNS each, measured side by side in this one process.
+Target (issue 9): nanlab / floor <= 1.10. torch.optim (and TorchDispatchMode,
+GradScaler, gradcheck) import torch._dynamo on first use, which `import torch`
+alone does not, so `import torch` alone is shown for reference only.
 """
 import statistics
 import subprocess
@@ -11,8 +12,8 @@ import sys
 import tempfile
 import time
 
-RUNS = 5
-TARGET = 1.25
+RUNS = 7
+TARGET = 1.10
 
 
 def wall(cmd, cwd):
@@ -40,10 +41,9 @@ def main():
     base = med["import torch"]
     for name, m in med.items():
         print(f"{name:<36} median {m:6.2f} s   ratio {m / base:5.2f}x")
-    ratio = med["nanlab scenario=softmax_overflow"] / base
-    print(f"\nnanlab / import torch = {ratio:.2f}x (target <= {TARGET}x): {'met' if ratio <= TARGET else 'MISSED'}")
-    print(f"nanlab / (import torch + one optimizer step) = "
-          f"{med['nanlab scenario=softmax_overflow'] / med['import torch + one optimizer step']:.2f}x")
+    ratio = med["nanlab scenario=softmax_overflow"] / med["import torch + one optimizer step"]
+    print(f"\nnanlab / (import torch + one optimizer step) = {ratio:.2f}x (target <= {TARGET}x): "
+          f"{'met' if ratio <= TARGET else 'MISSED'}")
 
 
 if __name__ == "__main__":

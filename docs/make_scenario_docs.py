@@ -19,9 +19,12 @@ def main():
              "`python -m nanlab scenario=NAME` runs it.",
              "The explanations below are the modules' own `EXPLANATION` text.\n"]
     for name in names:
-        s = registry.load(name)
+        s, decl = registry.load(name), registry.declaration(name)
         roles = ", ".join(f"`{v.name}` ({v.role}{', lossy' if v.lossy else ''})" for v in s.variants)
-        parts.append(f"## {name}\n\n{s.summary}\n\nVariants: {roles}.\n\n{s.explanation}\n")
+        settings = " ".join(f"{k}={v['name'] if isinstance(v, dict) else v}" for k, v in decl.defaults.items())
+        knobs = ", ".join(f"`{k}={v}`" for k, v in decl.data.items())
+        parts.append(f"## {name}\n\n{s.summary}\n\nRuns at: `{settings}`. Data knobs (`scenario.data.*`): {knobs}.\n\n"
+                     f"Variants: {roles}.\n\n{s.explanation}\n")
     (ROOT / "docs" / "scenarios.md").write_text("\n".join(parts))
 
 
