@@ -36,7 +36,8 @@ def render_table(rows: list[ClaimResult]) -> str:
         lines += textwrap.wrap(row.evidence, 96, initial_indent=" " * 36, subsequent_indent=" " * 36)
     counts = Counter(row.verdict for row in rows)
     lines.append("")
-    lines.append(f"{len(rows)} claims: " + ", ".join(f"{counts.get(v, 0)} {v.value}" for v in Verdict))
+    shown = [v for v in Verdict if v is not Verdict.not_decided or counts.get(v)]
+    lines.append(f"{len(rows)} claims: " + ", ".join(f"{counts.get(v, 0)} {v.value}" for v in shown))
     return "\n".join(lines)
 
 

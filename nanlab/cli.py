@@ -35,24 +35,32 @@ def app(cfg) -> int:
         sys.exit(code)
 
 
+# Modes other than run and list: module and function, imported only when chosen.
+# Each takes the finalized config and the run dir and returns the exit status.
+MODE_RUNNERS = {
+    "claims": ("nanlab.claims", "run_claims"),
+    "check": ("nanlab.kernels.cli", "run_check"),
+    "report": ("nanlab.handout", "run_report"),
+}
+
+
 def _run_mode(cfg) -> int:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    run_dir = HydraConfig.get().runtime.output_dir
+    hydra_cfg = HydraConfig.get()
+    run_dir = hydra_cfg.runtime.output_dir
     mode = cfg.mode.value if hasattr(cfg.mode, "value") else str(cfg.mode)
     if mode == "list":
         for name in registry.names():
             print(f"{name:<24} {registry.summary(name)}")
         return 0
     cfg = config.finalize(cfg)
-    if mode == "claims":
-        from nanlab.claims import run_claims
+    if mode in MODE_RUNNERS:
+        import importlib
 
-        return run_claims(cfg, run_dir)
-    if mode == "check":
-        from nanlab.kernels.cli import run_check
-
-        return run_check(cfg, run_dir)
+        module, function = MODE_RUNNERS[mode]
+        return getattr(importlib.import_module(module), function)(cfg, run_dir)
     from pathlib import Path
 
     from nanlab import report
@@ -60,7 +68,11 @@ def _run_mode(cfg) -> int:
 
     result = run_scenario(cfg)
     files = report.write(result, Path(run_dir), cfg.plot)
-    print(report.render(result, files))
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        # One line per job; the sweep's summary table comes at the end (nanlab.sweep).
+        print(f"[{hydra_cfg.job.num}] {' '.join(hydra_cfg.overrides.task)}: {report.one_line(result)}")
+    else:
+        print(report.render(result, files))
     return 0
 
 

@@ -6,6 +6,7 @@ inputs with the same words.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Optional, Sequence
 
 from nanlab import options, registry, schema
@@ -122,6 +123,44 @@ def compose(overrides: Sequence[str]):
         if err is None:
             raise
         raise err from exc
+
+
+# What a scenario's lesson depends on; seed, device, mode and plot do not change it.
+LESSON_KEYS = ("optimizer", "init", "clip", "dtype", "steps", "scenario.data")
+
+
+def _leaves(node, prefix: str) -> dict:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _leaves(value, f"{prefix}.{key}").items()}
+    return {prefix: node}
+
+
+@lru_cache(maxsize=None)
+def _own_settings(name: str) -> tuple:
+    from omegaconf import OmegaConf
+
+    own = OmegaConf.to_container(compose([f"scenario={name}"]))
+    return tuple(_lesson_leaves(own).items())
+
+
+def _lesson_leaves(plain: dict) -> dict:
+    out = {}
+    for key in LESSON_KEYS:
+        node = plain
+        for part in key.split("."):
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        out.update(_leaves(node, key))
+    return out
+
+
+def changed_settings(cfg) -> dict:
+    """The lesson's settings this run changed from the scenario's own:
+    ``{"optimizer.name": ["sgd", "adam"], ...}``, in config order."""
+    from omegaconf import OmegaConf
+
+    own = dict(_own_settings(str(cfg.scenario.name)))
+    run = _lesson_leaves(OmegaConf.to_container(cfg))
+    return {key: [own.get(key), value] for key, value in run.items() if own.get(key) != value}
 
 
 def _override_value(key: str, overrides: Sequence[str]) -> Optional[str]:

@@ -1,4 +1,4 @@
-"""Strict JSON for results that hold NaN and Inf, and writes that never destroy a file.
+"""Strict JSON for results that hold NaN and Inf, and file writes that never destroy a file.
 
 A run that went non-finite is a result, so its JSON must hold NaN and Inf. Strict
 JSON has no such numbers: they are written as the strings "nan", "inf" and "-inf",
@@ -43,21 +43,36 @@ def dumps(obj: Any) -> str:
     return json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n"
 
 
-def write_text(path: Path | str, text: str) -> Path:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``:
+def write_bytes(path: Path | str, data: bytes) -> Path:
+    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``:
     a write that fails (a full disk, a killed process) leaves the old file as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; give what open() would
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     return path
+
+
+def _file_mode(path: Path) -> int:
+    """The mode the file has now, or the one a plain open() would give it."""
+    try:
+        return path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def write_text(path: Path | str, text: str) -> Path:
+    return write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: Path | str, obj: Any) -> Path:

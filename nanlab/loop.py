@@ -71,14 +71,20 @@ def train(scenario: Scenario, variant: Variant, cfg, raw: Data, ctx: Context) ->
     exact_start, acc_start = evaluate(scenario, model, data)
 
     scaler = torch.amp.GradScaler(ctx.device.type) if variant.loss_scaling else None
-    grad_norms, skipped = [], 0
+    grad_norms, exact_losses, skipped = [], [], 0
+    target64 = data.y.double() if data.y.is_floating_point() else data.y
 
     def step():
         nonlocal skipped
         optimizer.zero_grad(set_to_none=True)
         autocast = torch.autocast(ctx.device.type, dtype=DTYPES[variant.amp]) if variant.amp else contextlib.nullcontext()
         with autocast:
-            loss = variant.loss(model(data.x), data.y)
+            output = model(data.x)
+            loss = variant.loss(output, data.y)
+        # The exact float64 loss of this step's outputs: what every variant is scored by,
+        # whatever its own training loss reads. Kept on the device until the end.
+        with torch.no_grad():
+            exact_losses.append(scenario.exact_loss(output.detach().double(), target64))
         if scaler is None:
             loss.backward()
         else:
@@ -120,6 +126,7 @@ def train(scenario: Scenario, variant: Variant, cfg, raw: Data, ctx: Context) ->
         name=variant.name, role=variant.role, summary=variant.summary, lossy=variant.lossy,
         overrides=overrides, finite=finite, first_nonfinite=first, losses=losses,
         grad_norms=[float(g) for g in grad_norms[: len(losses)]], param_norms=param_norms,
+        exact_losses=[float(e) for e in exact_losses[: len(losses)]],
         final_loss=next((x for x in reversed(losses) if x == x and abs(x) != float("inf")), None),
         exact_loss_start=exact_start, exact_loss_end=exact_end, accuracy_start=acc_start, accuracy_end=acc_end,
         loss_gap=gap, metrics=metrics,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 # Floating-point types, by their torch name (torch.float16 is ``float16``).
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 DEVICES = ("cpu", "cuda", "auto")
-MODES = ("run", "list", "claims", "check")
+MODES = ("run", "list", "claims", "check", "report")
 CLIPS = ("none", "norm", "value")
 KERNEL_KINDS = ("cross_entropy", "binary_cross_entropy", "binary_cross_entropy_with_logits", "softmax",
                 "log_softmax", "logsumexp")

@@ -113,6 +113,7 @@ class VariantResult:
     accuracy_end: Optional[float]
     loss_gap: Optional[float]  # training loss minus exact loss, both at the initial parameters
     metrics: dict = field(default_factory=dict)
+    exact_losses: list = field(default_factory=list)  # the exact float64 loss of each step's outputs
     # Set by nanlab.verdicts from the numbers above.
     learned: bool = False
     wrong: bool = False  # finite, yet its training loss is not the quantity it claims to be
@@ -143,7 +144,7 @@ class VariantResult:
         known = {f.name for f in fields(cls)}
         v = cls(**{k: val for k, val in d.items() if k in known and k != "first_nonfinite"},
                 first_nonfinite=FirstNonFinite.from_dict(d.get("first_nonfinite")))
-        for name in ("losses", "grad_norms", "param_norms"):
+        for name in ("losses", "grad_norms", "param_norms", "exact_losses"):
             setattr(v, name, jsonio.numbers(getattr(v, name)))
         for name in ("final_loss", "exact_loss_start", "exact_loss_end", "accuracy_start", "accuracy_end", "loss_gap"):
             setattr(v, name, jsonio.number(getattr(v, name)))
@@ -154,11 +155,13 @@ class VariantResult:
 
 
 class Verdict(str, Enum):
-    """What a claim's measurement says of it."""
+    """What a claim's measurement says of it. ``not_decided``: the run was not at the
+    settings the claim is about (another optimizer, say), so it says nothing."""
 
     confirmed = "confirmed"
     partly = "partly"
     refuted = "refuted"
+    not_decided = "not decided"
 
     def __str__(self) -> str:
         return self.value
@@ -188,11 +191,13 @@ class ScenarioResult:
     explanation: str
     failure: str
     config: dict
-    reproduced: bool
-    fixed: bool
+    reproduced: Optional[bool]  # None when the broken variant was not run (variant=...)
+    fixed: Optional[bool]  # None when no exact fix was run
     variants: list
     probes: dict = field(default_factory=dict)
     claims: list = field(default_factory=list)
+    # Settings this run changed from the scenario's own: {key: [scenario's, this run's]}.
+    changed: dict = field(default_factory=dict)
     seconds: float = 0.0
 
     def variant(self, name: str) -> VariantResult:
@@ -203,8 +208,12 @@ class ScenarioResult:
                        + ", ".join(v.name for v in self.variants))
 
     @property
-    def broken(self) -> VariantResult:
-        return next(v for v in self.variants if v.role == "broken")
+    def broken(self) -> Optional[VariantResult]:
+        return next((v for v in self.variants if v.role == "broken"), None)
+
+    def settings_text(self, which: int) -> str:
+        """The changed settings as ``key=value`` words: the scenario's (0) or this run's (1)."""
+        return " ".join(f"{_short_key(key)}={_word(pair[which])}" for key, pair in self.changed.items())
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -228,6 +237,15 @@ class ScenarioResult:
     def load(cls, path) -> "ScenarioResult":
         """Rebuild a result from a result.json written by a run (no torch needed)."""
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def _short_key(key: str) -> str:
+    """optimizer.name -> optimizer, optimizer.lr -> lr: the words a person types."""
+    return {"optimizer.lr": "lr"}.get(key, key.removesuffix(".name"))
+
+
+def _word(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def strip_timing(obj):

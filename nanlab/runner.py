@@ -7,39 +7,75 @@ from omegaconf import OmegaConf
 
 from nanlab import registry, verdicts
 from nanlab.build import DTYPES, resolve_device
+from nanlab.config import changed_settings
+from nanlab.errors import ConfigError
 from nanlab.loop import train
+from nanlab.report import ScenarioReport
 from nanlab.result import ClaimResult, ScenarioResult, Verdict
 from nanlab.scenario import Context, ContractError
 
 
-def run_scenario(cfg) -> ScenarioResult:
+def chosen_variants(scenario, wanted) -> list:
+    """The variants ``variant=`` names (a name or a list; None for all), in the scenario's order."""
+    if wanted is None:
+        return list(scenario.variants)
+    names = [wanted] if isinstance(wanted, str) else list(wanted)
+    known = [v.name for v in scenario.variants]
+    for name in names:
+        if name not in known:
+            raise ConfigError("variant", name, f"not a variant of {scenario.name}; choose from {', '.join(known)}")
+    if not names:
+        raise ConfigError("variant", "[]", "name at least one variant, or leave variant out to run them all")
+    return [v for v in scenario.variants if v.name in names]
+
+
+def decide_claims(scenario, result: ScenarioResult, all_run: bool) -> list:
+    """Each claim's verdict. A run at other training settings than the scenario's, or
+    with variants left out, does not decide the claims: it says so instead."""
+    changed = verdicts.claim_settings_changed(result.changed)
+    if changed:
+        reason = (f"not decided at these settings: the claim is about {result.settings_text(0)}, "
+                  f"this run used {result.settings_text(1)}")
+    elif not all_run:
+        reason = "not decided: variant= ran only " + ", ".join(v.name for v in result.variants)
+    claims = []
+    for claim in scenario.claims:
+        if changed or not all_run:
+            verdict, evidence = Verdict.not_decided, reason
+        else:
+            verdict, evidence = claim.decide(result)
+            if not isinstance(verdict, Verdict):
+                raise ContractError(scenario.name, f"a claim must decide with a nanlab.result.Verdict, not {verdict!r}")
+        claims.append(ClaimResult(scenario.name, claim.text, verdict, evidence, claim.source))
+    return claims
+
+
+def run_scenario(cfg) -> "ScenarioReport":
     """``cfg`` is a finalized config (see nanlab.config.finalize)."""
     started = time.perf_counter()
     scenario = registry.load(cfg.scenario.name)
+    chosen = chosen_variants(scenario, cfg.get("variant"))
+    all_run = len(chosen) == len(scenario.variants)
     ctx = Context(cfg, resolve_device(cfg.device), DTYPES[cfg.dtype])
     raw = scenario.make_data(ctx)
 
     def run_variant(variant):
         return verdicts.judge_learning(train(scenario, variant, cfg, raw, ctx), scenario.learn)
 
-    variants = [train(scenario, v, cfg, raw, ctx) for v in scenario.variants]
-    reproduced, fixed = verdicts.judge(variants, scenario.failure, scenario.learn)
+    variants = [train(scenario, v, cfg, raw, ctx) for v in chosen]
+    reproduced, fixed = verdicts.judge(variants, scenario.failure, scenario.learn, all_run)
     probes = scenario.probes(ctx, run_variant) if scenario.probes else {}
-    result = ScenarioResult(
+    result = ScenarioReport(
         scenario=scenario.name, summary=scenario.summary, explanation=scenario.explanation,
         failure=scenario.failure, config=OmegaConf.to_container(cfg), reproduced=reproduced, fixed=fixed,
-        variants=variants, probes=probes,
+        variants=variants, probes=probes, changed=changed_settings(cfg),
     )
-    for claim in scenario.claims:
-        verdict, evidence = claim.decide(result)
-        if not isinstance(verdict, Verdict):
-            raise ContractError(scenario.name, f"a claim must decide with a nanlab.result.Verdict, not {verdict!r}")
-        result.claims.append(ClaimResult(scenario.name, claim.text, verdict, evidence, claim.source))
+    result.claims = decide_claims(scenario, result, all_run)
     result.seconds = time.perf_counter() - started
     return result
 
 
-def run(scenario: str, *overrides: str, **options) -> ScenarioResult:
+def run(scenario: str, *overrides: str, **options) -> "ScenarioReport":
     """``nanlab.run("softmax_overflow", "optimizer=adam", steps=20)``.
 
     Positional overrides use the CLI's syntax; keyword options become ``key=value``

@@ -66,6 +66,27 @@ class KernelConf:
     framework: Framework = Framework.torch
     grad_fn: Optional[str] = None
     dtypes: List[DType] = field(default_factory=lambda: [DType.float32, DType.float64, DType.float16, DType.bfloat16])
+    # Seconds for the whole check of the kernel; null runs it without a limit.
+    timeout: Optional[float] = 60.0
+    # A check.json from an earlier run: only cases that got worse than it fail the check.
+    baseline: Optional[str] = None
+    # Cases expected to fail, as name or name@dtype; one that passes fails the check (strict).
+    xfail: List[str] = field(default_factory=list)
+    # all: every case in the table; failures: only the cases that failed.
+    show: str = "all"
+
+
+@dataclass
+class ReportConf:
+    """mode=report: the handout. ``scenarios`` None means every scenario; ``results``
+    is the folder of saved results to build from (default: the run dir's results/);
+    ``run`` false rebuilds from the saved results without running anything;
+    ``sweeps`` is a folder whose sweep figures are added."""
+
+    scenarios: Optional[List[str]] = None
+    results: Optional[str] = None
+    run: bool = True
+    sweeps: Optional[str] = None
 
 
 @dataclass
@@ -80,7 +101,10 @@ class Config:
     steps: int = 100
     mode: Mode = Mode.run
     plot: bool = False
+    # Run only these variants of the scenario (a name or a list); None runs them all.
+    variant: Any = None
     kernel: KernelConf = field(default_factory=KernelConf)
+    report: ReportConf = field(default_factory=ReportConf)
 
 
 # What each range-checked key accepts, in the words the error line uses.
@@ -93,6 +117,9 @@ ALLOWED = {
     "clip.threshold": "must be a finite number > 0",
     "seed": "must be an integer >= 0",
     "steps": "must be an integer >= 1",
+    "kernel.dtypes": "must list at least one of " + ", ".join(options.DTYPES) + ", each once",
+    "kernel.timeout": "must be a finite number of seconds > 0, or null for no limit",
+    "kernel.show": "must be all or failures",
 }
 
 
@@ -144,3 +171,8 @@ def validate(cfg) -> None:
     _check(_positive(cfg.clip.threshold), "clip.threshold", cfg.clip.threshold)
     _check(cfg.seed >= 0, "seed", cfg.seed)
     _check(cfg.steps >= 1, "steps", cfg.steps)
+    kernel = cfg.kernel
+    dtypes = [getattr(d, "value", d) for d in kernel.dtypes]
+    _check(len(dtypes) >= 1 and len(set(dtypes)) == len(dtypes), "kernel.dtypes", dtypes)
+    _check(kernel.timeout is None or _positive(kernel.timeout), "kernel.timeout", kernel.timeout)
+    _check(kernel.show in ("all", "failures"), "kernel.show", kernel.show)

@@ -63,12 +63,18 @@ def variant_verdict(v: VariantResult, failure: str) -> str:
     return "fixed (lossy)" if v.lossy else "fixed"
 
 
-def scenario_verdicts(variants: list, failure: str) -> tuple[bool, bool]:
-    """(reproduced, fixed)."""
-    broken = next(v for v in variants if v.role == "broken")
-    reproduced = (broken.finite and not broken.learned) if failure == "stall" else not broken.finite
+def scenario_verdicts(variants: list, failure: str, all_run: bool = True) -> tuple:
+    """(reproduced, fixed). With only some variants run (``all_run`` False), a verdict
+    whose variants were left out is None: not measured, rather than false."""
+    broken = next((v for v in variants if v.role == "broken"), None)
+    if broken is None:
+        reproduced = None
+    else:
+        reproduced = (broken.finite and not broken.learned) if failure == "stall" else not broken.finite
     exact_fixes = [v for v in variants if v.role == "fix" and not v.lossy]
     fixed = bool(exact_fixes) and all(v.finite and v.learned for v in exact_fixes)
+    if not all_run and not exact_fixes:
+        fixed = None
     return reproduced, fixed
 
 
@@ -84,7 +90,7 @@ def lossy_cost(v: VariantResult, variants: list) -> Optional[dict]:
     return cost
 
 
-def judge(variants: list, failure: str, learn) -> tuple[bool, bool]:
+def judge(variants: list, failure: str, learn, all_run: bool = True) -> tuple:
     """Every variant's verdict and cost, then the scenario's (reproduced, fixed)."""
     for v in variants:
         judge_learning(v, learn)
@@ -92,4 +98,14 @@ def judge(variants: list, failure: str, learn) -> tuple[bool, bool]:
         if v.lossy:
             v.cost = lossy_cost(v, variants)
         v.verdict = variant_verdict(v, failure)
-    return scenario_verdicts(variants, failure)
+    return scenario_verdicts(variants, failure, all_run)
+
+
+# Claims are about the scenario's own training setup: a run that changed any of
+# these settings says nothing about them. Data knobs, steps and seed are part of
+# what a claim measures, so its verdict follows them.
+CLAIM_SETTINGS = ("optimizer.", "init.", "clip.", "dtype")
+
+
+def claim_settings_changed(changed: dict) -> dict:
+    return {k: v for k, v in changed.items() if k.startswith(CLAIM_SETTINGS)}

@@ -101,7 +101,8 @@ def test_claims_table_counts(tmp_path):
     rows = collect_claims(run=_cached_run)
     assert {r.scenario for r in rows} == set(ALL)
     counts = {v: sum(r.verdict is v for r in rows) for v in Verdict}
-    assert len(rows) == 23 and counts == {Verdict.confirmed: 12, Verdict.partly: 5, Verdict.refuted: 6}, counts
+    assert len(rows) == 23 and counts == {Verdict.confirmed: 12, Verdict.partly: 5, Verdict.refuted: 6,
+                                   Verdict.not_decided: 0}, counts
     table = render_table(rows)
     assert "23 claims: 12 confirmed, 5 partly, 6 refuted" in table
     saved = json.loads(write_claims(rows, tmp_path).read_text())
