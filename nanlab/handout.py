@@ -42,7 +42,8 @@ ul.claims { padding-left: 1.2em; } .scenario-verdict { font-weight: 600; }
 @media print {
   body { margin: 0; max-width: none; font-size: 11pt; }
   section { break-before: page; } a { color: inherit; text-decoration: none; }
-  figure, table, li { break-inside: avoid; }
+  figure, tr, li { break-inside: avoid; }
+  thead { display: table-header-group; }
 }
 """
 
@@ -97,7 +98,7 @@ def build_html(results: list[ScenarioResult], sweeps: Path | None = None) -> str
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>nanlab handout</title><style>{STYLE}</style></head><body>"
             "<h1>Why training goes NaN: the nanlab handout</h1>"
-            f"<p class=\"meta\">{len(results)} scenarios, each a failure reproduced beside its fixes and the "
+            f"<p class=\"meta\">{len(results)} scenario{'s' if len(results) != 1 else ''}, each a failure reproduced beside its fixes and the "
             f"folklore about it, measured. Seed {', '.join(seeds)}, device {', '.join(devices)}. Every verdict "
             "below was computed from the run.</p>"
             f"{summary_table(results)}{sections}{sweep_part}</body></html>\n")
