@@ -4,6 +4,8 @@
     report = check(my_cross_entropy, kind="cross_entropy")          # torch kernel
     report = check(np_ce, kind="cross_entropy", framework="numpy")  # any array kernel
     report = check(my_cross_entropy, case)                          # one Case of cases(kind)
+    report = check(F.cross_entropy, kind="cross_entropy", xfail=["fully_neg_inf_row_ignored"])
+    report = check(my_cross_entropy, kind="cross_entropy", baseline="check.json")  # only regressions fail
     report.passed, report.cases, print(report.table())
 
 JAX or TensorFlow kernels are checked as NumPy callables: wrap them so they take
@@ -12,9 +14,9 @@ and pass ``grad_fn`` built the same way from ``jax.vjp`` (or ``tf.GradientTape``
 check gradients too. See docs/kernels.md.
 """
 from nanlab import options
-from nanlab.kernels.catalogue import Case, cases
-from nanlab.kernels.check import CaseResult, Report, check
+from nanlab.kernels.catalogue import Case, KnownFailure, cases
+from nanlab.kernels.check import CaseResult, Report, check, load_report
 
 KINDS = options.KERNEL_KINDS  # kept for compatibility; the table is options.KERNEL_KINDS
 
-__all__ = ["KINDS", "Case", "CaseResult", "Report", "cases", "check"]
+__all__ = ["KINDS", "Case", "CaseResult", "KnownFailure", "Report", "cases", "check", "load_report"]

@@ -3,12 +3,25 @@
 Every case is a declarative entry, in the spirit of PyTorch's OpInfo: a name, the
 kind of kernel it is for, a description, and a builder that draws float64 inputs
 from a seeded generator. References are our own stable float64 formulas, not
-torch's fused kernels, so torch's functions can be checked by them too.
+torch's fused kernels, so torch's functions can be checked by them too. Every
+reference is differentiable: each case checks the gradient as well as the value.
 
 Policy where the reference is undefined: the softmax or log_softmax of a row that
 is all -inf, and a mean over targets that are all ignored, have no value (0/0).
 The reference holds NaN there, and any output, NaN or finite, is accepted at those
 positions only. Every kernel gets the same policy.
+
+Core cases: a case is core when it passes no keyword beyond the ones every kernel
+of its kind must take (REQUIRED_KEYWORDS). A kernel must run every core case; a
+case that passes an optional keyword (ignore_index, label_smoothing) is
+"unsupported" for a kernel whose signature lacks it. A case whose inputs need a
+keyword (targets holding ignore_index) passes it explicitly, so that rule is the
+same for every keyword.
+
+Known failures of the framework's own op (``Case.framework_failures``) are
+measurements, recorded where they were found: they keep that op from vouching for
+another kernel on that case (see the check module), and a test checks that torch
+fails exactly these.
 
 This module holds cases and references only. Comparing a kernel with them, and
 running a kernel over them, is the checker's job (the check module), which depends
@@ -16,8 +29,9 @@ on this module, never the other way round: check a single case with ``check(fn, 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -26,21 +40,62 @@ from nanlab import options
 NEG_INF = float("-inf")
 IGNORE = -100
 
+# The keywords every kernel of a kind must accept; the signatures mirror torch.nn.functional.
+REQUIRED_KEYWORDS = {
+    "cross_entropy": ("reduction",),
+    "binary_cross_entropy": ("reduction",),
+    "binary_cross_entropy_with_logits": ("reduction",),
+    "softmax": ("dim",),
+    "log_softmax": ("dim",),
+    "logsumexp": ("dim",),
+}
+assert set(REQUIRED_KEYWORDS) == set(options.KERNEL_KINDS), "REQUIRED_KEYWORDS must have one entry per options.KERNEL_KINDS"
+
+PARTS = ("forward", "gradient")
+
+
+@dataclass(frozen=True)
+class KnownFailure:
+    """The framework's own op for the case's kind (torch.nn.functional.cross_entropy,
+    torch.logsumexp, ...) fails this case at ``dtype``: ``part`` is forward or
+    gradient, ``error`` the largest error measured there at seed 0 (inf when a
+    value came out non-finite, or finite where the reference is not), ``note``
+    what happens."""
+
+    dtype: str
+    part: str
+    error: float
+    note: str
+
+    def __post_init__(self):
+        assert self.dtype in options.DTYPES and self.part in PARTS, self
+
 
 @dataclass(frozen=True)
 class Case:
     """One input for one kind. ``build(gen)`` returns (tensors, keywords): the
     positional tensors in float64 (integer targets stay long) and the keyword
-    arguments the kernel is called with."""
+    arguments the kernel is called with.
+
+    ``core``: every kernel of the kind must run this case (it passes only
+    REQUIRED_KEYWORDS). ``reference_fn`` replaces the kind's reference formula for
+    this case. ``framework_failures`` are the framework op's measured failures here."""
 
     name: str
     kind: str
     description: str
     build: Callable = field(repr=False)
     undefined: str = ""  # where the reference is undefined and any value is accepted
+    core: bool = True
+    reference_fn: Optional[Callable] = field(default=None, repr=False)
+    framework_failures: tuple = ()
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.name}"
+
+    def known_failure(self, dtype: str, part: str) -> Optional[KnownFailure]:
+        """The framework op's recorded failure on this case at dtype and part, if any."""
+        return next((f for f in self.framework_failures if f.dtype == dtype and f.part == part), None)
 
     @property
     def check(self):
@@ -127,17 +182,44 @@ def ref_binary_cross_entropy_with_logits(z, y, reduction="mean"):
     return reduce_loss(_ExactBCEWithLogits.apply(z, y), reduction)
 
 
-def mp_logsumexp_rows(x: torch.Tensor) -> torch.Tensor:
-    """logsumexp of each row with mpmath at 50 digits: the reference for inputs whose
-    float64 answer would itself lose digits (huge values differing in the last bits)."""
+def _mp_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logsumexp and softmax of each row with mpmath at 50 digits: the reference for
+    inputs whose float64 answer would itself lose digits (huge values differing in
+    the last bits). Rows are (lse, softmax); an all -inf row has lse -inf and no
+    softmax (0/0, NaN), and a row with +inf has lse +inf and no softmax (inf/inf)."""
     import mpmath
 
-    mpmath.mp.dps = 50
-    rows = []
-    for row in x.tolist():
-        finite = [v for v in row if v != NEG_INF]
-        rows.append(float(mpmath.log(mpmath.fsum(mpmath.exp(mpmath.mpf(v)) for v in finite))) if finite else NEG_INF)
-    return torch.tensor(rows, dtype=torch.float64)
+    lse_rows, softmax_rows = [], []
+    with mpmath.workdps(50):  # a context, so the caller's mpmath precision is left alone
+        for row in x.tolist():
+            values = [mpmath.mpf(v) for v in row]
+            total = mpmath.fsum(mpmath.exp(v) for v in values)
+            lse = mpmath.log(total) if total > 0 else mpmath.mpf("-inf")
+            lse_rows.append(float(lse))
+            softmax_rows.append([float(mpmath.exp(v - lse)) if mpmath.isfinite(lse) else math.nan for v in values])
+    return torch.tensor(lse_rows, dtype=torch.float64), torch.tensor(softmax_rows, dtype=torch.float64)
+
+
+class _PreciseLogSumExp(torch.autograd.Function):
+    """logsumexp over the last dim of a 2-D tensor at 50 digits, and its gradient:
+    d lse / dx = softmax(x), also at 50 digits, times the upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        lse, softmax = _mp_rows(x)
+        ctx.save_for_backward(softmax)
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        (softmax,) = ctx.saved_tensors
+        return grad[:, None] * softmax
+
+
+def mp_logsumexp(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    if dim not in (-1, x.dim() - 1) or x.dim() != 2:
+        raise ValueError("mp_logsumexp takes a 2-D tensor and the last dim")
+    return _PreciseLogSumExp.apply(x)
 
 
 REFERENCES = {
@@ -192,19 +274,38 @@ def _noncontiguous(g, n, c):
     return _randn(g, c, n).T  # a transposed view: stride (1, n)
 
 
+def _failures(dtypes_errors: dict, part: str, note: str) -> tuple:
+    """KnownFailure records for one part of one case: {dtype: measured error}."""
+    return tuple(KnownFailure(dtype, part, error, note) for dtype, error in dtypes_errors.items())
+
+
+# torch.logsumexp's backward is exp(x - lse) with its own output lse, rounded to the dtype:
+# where lse is large, that rounding is the whole gradient's error.
+_LSE_ROUNDED_FORWARD = ("the gradient is exp(x - lse) with lse = 1e4 + log 5 rounded to the dtype (float16: to 1e4, "
+                        "so each entry is 1.0 times the upstream where the exact one is 0.2)")
+_LSE_HUGE_ROUNDED_FORWARD = ("the gradient is exp(x - lse) with lse rounded to the dtype; at 1e15 float64's spacing is "
+                             "0.125, so each entry is off by about 4% (float32 and bfloat16 round the inputs to "
+                             "equal values: 1.0 per entry where the exact one is 1/6)")
+
+
 def _row_cases(kind: str) -> list[Case]:
-    """Shared by softmax, log_softmax and logsumexp (x, dim=-1)."""
+    """Shared by softmax, log_softmax and logsumexp (x, dim=-1): dim is required, so all are core."""
     undefined = "" if kind == "logsumexp" else "an all -inf row has no softmax (0/0): any value accepted there"
 
-    def case(name, description, make, undef=""):
-        return Case(name, kind, description, lambda g: ([make(g)], {"dim": -1}), undef)
+    def case(name, description, make, undef="", failures=()):
+        return Case(name, kind, description, lambda g: ([make(g)], {"dim": -1}), undef, framework_failures=failures)
 
+    all_equal_failures = ()
+    if kind == "logsumexp":
+        all_equal_failures = _failures({"float32": 2.57e-05, "float16": 1.63, "bfloat16": 1.64}, "gradient",
+                                       _LSE_ROUNDED_FORWARD)
     return [
         case("random", "x [8, 5] ~ N(0, 1)", lambda g: _randn(g, 8, 5)),
         case("large_positive", "x [6, 7] ~ U(1e3, 1e4)", lambda g: _uniform(g, 1e3, 1e4, 6, 7)),
         case("large_negative", "x [6, 7] ~ -U(1e3, 1e4)", lambda g: -_uniform(g, 1e3, 1e4, 6, 7)),
         case("large_gap", "rows [1e4, 0, -1e4, ...]", lambda g: _gap(g, 4, 6)),
-        case("all_equal", "every entry 1e4", lambda g: torch.full((4, 5), 1e4, dtype=torch.float64)),
+        case("all_equal", "every entry 1e4", lambda g: torch.full((4, 5), 1e4, dtype=torch.float64),
+             failures=all_equal_failures),
         case("some_neg_inf", "every other entry -inf", lambda g: _with_neg_inf(g, 5, 6)),
         case("fully_neg_inf_row", "row 2 entirely -inf", lambda g: _fully_masked_row(g, 5, 6), undefined),
         case("near_fp16_max", "|x| ~ U(6e4, 6.5e4), both signs", lambda g: _near_fp16_max(g, 4, 6)),
@@ -214,19 +315,21 @@ def _row_cases(kind: str) -> list[Case]:
     ]
 
 
-def _loss_case(kind, name, description, make, reduction="mean", undef="", **keywords) -> Case:
+def _loss_case(kind, name, description, make, reduction="mean", undef="", failures=(), **keywords) -> Case:
     """A case for a loss kernel: ``make(gen)`` gives (input, target); a reduction
-    other than mean is part of the case's name."""
+    other than mean is part of the case's name. It is core unless it passes a
+    keyword beyond ``reduction``."""
 
     def build(g):
         return list(make(g)), {"reduction": reduction, **keywords}
 
-    return Case(name if reduction == "mean" else f"{name}[{reduction}]", kind, description, build, undef)
+    return Case(name if reduction == "mean" else f"{name}[{reduction}]", kind, description, build, undef,
+                core=not keywords, framework_failures=failures)
 
 
 def _ce_cases() -> list[Case]:
-    def case(name, description, make, reduction="mean", undef="", **kw):
-        return _loss_case("cross_entropy", name, description, make, reduction, undef, **kw)
+    def case(name, description, make, reduction="mean", undef="", failures=(), **kw):
+        return _loss_case("cross_entropy", name, description, make, reduction, undef, failures, **kw)
 
     def random(g):
         return _randn(g, 8, 5), _targets(g, 8, 5)
@@ -239,10 +342,14 @@ def _ce_cases() -> list[Case]:
     def large(g):
         return _uniform(g, 1e3, 1e4, 6, 7) * torch.where(torch.rand(6, 7, generator=g) < 0.5, -1.0, 1.0).double(), _targets(g, 6, 7)
 
+    ignored_row_nan = _failures({d: math.inf for d in options.DTYPES}, "gradient",
+                                "NaN gradient for the ignored all -inf row, where the exact gradient is 0: the "
+                                "row's log_softmax backward runs even though the row is ignored")
     cases = []
     for reduction in ("none", "sum", "mean"):
         cases += [case("random", "logits [8, 5] ~ N(0, 1)", random, reduction),
-                  case("ignore_index_rows", "every third target = ignore_index", ignored_some, reduction),
+                  case("ignore_index_rows", "every third target = ignore_index", ignored_some, reduction,
+                       ignore_index=IGNORE),
                   case("large_logits_both_signs", "|logits| ~ U(1e3, 1e4)", large, reduction)]
     cases += [
         case("large_gap", "rows [1e4, 0, -1e4, ...], target 0 or 1", lambda g: (_gap(g, 4, 6), torch.tensor([0, 1, 1, 2]))),
@@ -250,14 +357,16 @@ def _ce_cases() -> list[Case]:
         case("some_neg_inf", "every other logit -inf; targets on finite entries",
              lambda g: (_with_neg_inf(g, 5, 6), 2 * torch.randint(0, 3, (5,), generator=g))),
         case("fully_neg_inf_row_ignored", "row 2 all -inf with target ignore_index (loss and gradient are 0 there)",
-             lambda g: (_fully_masked_row(g, 5, 6), torch.tensor([0, 1, IGNORE, 3, 4]))),
+             lambda g: (_fully_masked_row(g, 5, 6), torch.tensor([0, 1, IGNORE, 3, 4])), failures=ignored_row_nan,
+             ignore_index=IGNORE),
         case("label_smoothing_neg_inf", "label_smoothing=0.1 with -inf logits (the exact loss is +inf)",
              lambda g: (_with_neg_inf(g, 5, 6), 2 * torch.randint(0, 3, (5,), generator=g)), label_smoothing=0.1),
         case("label_smoothing", "label_smoothing=0.2, logits ~ N(0, 1)", random, label_smoothing=0.2),
         case("all_rows_ignored", "every target ignore_index: the mean is 0/0",
-             lambda g: (_randn(g, 4, 5), torch.full((4,), IGNORE)), undef="the mean over no targets is undefined"),
+             lambda g: (_randn(g, 4, 5), torch.full((4,), IGNORE)), undef="the mean over no targets is undefined",
+             ignore_index=IGNORE),
         case("all_rows_ignored", "every target ignore_index: the sum is 0",
-             lambda g: (_randn(g, 4, 5), torch.full((4,), IGNORE)), reduction="sum"),
+             lambda g: (_randn(g, 4, 5), torch.full((4,), IGNORE)), reduction="sum", ignore_index=IGNORE),
         case("near_fp16_max", "|logits| ~ U(6e4, 6.5e4)", lambda g: (_near_fp16_max(g, 4, 6), _targets(g, 4, 6))),
         case("noncontiguous", "logits [9, 6] as a transposed view", lambda g: (_noncontiguous(g, 9, 6), _targets(g, 9, 6)),
              "none"),
@@ -268,20 +377,36 @@ def _ce_cases() -> list[Case]:
 
 
 def _bce_cases() -> list[Case]:
-    def case(name, description, make, reduction="mean"):
-        return _loss_case("binary_cross_entropy", name, description, make, reduction)
+    def case(name, description, make, reduction="mean", failures=()):
+        return _loss_case("binary_cross_entropy", name, description, make, reduction, failures=failures)
 
     def random(g):
         return torch.rand(8, generator=g, dtype=torch.float64) * 0.98 + 0.01, torch.randint(0, 2, (8,), generator=g).double()
 
+    def exact(*values):
+        return torch.tensor(values, dtype=torch.float64)
+
+    agreeing_zero_gradient = (
+        _failures({"float32": 2.04, "float64": 2.04, "bfloat16": 2.05}, "gradient",
+                  "gradient 0 where the exact one is -/+ the upstream gradient (p = y = 1: -1, p = y = 0: +1): "
+                  "torch divides by max(p (1 - p), 1e-12)")
+        + _failures({"float16": math.inf}, "gradient",
+                    "NaN gradient where the exact one is -/+ the upstream gradient: 1e-12 underflows to 0 in "
+                    "float16, so torch's p (1 - p) / max(p (1 - p), eps) is 0/0"))
+    clamped_log = ("loss 100 where the exact loss is +inf: torch clamps log(p) and log(1 - p) at -100 (and its "
+                   "gradient is finite, about 1e12, where the exact one is infinite)")
     cases = [case("random", "p ~ U(0.01, 0.99), y in {0, 1}", random, r) for r in ("none", "sum", "mean")]
     cases += [
         case("probs_0_and_1_agreeing", "p exactly 0 or 1, y equal to p (exact loss 0)",
-             lambda g: (torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=torch.float64), torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=torch.float64)), "none"),
+             lambda g: (exact(0.0, 1.0, 0.0, 1.0), exact(0.0, 1.0, 0.0, 1.0)), "none", agreeing_zero_gradient),
         case("probs_0_and_1_disagreeing", "p exactly 0 or 1, y the opposite (exact loss +inf)",
-             lambda g: (torch.tensor([0.0, 1.0], dtype=torch.float64), torch.tensor([1.0, 0.0], dtype=torch.float64)), "none"),
+             lambda g: (exact(0.0, 1.0), exact(1.0, 0.0)), "none",
+             _failures({d: math.inf for d in options.DTYPES}, "forward", clamped_log)),
         case("probs_near_0_and_1", "p = 1e-6 and 1 - 1e-6, y in {0, 1}",
-             lambda g: (torch.tensor([1e-6, 1 - 1e-6, 1e-6, 1 - 1e-6], dtype=torch.float64), torch.tensor([0.0, 1.0, 1.0, 0.0], dtype=torch.float64)), "none"),
+             lambda g: (exact(1e-6, 1 - 1e-6, 1e-6, 1 - 1e-6), exact(0.0, 1.0, 1.0, 0.0)), "none",
+             _failures({"float16": math.inf, "bfloat16": math.inf}, "forward",
+                       clamped_log + " (1 - 1e-6 rounds to 1 in float16 and bfloat16, so y = 0 there is "
+                                     "a disagreeing target)")),
         case("soft_targets", "p ~ U(0.01, 0.99), y ~ U(0, 1)",
              lambda g: (torch.rand(8, generator=g, dtype=torch.float64) * 0.98 + 0.01, torch.rand(8, generator=g, dtype=torch.float64)), "none"),
         case("noncontiguous", "p [4, 3] as a transposed view",
@@ -316,14 +441,17 @@ def _bce_logits_cases() -> list[Case]:
 
 
 def _precise_lse_case() -> Case:
-    """Huge logits that differ in their low bits: mpmath gives the reference."""
+    """Huge logits that differ in their low bits: mpmath gives the reference and its gradient."""
 
     def build(g):
         base = 1e15 + torch.arange(6, dtype=torch.float64)
         return [torch.stack([base, base.flip(0)])], {"dim": -1}
 
     return Case("huge_close_values", "logsumexp", "x = 1e15 + [0..5]: float64 keeps only a few digits of exp's argument",
-                build)
+                build, undefined="in float16 the inputs round to +inf, whose softmax (the gradient) is inf/inf",
+                reference_fn=mp_logsumexp,
+                framework_failures=_failures({"float32": 1.7, "float64": 0.0554, "bfloat16": 1.71}, "gradient",
+                                             _LSE_HUGE_ROUNDED_FORWARD))
 
 
 def cases(kind: str) -> list[Case]:
@@ -341,8 +469,7 @@ def cases(kind: str) -> list[Case]:
 
 
 def reference(case: Case, tensors, keywords):
-    """The float64 reference output for a case (tensors already float64)."""
-    if case.name == "huge_close_values":
-        return mp_logsumexp_rows(tensors[0])
-    return REFERENCES[case.kind](*tensors, **keywords)
-
+    """The float64 reference output for a case (tensors already float64, the first
+    one requiring grad): differentiable, so autograd gives the reference gradient."""
+    formula = case.reference_fn or REFERENCES[case.kind]
+    return formula(*tensors, **keywords)

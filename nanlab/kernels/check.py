@@ -2,15 +2,24 @@
 
 Each case runs at each dtype. Inputs are drawn in float64, cast to the dtype, and
 the reference is computed in float64 on the cast values (so rounding the inputs is
-never counted against the kernel). The forward value must match, and for torch
-kernels so must the gradient through autograd, with a random upstream gradient
-(never all ones, which hides per-row bugs in reduction='none' backwards).
+never counted against the kernel). The forward value must match, and so must the
+gradient: through autograd for torch kernels, through ``grad_fn`` for NumPy ones.
+The upstream gradient is random (never all ones, which hides per-row bugs in
+reduction='none' backwards) and rounded to the output's dtype before the reference
+gradient is computed from it, so rounding it is not counted against the kernel either.
 
-A value passes if it is within torch.testing's default tolerance for the dtype, or
-no further from the reference than the framework's own op at the same dtype. A
-non-finite value where the reference is finite always fails, and so does a
-non-finite value of a different kind (NaN where the reference is -inf). Where the
-reference is undefined (NaN), any value is accepted, for every kernel alike.
+How a value is judged (``judge``), always in the dtype the kernel returned it in:
+- a shape other than the reference's fails;
+- a non-finite value where the reference is finite, or one of another kind (NaN
+  where the reference is -inf) fails; where the reference is undefined (NaN) any
+  value is accepted, for every kernel alike;
+- within torch.testing's default tolerance for the output's dtype passes;
+- beyond it, the value passes only if the framework's own op can vouch for the case
+  and the kernel's error is at most FRAMEWORK_MARGIN times the op's, each counted
+  in ulps of its own output dtype. The op can vouch when its own error is rounding
+  noise (at most NOISE_ULPS ulps at the reference's largest magnitude) and the
+  case records no failure of it at that dtype. So the op never vouches for a wrong
+  answer, its own included.
 
 The comparison lives here; the cases and their references live in
 nanlab.kernels.catalogue, which never imports this module.
@@ -18,8 +27,13 @@ nanlab.kernels.catalogue, which never imports this module.
 from __future__ import annotations
 
 import inspect
+import json
 import math
-from dataclasses import asdict, dataclass, field
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Callable, Optional, Union
 
 import numpy as np
@@ -27,10 +41,12 @@ import torch
 
 from nanlab import jsonio, options
 from nanlab.build import DTYPES
-from nanlab.kernels.catalogue import Case, reference
+from nanlab.errors import ConfigError
+from nanlab.schema import KernelConf
+from nanlab.kernels.catalogue import REQUIRED_KEYWORDS, Case, reference
 from nanlab.kernels.catalogue import cases as catalogue_cases
 
-# The framework's own op for each kind: a kernel no further from the reference than it passes.
+# The framework's own op for each kind: the benchmark a kernel beyond tolerance is held to.
 FRAMEWORK_OPS = {
     "cross_entropy": torch.nn.functional.cross_entropy,
     "binary_cross_entropy": torch.nn.functional.binary_cross_entropy,
@@ -44,6 +60,26 @@ assert set(FRAMEWORK_OPS) == set(options.KERNEL_KINDS), "FRAMEWORK_OPS must have
 TOLERANCES = {torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5), torch.float32: (1.3e-6, 1e-5),
               torch.float64: (1e-7, 1e-7)}
 NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+TORCH_DTYPES_OF_NUMPY = {np.dtype(v): k for k, v in NUMPY_DTYPES.items()}
+
+# Beyond tolerance, a kernel may be up to this many times as far off as the framework's
+# op (in ulps of each one's output dtype): two implementations that both round well
+# differ by such factors by chance (8.47e-5 against 8.25e-5, say), while a wrong
+# answer is off by orders of magnitude.
+FRAMEWORK_MARGIN = 2.0
+# The framework's op vouches only where its own error is at most this many ulps at the
+# reference's largest magnitude: rounding noise. Measured on the catalogue, torch's
+# noise stays under 3 ulps; its wrong answers are 130 ulps off or more, or non-finite.
+NOISE_ULPS = 16.0
+# With a baseline, a case that still fails has regressed when an error grew by more than this factor.
+BASELINE_MARGIN = 2.0
+DEFAULT_TIMEOUT_S = KernelConf.timeout  # one default for check() and kernel.timeout
+
+STATUSES = ("pass", "fail", "unsupported", "xfail", "xpass")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass
@@ -51,70 +87,220 @@ class CaseResult:
     name: str
     dtype: str
     description: str
-    status: str  # pass, fail, unsupported
-    forward_error: Optional[float] = None
+    status: str  # one of STATUSES
+    forward_error: Optional[float] = None  # max |out - ref|; inf where finiteness disagrees
     grad_error: Optional[float] = None
     reason: str = ""
+    part: str = ""  # what failed: forward or gradient ("" when neither, or the kernel raised)
+    change: str = ""  # against a baseline: regressed, improved, unchanged or new ("" without one)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} [{self.dtype}]"
 
 
-@dataclass
+@dataclass(repr=False)
 class Report:
     kernel: str
     kind: str
     framework: str
     cases: list = field(default_factory=list)
+    stopped: str = ""  # why the check ended before every case ran (a timeout); "" when it ran them all
+    not_run: int = 0  # case-dtype pairs left when it stopped
+    baseline: str = ""  # where the baseline the changes refer to came from
 
     @property
-    def passed(self) -> bool:
-        return not self.failures
+    def ran(self) -> list:
+        return [c for c in self.cases if c.status != "unsupported"]
 
     @property
     def failures(self) -> list:
-        return [c for c in self.cases if c.status == "fail"]
+        """The cases that fail the check: a failure no baseline accepts, a listed
+        xfail that passed (strict), or a case that regressed against the baseline."""
+        return [c for c in self.cases if _fails_the_check(c)]
+
+    @property
+    def passed(self) -> bool:
+        # An empty verdict is not a pass: a check in which nothing ran has checked nothing.
+        return not self.failures and not self.stopped and bool(self.ran)
+
+    def counts(self) -> dict:
+        return {s: sum(c.status == s for c in self.cases) for s in STATUSES}
+
+    def summary(self) -> str:
+        counted = ", ".join(f"{n} {s}" for s, n in self.counts().items() if n or s in ("pass", "fail", "unsupported"))
+        return f"{self.kernel} ({self.kind}, {self.framework}): {counted} -> {'PASSED' if self.passed else 'FAILED'}"
+
+    def failure_lines(self) -> list:
+        """Why the check failed, one line per reason: each failing case, then a stop or an empty run."""
+        lines = [f"{c.label}: {c.reason}" + (f" [{c.change} against the baseline]" if c.change else "")
+                 for c in self.failures]
+        if self.stopped:
+            lines.append(f"stopped: {self.stopped}")
+        if not self.ran:
+            lines.append("no case ran: every case was unsupported, so nothing was checked")
+        return lines
+
+    def table(self, failures_only: bool = False) -> str:
+        """The cases, one line each with the case's description; a case that did not
+        pass gets its reason on the next line. failures_only keeps just the cases
+        that failed (those xfail or the baseline accepts included) and the summary."""
+        head = f"{'case':<34} {'dtype':<9} {'status':<23} {'fwd err':>9} {'grad err':>9}  description"
+        lines = [head, "-" * 110]
+        for c in self.cases:
+            if failures_only and c.status not in ("fail", "xfail", "xpass") and c.change != "regressed":
+                continue
+            status = c.status + (f" ({c.change})" if c.change and c.change != "unchanged" else "")
+            lines.append(f"{c.name:<34} {c.dtype:<9} {status:<23} {_fmt(c.forward_error):>9} {_fmt(c.grad_error):>9}"
+                         f"  {c.description}")
+            if c.status != "pass" and c.reason:
+                lines.append(f"    {c.reason}")
+        lines.append("")
+        lines.append(self.summary())
+        if self.baseline:
+            regressed = [c.label for c in self.cases if c.change == "regressed"]
+            improved = [c.label for c in self.cases if c.change == "improved"]
+            lines.append(f"against the baseline {self.baseline}: {len(regressed)} regressed"
+                         + (f" ({', '.join(regressed)})" if regressed else "")
+                         + f", {len(improved)} improved" + (f" ({', '.join(improved)})" if improved else ""))
+        if self.stopped:
+            lines.append(f"stopped: {self.stopped}")
+        if not self.ran:
+            lines.append("no case ran: every case was unsupported, so nothing was checked")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        # What pytest prints under a failed ``assert report.passed``: the verdict and its reasons.
+        return "\n".join([f"<Report {self.summary()}>", *(f"  {line}" for line in self.failure_lines())])
 
     def to_dict(self) -> dict:
         return jsonio.jsonable({"kernel": self.kernel, "kind": self.kind, "framework": self.framework,
-                                "passed": self.passed, "cases": [asdict(c) for c in self.cases]})
+                                "passed": self.passed, "stopped": self.stopped, "not_run": self.not_run,
+                                "baseline": self.baseline, "cases": [asdict(c) for c in self.cases]})
 
-    def table(self) -> str:
-        lines = [f"{'case':<34} {'dtype':<9} {'status':<12} {'fwd err':>10} {'grad err':>10}  reason", "-" * 100]
-        for c in self.cases:
-            fe = "-" if c.forward_error is None else f"{c.forward_error:.3g}"
-            ge = "-" if c.grad_error is None else f"{c.grad_error:.3g}"
-            lines.append(f"{c.name:<34} {c.dtype:<9} {c.status:<12} {fe:>10} {ge:>10}  {c.reason}")
-        counts = {s: sum(c.status == s for c in self.cases) for s in ("pass", "fail", "unsupported")}
-        lines.append("")
-        lines.append(f"{self.kernel} ({self.kind}, {self.framework}): {counts['pass']} pass, {counts['fail']} fail, "
-                     f"{counts['unsupported']} unsupported -> {'PASSED' if self.passed else 'FAILED'}")
-        return "\n".join(lines)
+    @classmethod
+    def from_dict(cls, data: dict) -> "Report":
+        known = {f.name for f in fields(CaseResult)}
+        results = []
+        for entry in data["cases"]:
+            values = {k: jsonio.number(v) for k, v in entry.items() if k in known}
+            results.append(CaseResult(**values))
+        return cls(data["kernel"], data["kind"], data["framework"], results, data.get("stopped", ""),
+                   data.get("not_run", 0), data.get("baseline", ""))
 
 
-def is_close(out: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float):
-    """The elementwise ok mask. A NaN reference means undefined: accepted."""
-    undefined = torch.isnan(ref)
+def _fmt(error: Optional[float]) -> str:
+    return "-" if error is None else f"{error:.3g}"
+
+
+def _fails_the_check(c: CaseResult) -> bool:
+    if c.status == "xpass" or c.change == "regressed":
+        return True
+    return c.status == "fail" and c.change not in ("unchanged", "improved")
+
+
+# ---------------------------------------------------------------- comparing one tensor
+
+def in_dtype_range(ref: torch.Tensor, dtype) -> torch.Tensor:
+    """The reference as the dtype can hold it: a value beyond the dtype's largest
+    finite number is +-inf there, and inf is then the correctly rounded answer."""
+    limit = torch.finfo(dtype).max
+    return torch.where(ref.abs() > limit, ref.sign() * math.inf, ref)
+
+
+def ulp(magnitude: float, dtype) -> float:
+    """The spacing of the dtype's numbers at ``magnitude`` (subnormal spacing below the normal range)."""
+    info = torch.finfo(dtype)
+    if not magnitude >= info.tiny:
+        return info.tiny * info.eps
+    return 2.0 ** math.floor(math.log2(magnitude)) * info.eps
+
+
+@dataclass
+class Comparison:
+    """One output against its reference, in the output's dtype."""
+
+    close: bool  # every element within the dtype's tolerance (or at an undefined reference)
+    agree: bool  # finite where the reference is finite, the same infinity where it is infinite
+    error: float  # max |out - ref| over defined elements; inf where finiteness disagrees
+    ulps: float  # error in ulps of the dtype at the reference's largest finite magnitude
+    mismatch: str  # the first element where finiteness disagrees, as "nan where the reference is 0.2"
+    worst: str = ""  # the element furthest off, in the same words
+
+
+def compare(out: torch.Tensor, ref: torch.Tensor, dtype) -> Comparison:
+    """``out`` and ``ref`` are float64 and of one shape; ``dtype`` is the output's own."""
+    rtol, atol = TOLERANCES[dtype]
+    out, ref = out.detach(), in_dtype_range(ref.detach(), dtype)
+    defined = ~torch.isnan(ref)
     both_finite = torch.isfinite(out) & torch.isfinite(ref)
-    close = both_finite & ((out - ref).abs() <= atol + rtol * ref.abs())
     same_inf = torch.isinf(ref) & (out == ref)
-    return undefined | close | same_inf
+    diff = torch.where(both_finite, (out - ref).abs(), torch.zeros_like(ref))
+    agree_mask = ~defined | both_finite | same_inf
+    close = bool((agree_mask & (~both_finite | (diff <= atol + rtol * ref.abs()))).all())
+    agree = bool(agree_mask.all())
+    mismatch = ""
+    if not agree:
+        i = int(torch.nonzero(~agree_mask.flatten())[0])
+        mismatch = f"{out.flatten()[i].item():.6g} where the reference is {ref.flatten()[i].item():.6g}"
+    error, worst = 0.0, ""
+    if diff.numel():
+        i = int(diff.flatten().argmax())
+        error = float(diff.flatten()[i])
+        worst = f"{out.flatten()[i].item():.6g} where the reference is {ref.flatten()[i].item():.6g}"
+    if not agree:
+        error = math.inf
+    finite_ref = ref[both_finite]
+    scale = float(finite_ref.abs().max()) if finite_ref.numel() else 0.0
+    return Comparison(close, agree, error, error / ulp(scale, dtype), mismatch, worst)
 
 
-def max_abs_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.detach(), ref.detach()
-    both = torch.isfinite(out) & torch.isfinite(ref)
-    return float((out - ref).abs()[both].max()) if both.any() else 0.0
+def judge(out: torch.Tensor, ref: torch.Tensor, dtype, framework: Callable[[], Optional[Comparison]],
+          known_failure=None) -> tuple[bool, Optional[float], str]:
+    """(ok, error, reason) for one part (forward or gradient) of one case: ``out``
+    and ``ref`` as float64, ``dtype`` the one the kernel returned ``out`` in,
+    ``framework()`` the framework op's Comparison on the same part (None where the
+    op raised), called only when needed, and ``known_failure`` the case's record of
+    that op failing here, if any."""
+    if tuple(out.shape) != tuple(ref.shape):
+        return False, None, f"shape {tuple(out.shape)} where the reference has shape {tuple(ref.shape)}"
+    mine = compare(out, ref, dtype)
+    if mine.close:
+        return True, mine.error, ""
+    if not mine.agree:
+        return False, mine.error, mine.mismatch
+    beyond = f"max error {mine.error:.3g} ({mine.ulps:.3g} ulp of {dtype_name(dtype)}, {mine.worst}) beyond tolerance"
+    if known_failure is not None:
+        return False, mine.error, f"{beyond}; the framework's op cannot vouch: this is its recorded failure ({known_failure.note})"
+    theirs = framework()
+    if theirs is None:
+        return False, mine.error, beyond
+    if not theirs.agree or theirs.ulps > NOISE_ULPS:
+        return False, mine.error, f"{beyond}; the framework's op is off here too ({theirs.ulps:.3g} ulp), so it cannot vouch"
+    if mine.ulps <= FRAMEWORK_MARGIN * theirs.ulps:
+        return True, mine.error, (f"beyond tolerance, within {FRAMEWORK_MARGIN:g}x the framework's op "
+                                  f"({mine.ulps:.3g} vs {theirs.ulps:.3g} ulp)")
+    return False, mine.error, f"{beyond}, and over {FRAMEWORK_MARGIN:g}x the framework's op ({theirs.ulps:.3g} ulp)"
 
 
-def describe_mismatch(out: torch.Tensor, ref: torch.Tensor) -> str:
-    """The first disagreement in finiteness (finite vs inf, NaN vs -inf, inf vs -inf)."""
-    agree = torch.isnan(ref) | (torch.isfinite(out) & torch.isfinite(ref)) | (torch.isinf(ref) & (out == ref))
-    bad = ~agree
-    if bad.any():
-        i = int(torch.nonzero(bad.flatten())[0])
-        return f"{out.flatten()[i].item()} where the reference is {ref.flatten()[i].item()}"
-    return ""
+# ---------------------------------------------------------------- running one case
+
+class KernelRaised(Exception):
+    """The kernel (or its backward, or its grad_fn) raised; the case fails with this reason."""
 
 
-def _accepts(fn: Callable, keywords: dict) -> list[str]:
+def _call_kernel(function, *args, **kwargs):
+    # SystemExit is the kernel's doing too (sys.exit inside it): it fails the case and
+    # does not end the check. KeyboardInterrupt is the user's, so it still stops everything.
+    try:
+        with np.errstate(all="ignore"):
+            return function(*args, **kwargs)
+    except (Exception, SystemExit) as err:
+        message = str(err).splitlines()[0][:80] if str(err) else ""
+        raise KernelRaised(f"raised {type(err).__name__}" + (f": {message}" if message else "")) from err
+
+
+def _missing_keywords(fn: Callable, keywords: dict) -> list[str]:
     """The keywords fn's signature lacks (a **kwargs parameter accepts them all)."""
     try:
         params = inspect.signature(fn).parameters
@@ -130,98 +316,351 @@ def _upstream(shape, gen) -> torch.Tensor:
     return torch.randn(shape, generator=gen, dtype=torch.float64) + 0.5
 
 
-def in_dtype_range(ref: torch.Tensor, dtype) -> torch.Tensor:
-    """The reference as the dtype can hold it: a value beyond the dtype's largest
-    finite number is +-inf there, and inf is then the correctly rounded answer."""
-    limit = torch.finfo(dtype).max
-    return torch.where(ref.abs() > limit, ref.sign() * math.inf, ref)
-
-
-def _judge(out, ref, ours_vs_framework, dtype) -> tuple[bool, float, str]:
-    rtol, atol = TOLERANCES[dtype]
-    ref = in_dtype_range(ref, dtype)
-    ok = is_close(out, ref, rtol, atol)
-    err = max_abs_error(out, ref)
-    if bool(ok.all()):
-        return True, err, ""
-    mismatch = describe_mismatch(out, ref)
-    if mismatch:
-        return False, err, mismatch
-    framework_err = ours_vs_framework()
-    if framework_err is not None and err <= framework_err:
-        return True, err, f"beyond tolerance but no worse than the framework's op ({framework_err:.3g})"
-    return False, err, f"max error {err:.3g} beyond tolerance" + (
-        f" and the framework's op ({framework_err:.3g})" if framework_err is not None else "")
-
-
 def _undefined_if_forward_is(ref, ref_grad):
     """A scalar loss that is undefined (0/0) has no gradient either."""
-    if ref_grad is not None and ref.numel() == 1 and bool(torch.isnan(ref.detach()).all()):
+    if ref.numel() == 1 and bool(torch.isnan(ref.detach()).all()):
         return torch.full_like(ref_grad, math.nan)
     return ref_grad
 
 
-def _run_torch(fn, case, tensors, keywords, dtype, gen):
+class _Kernel:
+    """A kernel under test at one case and dtype: its forward output and, on request,
+    its gradient for a given upstream, whatever framework it is written in."""
+
+    def __init__(self, fn, grad_fn, framework, inputs, keywords):
+        self.fn, self.grad_fn, self.framework, self.keywords = fn, grad_fn, framework, keywords
+        self.x = None
+        # The kernel gets copies (strides kept), so one that writes into its inputs
+        # cannot change the reference's or the framework op's.
+        inputs = [t.detach().clone() for t in inputs]
+        if framework == "torch":
+            self.x = inputs[0].requires_grad_(True)
+            self.args = [self.x, *inputs[1:]]
+            out = _call_kernel(fn, *self.args, **keywords)
+            if not isinstance(out, torch.Tensor):
+                raise KernelRaised(f"returned {type(out).__name__}, not a torch.Tensor")
+            self.out, self.dtype = out, out.dtype
+        else:
+            self.args = [t.numpy() for t in inputs]
+            out = np.asarray(_call_kernel(fn, *self.args, **keywords))
+            self.dtype = TORCH_DTYPES_OF_NUMPY.get(out.dtype)
+            self.out = torch.from_numpy(out.astype(np.float64)) if self.dtype is not None else None
+        if self.dtype not in TOLERANCES:
+            raise KernelRaised(f"returned {self.dtype or out.dtype} values, not float16, bfloat16, float32 or float64")
+
+    @property
+    def checks_gradient(self) -> bool:
+        return self.framework == "torch" or self.grad_fn is not None
+
+    def gradient(self, upstream: torch.Tensor) -> Optional[torch.Tensor]:
+        """The gradient with respect to the first input for ``upstream`` (already in the
+        output's dtype), or None when none reaches the input."""
+        if self.framework == "torch":
+            if not self.out.requires_grad:
+                return None
+            (grad,) = _call_kernel(torch.autograd.grad, self.out, self.x, upstream, allow_unused=True)
+            return grad
+        grad = np.asarray(_call_kernel(self.grad_fn, *self.args, upstream=upstream.numpy(), **self.keywords))
+        return torch.from_numpy(grad)
+
+
+class _Reference:
+    """The float64 reference for a case, and its gradient for any upstream gradient."""
+
+    def __init__(self, case, inputs, keywords):
+        self.x = inputs[0].double().detach().requires_grad_(True)
+        rest = [t.double() if t.is_floating_point() else t for t in inputs[1:]]
+        self.out = reference(case, [self.x, *rest], keywords)
+        if not self.out.requires_grad:  # the catalogue's promise: every case checks the gradient
+            raise AssertionError(f"catalogue bug: case {case} has no gradient reference")
+
+    def gradient(self, upstream: torch.Tensor) -> torch.Tensor:
+        (grad,) = torch.autograd.grad(self.out, self.x, upstream.double(), retain_graph=True, allow_unused=True)
+        if grad is None:
+            raise AssertionError("catalogue bug: the reference does not depend on the input")
+        return _undefined_if_forward_is(self.out, grad)
+
+
+class _FrameworkOp:
+    """The framework's own op on the same inputs, run only when a kernel is beyond
+    tolerance (most never are), and then once for both parts."""
+
+    def __init__(self, kind, inputs, keywords, ref: _Reference, upstream64):
+        self.op, self.inputs, self.keywords, self.ref, self.upstream64 = FRAMEWORK_OPS[kind], inputs, keywords, ref, upstream64
+        self._run = None
+
+    def _output(self):
+        """(input, output) of the op, or None where it raised."""
+        if self._run is None:
+            x = self.inputs[0].detach().requires_grad_(True)
+            try:
+                self._run = (x, self.op(x, *self.inputs[1:], **self.keywords))
+            except (RuntimeError, TypeError, ValueError):
+                self._run = False
+        return self._run or None
+
+    def forward(self) -> Optional[Comparison]:
+        run = self._output()
+        if run is None:
+            return None
+        out = run[1].detach()
+        return compare(out.double(), self.ref.out, out.dtype)
+
+    def gradient(self) -> Optional[Comparison]:
+        run = self._output()
+        if run is None or not run[1].requires_grad:
+            return None
+        x, out = run
+        upstream = self.upstream64.to(out.dtype)
+        try:
+            (grad,) = torch.autograd.grad(out, x, upstream)
+        except RuntimeError:
+            return None
+        return compare(grad.double(), self.ref.gradient(upstream), grad.dtype)
+
+
+def run_case(fn: Callable, case: Case, dtype, framework: str = "torch", grad_fn: Optional[Callable] = None,
+             seed: int = 0) -> CaseResult:
+    """Check fn on one case at one dtype."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors, keywords = case.build(gen)
+    dname = dtype_name(dtype)
+
+    def result(status, forward_error=None, grad_error=None, reason="", part=""):
+        return CaseResult(case.name, dname, case.description, status, forward_error, grad_error, reason, part)
+
+    missing = _missing_keywords(fn, keywords)
+    if missing:
+        if case.core:
+            required = ", ".join(REQUIRED_KEYWORDS[case.kind])
+            return result("fail", reason=f"the kernel takes no {', '.join(missing)}; every {case.kind} kernel must "
+                                         f"take {required} (a core case)")
+        return result("unsupported", reason=f"the kernel takes no {', '.join(missing)}")
+    if framework == "numpy" and dtype not in NUMPY_DTYPES:
+        return result("unsupported", reason="NumPy has no bfloat16")
     # .to() keeps a non-contiguous case's strides, so the kernel sees the layout the case built.
     inputs = [t.to(dtype) if t.is_floating_point() else t for t in tensors]
-    cast64 = [t.double() if t.is_floating_point() else t for t in inputs]
-    x = inputs[0].detach().requires_grad_(True)
-    x64 = cast64[0].detach().requires_grad_(True)
-    ref = reference(case, [x64] + cast64[1:], keywords)
-    upstream = _upstream(ref.shape, gen)
-    out = fn(x, *inputs[1:], **keywords)
-    (ref_grad,) = torch.autograd.grad(ref, x64, upstream, allow_unused=True) if ref.requires_grad else (None,)
-    ref_grad = _undefined_if_forward_is(ref, ref_grad)
-    out_grad = None
-    if out.requires_grad:
-        (out_grad,) = torch.autograd.grad(out, x, upstream.to(out.dtype), allow_unused=True)
-
-    def framework_error(of_grad: bool):
-        def measure():
-            xf = inputs[0].detach().requires_grad_(True)
-            try:
-                fo = FRAMEWORK_OPS[case.kind](xf, *inputs[1:], **keywords)
-                if not of_grad:
-                    return max_abs_error(fo.double(), ref.detach())
-                (fg,) = torch.autograd.grad(fo, xf, upstream.to(fo.dtype))
-                return max_abs_error(fg.double(), ref_grad)
-            except (RuntimeError, TypeError):
-                return None
-
-        return measure
-
-    ok_f, err_f, why_f = _judge(out.detach().double(), ref.detach(), framework_error(False), dtype)
-    if not ok_f:
-        return "fail", err_f, None, f"forward: {why_f}"
-    if ref_grad is None:
-        return "pass", err_f, None, why_f
-    if out_grad is None:
-        return "fail", err_f, None, "no gradient reached the input"
-    ok_g, err_g, why_g = _judge(out_grad.double(), ref_grad, framework_error(True), dtype)
-    return ("pass" if ok_g else "fail"), err_f, err_g, (why_f or why_g) if ok_g else f"gradient: {why_g}"
+    ref = _Reference(case, inputs, keywords)
+    upstream64 = _upstream(ref.out.shape, gen)
+    bench = _FrameworkOp(case.kind, inputs, keywords, ref, upstream64)
+    try:
+        kernel = _Kernel(fn, grad_fn, framework, inputs, keywords)
+        ok, forward_error, why = judge(kernel.out.detach().double(), ref.out, kernel.dtype, bench.forward,
+                                        case.known_failure(dname, "forward"))
+        if not ok:
+            return result("fail", forward_error, None, f"forward: {why}", "forward")
+        if not kernel.checks_gradient:
+            return result("pass", forward_error, None, why)
+        # The upstream as the kernel's output dtype holds it; the reference gradient uses the same values.
+        upstream = upstream64.to(kernel.dtype)
+        grad = kernel.gradient(upstream)
+    except KernelRaised as err:
+        return result("fail", reason=str(err))
+    if grad is None:
+        return result("fail", forward_error, None, "gradient: no gradient reached the input", "gradient")
+    grad_dtype = grad.dtype if isinstance(grad, torch.Tensor) and grad.dtype in TOLERANCES else None
+    if grad_dtype is None:
+        return result("fail", forward_error, None, f"gradient: a {grad.dtype} gradient, not floating point", "gradient")
+    ok, grad_error, why_grad = judge(grad.double(), ref.gradient(upstream), grad_dtype, bench.gradient,
+                                      case.known_failure(dname, "gradient"))
+    if not ok:
+        return result("fail", forward_error, grad_error, f"gradient: {why_grad}", "gradient")
+    return result("pass", forward_error, grad_error, why or why_grad)
 
 
-def _run_numpy(fn, grad_fn, case, tensors, keywords, dtype, gen):
-    if dtype not in NUMPY_DTYPES:
-        return "unsupported", None, None, "NumPy has no bfloat16"
-    np_dtype = NUMPY_DTYPES[dtype]
-    arrays = [t.numpy().astype(np_dtype) if t.is_floating_point() else t.numpy() for t in tensors]
-    x64 = torch.from_numpy(arrays[0].astype(np.float64)).requires_grad_(True)
-    rest64 = [torch.from_numpy(a.astype(np.float64)) if a.dtype.kind == "f" else torch.from_numpy(a) for a in arrays[1:]]
-    ref = reference(case, [x64] + rest64, keywords)
-    with np.errstate(all="ignore"):
-        out = torch.from_numpy(np.asarray(fn(*arrays, **keywords), dtype=np.float64))
-    ok_f, err_f, why_f = _judge(out, ref.detach(), lambda: None, dtype)
-    if not ok_f or grad_fn is None:
-        return ("pass" if ok_f else "fail"), err_f, None, why_f if ok_f else f"forward: {why_f}"
-    upstream = _upstream(ref.shape, gen)
-    (ref_grad,) = torch.autograd.grad(ref, x64, upstream)
-    ref_grad = _undefined_if_forward_is(ref, ref_grad)
-    with np.errstate(all="ignore"):
-        grad = torch.from_numpy(np.asarray(grad_fn(*arrays, upstream=upstream.numpy().astype(np_dtype), **keywords),
-                                           dtype=np.float64))
-    ok_g, err_g, why_g = _judge(grad, ref_grad, lambda: None, dtype)
-    return ("pass" if ok_g else "fail"), err_f, err_g, "" if ok_g else f"gradient: {why_g}"
+# ---------------------------------------------------------------- the deadline
+
+class CheckTimedOut(BaseException):
+    """Raised by the deadline's alarm. A BaseException, so that a kernel's
+    ``except Exception`` cannot swallow it."""
+
+
+class _Deadline:
+    """SIGALRM after ``seconds``, then again every RETRY_S while armed, raising CheckTimedOut.
+
+    Why a signal in this process, not a child process with a deadline: a forked child
+    that runs torch ops hangs on this CPU build once the parent has used its OpenMP
+    pool (measured: a softmax in the child never returns unless the child drops to one
+    thread), CUDA cannot be used in a forked child at all, and a spawned one cannot
+    receive lambdas or closures as kernels. The alarm interrupts pure-Python loops, and
+    torch code between ops (each op returns to the interpreter, where the handler
+    runs; sleeps and lock waits are interrupted too). What it cannot stop is one native
+    call that never returns; the docs say so. Repeating the alarm gets past a kernel
+    that swallows the first exception and hangs again (one that swallows every
+    exception in a loop cannot be stopped from inside the process). Signals need
+    the main thread, so check() refuses a timeout elsewhere rather than silently
+    running without one. The previous SIGALRM handler and timer (pytest-timeout's,
+    say) are put back afterwards.
+    """
+
+    RETRY_S = 0.25
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.armed = False
+
+    def _alarm(self, signum, frame):
+        if self.armed:
+            raise CheckTimedOut()
+
+    def __enter__(self):
+        self.started = time.monotonic()
+        self.old_handler = signal.signal(signal.SIGALRM, self._alarm)
+        self.armed = True
+        self.old_timer = signal.setitimer(signal.ITIMER_REAL, self.seconds, self.RETRY_S)
+        return self
+
+    def __exit__(self, *exc):
+        self.armed = False  # first: an alarm that lands from here on is ignored
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        # None: the old handler was not installed from Python and cannot be put back as it was.
+        signal.signal(signal.SIGALRM, signal.SIG_DFL if self.old_handler is None else self.old_handler)
+        delay, interval = self.old_timer
+        if delay > 0:  # someone else's timer was running: resume it, less the time we took
+            signal.setitimer(signal.ITIMER_REAL, max(delay - (time.monotonic() - self.started), 1e-3), interval)
+        return False
+
+
+def _check_timeout(timeout) -> Optional[float]:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (math.isfinite(timeout) and timeout > 0):
+        raise ConfigError("timeout", timeout, "must be a finite number of seconds > 0, or None for no limit")
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        raise ValueError("check() enforces timeout= with SIGALRM, which works in the main thread of a "
+                         "POSIX process only; pass timeout=None to check without a time limit")
+    return float(timeout)
+
+
+def _run_all(fn, grad_fn, framework, pairs, seed, timeout) -> tuple[list, str]:
+    """Run every (case, dtype) pair; returns (results, why it stopped early or "")."""
+    results = []
+    if timeout is None:
+        for case, dtype in pairs:
+            results.append(run_case(fn, case, dtype, framework, grad_fn, seed))
+        return results, ""
+    try:
+        with _Deadline(timeout):
+            for case, dtype in pairs:
+                results.append(run_case(fn, case, dtype, framework, grad_fn, seed))
+    except CheckTimedOut:
+        if len(results) == len(pairs):  # the alarm landed after the last case: nothing was cut short
+            return results, ""
+        case, dtype = pairs[len(results)]
+        dname = dtype_name(dtype)
+        results.append(CaseResult(case.name, dname, case.description, "fail",
+                                  reason=f"timed out: the check passed its {timeout:g} s limit during this case"))
+        left = len(pairs) - len(results)
+        return results, (f"timed out after {timeout:g} s on {case.name} [{dname}]; "
+                         f"{left} case-dtype pair{'s' if left != 1 else ''} not run")
+    return results, ""
+
+
+# ---------------------------------------------------------------- xfail and baselines
+
+def _xfail_matcher(xfail, kind: str, cases: list, key: str = "xfail") -> Callable[[CaseResult], bool]:
+    """``xfail`` names cases: ``name`` for every dtype, ``name@dtype`` for one. A name
+    that is no case of the kind is an error, so a typo cannot silently accept nothing."""
+    known = {c.name for c in catalogue_cases(kind)} | {c.name for c in cases}
+    wanted = set()
+    for entry in xfail or ():
+        name, _, dname = str(entry).partition("@")
+        if name not in known:
+            raise ConfigError(key, entry, f"not a {kind} case; the cases are {', '.join(sorted(known))}")
+        if dname and dname not in options.DTYPES:
+            raise ConfigError(key, entry, f"{dname} is not a dtype; choose one of {', '.join(options.DTYPES)}")
+        wanted.add((name, dname))
+    return lambda c: (c.name, "") in wanted or (c.name, c.dtype) in wanted
+
+
+def _apply_xfail(results: list, listed: Callable[[CaseResult], bool]) -> None:
+    # Strict, as pytest's xfail_strict: a listed case that passes is reported as xpass
+    # and fails the check, so the list cannot go stale and hide the next regression.
+    for c in results:
+        if listed(c) and c.status in ("fail", "pass"):
+            if c.status == "pass":
+                c.status, c.reason = "xpass", "listed in xfail but passed: take it off the list"
+            else:
+                c.status = "xfail"
+
+
+def load_report(source, key: str = "baseline") -> Report:
+    """A Report from a check.json path (or a Report, returned as is); ConfigError naming ``key``."""
+    if isinstance(source, Report):
+        return source
+    path = Path(source)
+    try:
+        data = _read_check_json(path)
+        report = Report.from_dict(data)
+    except OSError as err:
+        raise ConfigError(key, source, f"cannot read it ({err.strerror or type(err).__name__})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ConfigError(key, source, f"is not a check.json written by mode=check ({type(err).__name__}: "
+                                       f"{str(err).splitlines()[0][:80] if str(err) else 'bad structure'})") from None
+    return report
+
+
+def _read_check_json(path: Path) -> dict:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or not isinstance(data.get("cases"), list):
+        raise ValueError("no list of cases")
+    return data
+
+
+def _grew(now: Optional[float], before: Optional[float]) -> bool:
+    if now is None or before is None:
+        return False  # not measured in one of the runs: nothing to compare
+    return now > BASELINE_MARGIN * before if math.isfinite(before) else False
+
+
+def _shrank(now: Optional[float], before: Optional[float]) -> bool:
+    return _grew(before, now)
+
+
+def _apply_baseline(results: list, baseline: Report) -> None:
+    """Mark each result regressed, improved, unchanged or new against the baseline.
+
+    A failure is accepted (unchanged) when the baseline failed the same case and no
+    error measured in both runs grew by more than BASELINE_MARGIN; a case that passed
+    there and fails or is unsupported now has regressed."""
+    before = {(c.name, c.dtype): c for c in baseline.cases}
+    failed = ("fail", "xfail")
+    for c in results:
+        b = before.get((c.name, c.dtype))
+        if b is None:
+            c.change = "new"
+            continue
+        was_failing, is_failing = b.status in failed, c.status in failed
+        if is_failing and not was_failing:
+            c.change = "regressed"
+            c.reason += f" (the baseline: {b.status})"
+        elif c.status == "unsupported" and b.status in ("pass", "xpass"):
+            c.change = "regressed"
+            c.reason += " (the baseline: pass)"
+        elif is_failing:
+            grown = [(part, now, then) for part, now, then in (("forward", c.forward_error, b.forward_error),
+                                                               ("gradient", c.grad_error, b.grad_error))
+                     if _grew(now, then)]
+            if grown:
+                c.change = "regressed"
+                c.reason += "; " + ", ".join(f"{part} error grew from {then:.3g} to {now:.3g}, over "
+                                             f"{BASELINE_MARGIN:g}x the baseline's" for part, now, then in grown)
+            elif _shrank(c.forward_error, b.forward_error) or _shrank(c.grad_error, b.grad_error):
+                c.change = "improved"
+            else:
+                c.change = "unchanged"
+        elif was_failing or (b.status == "unsupported" and c.status != "unsupported"):
+            c.change = "improved"
+        else:
+            c.change = "unchanged"
+
+
+# ---------------------------------------------------------------- check()
+
+def kernel_name(fn) -> str:
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+    # torch's builtins (torch.softmax, ...) are methods of a private class; name them as users call them.
+    return "torch." + name.partition(".")[2] if name.startswith("_VariableFunctionsClass.") else name
 
 
 def _kind_and_cases(kind, cases) -> tuple[str, Optional[list]]:
@@ -247,8 +686,27 @@ def _kind_and_cases(kind, cases) -> tuple[str, Optional[list]]:
     return kind, cases
 
 
+def _dtypes(dtypes) -> list:
+    if dtypes is None:
+        return list(DTYPES.values())
+    chosen = []
+    for d in dtypes:
+        if isinstance(d, str):
+            if d not in DTYPES:
+                raise ConfigError("dtypes", d, f"not a dtype; choose from {', '.join(options.DTYPES)}")
+            d = DTYPES[d]
+        if d not in TOLERANCES:
+            raise ConfigError("dtypes", d, f"not a floating-point dtype nanlab checks ({', '.join(options.DTYPES)})")
+        if d not in chosen:
+            chosen.append(d)
+    if not chosen:
+        raise ConfigError("dtypes", "[]", "must name at least one dtype")
+    return chosen
+
+
 def check(fn: Callable, kind: Union[str, Case, None] = None, framework: str = "torch", dtypes=None,
-          grad_fn: Optional[Callable] = None, cases: Optional[list] = None, seed: int = 0) -> Report:
+          grad_fn: Optional[Callable] = None, cases: Optional[list] = None, seed: int = 0,
+          timeout: Optional[float] = DEFAULT_TIMEOUT_S, xfail=(), baseline=None) -> Report:
     """Check ``fn`` against every case of ``kind`` at each dtype; returns a Report.
 
     ``check(fn, case)`` checks one Case alone (for pytest.mark.parametrize), and
@@ -258,31 +716,33 @@ def check(fn: Callable, kind: Union[str, Case, None] = None, framework: str = "t
     through autograd. framework="numpy": fn takes and returns NumPy arrays;
     gradients are checked when ``grad_fn(*inputs, upstream=..., **keywords)``
     returns the gradient with respect to the first input.
-    A keyword the kernel's signature lacks makes that case "unsupported".
+
+    A keyword the kernel's signature lacks makes that case "unsupported", except in
+    a core case, which every kernel of the kind must run: there it fails.
+    ``timeout``: seconds for the whole check (None: no limit); past it, the case
+    running fails and the check stops. ``xfail``: case names (``name`` or
+    ``name@dtype``) expected to fail; one that passes fails the check (xpass).
+    ``baseline``: a check.json path or a Report; a failure the baseline shares
+    fails the check only if it got worse.
     """
     kind, cases = _kind_and_cases(kind, cases)
     if kind not in options.KERNEL_KINDS:
         raise ValueError(f"unknown kernel kind {kind!r}; choose one of {', '.join(options.KERNEL_KINDS)}")
     if framework not in options.KERNEL_FRAMEWORKS:
         raise ValueError(f"unknown framework {framework!r}; choose {' or '.join(options.KERNEL_FRAMEWORKS)}")
-    chosen = [DTYPES[d] if isinstance(d, str) else d for d in (dtypes or DTYPES)]
-    report = Report(getattr(fn, "__qualname__", repr(fn)), kind, framework)
-    for case in cases if cases is not None else catalogue_cases(kind):
-        for dtype in chosen:
-            gen = torch.Generator().manual_seed(seed)
-            tensors, keywords = case.build(gen)
-            dname = str(dtype).removeprefix("torch.")
-            missing = _accepts(fn, keywords)
-            if missing:
-                report.cases.append(CaseResult(case.name, dname, case.description, "unsupported",
-                                               reason=f"the kernel takes no {', '.join(missing)}"))
-                continue
-            try:
-                if framework == "torch":
-                    status, fe, ge, why = _run_torch(fn, case, tensors, keywords, dtype, gen)
-                else:
-                    status, fe, ge, why = _run_numpy(fn, grad_fn, case, tensors, keywords, dtype, gen)
-            except Exception as err:  # a kernel that crashes on a case fails that case
-                status, fe, ge, why = "fail", None, None, f"raised {type(err).__name__}: {str(err).splitlines()[0][:80]}"
-            report.cases.append(CaseResult(case.name, dname, case.description, status, fe, ge, why))
+    chosen = _dtypes(dtypes)
+    timeout = _check_timeout(timeout)
+    selected = cases if cases is not None else catalogue_cases(kind)
+    listed = _xfail_matcher(xfail, kind, selected)
+    before = load_report(baseline) if baseline is not None else None
+    source = f"the report of {before.kernel}" if isinstance(baseline, Report) else str(baseline)
+    if before is not None and before.kind != kind:
+        raise ConfigError("baseline", source, f"is a check of kind {before.kind}, not {kind}")
+    pairs = [(case, dtype) for case in selected for dtype in chosen]
+    results, stopped = _run_all(fn, grad_fn, framework, pairs, seed, timeout)
+    _apply_xfail(results, listed)
+    report = Report(kernel_name(fn), kind, framework, results, stopped, len(pairs) - len(results))
+    if before is not None:
+        _apply_baseline(results, before)
+        report.baseline = source
     return report

@@ -1,4 +1,8 @@
-"""mode=check: check a kernel named by import path; exit 0 pass, 1 fail, 2 bad input."""
+"""mode=check: check a kernel named by import path; exit 0 pass, 1 fail, 2 bad input.
+
+``kernel.fn`` (and ``kernel.grad_fn``) are imported and run: the check executes
+that code, so name only code you trust.
+"""
 from __future__ import annotations
 
 import importlib
@@ -34,10 +38,19 @@ def run_check(cfg, run_dir) -> int:
         raise ConfigError("kernel.kind", None, "is required; choose one of " + ", ".join(options.KERNEL_KINDS))
     fn = resolve(kernel.fn, "kernel.fn")
     grad_fn = resolve(kernel.grad_fn, "kernel.grad_fn") if kernel.grad_fn else None
-    from nanlab.kernels.check import check
+    from nanlab.kernels.check import check, load_report
 
-    report = check(fn, kind=kernel.kind, framework=kernel.framework, dtypes=list(kernel.dtypes), grad_fn=grad_fn)
+    baseline = load_report(kernel.baseline, key="kernel.baseline") if kernel.baseline else None
+    if baseline is not None and baseline.kind != kernel.kind:
+        raise ConfigError("kernel.baseline", kernel.baseline, f"is a check of kind {baseline.kind}, not {kernel.kind}")
+    try:
+        report = check(fn, kind=kernel.kind, framework=kernel.framework, dtypes=list(kernel.dtypes), grad_fn=grad_fn,
+                       timeout=kernel.timeout, xfail=list(kernel.xfail), baseline=baseline)
+    except ConfigError as err:  # check() names its own arguments; here they are kernel.* keys
+        raise ConfigError(f"kernel.{err.key}", err.value, err.allowed) from None
+    if baseline is not None:
+        report.baseline = kernel.baseline
     path = jsonio.write_json(Path(run_dir) / "check.json", report.to_dict())
-    print(report.table())
+    print(report.table(failures_only=kernel.show == "failures"))
     print(f"Wrote {path}")
     return 0 if report.passed else EXIT_FAIL

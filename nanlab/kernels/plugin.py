@@ -2,9 +2,12 @@
 
     def test_my_ce(nanlab_check):
         nanlab_check(my_ce, kind="cross_entropy")
+        nanlab_check(F.cross_entropy, kind="cross_entropy", xfail=["fully_neg_inf_row_ignored"])
+        nanlab_check(my_ce, kind="cross_entropy", baseline="tests/baselines/my_ce.json")
 
-fails the test with a readable list of the failing cases; ``nanlab_check(my_ce, case)``
-checks one Case of ``nanlab.kernels.cases(kind)``.
+fails the test with a list of the failing cases and why; ``nanlab_check(my_ce, case)``
+checks one Case of ``nanlab.kernels.cases(kind)``. Every keyword of
+``nanlab.kernels.check`` (dtypes, timeout, xfail, baseline, ...) is passed through.
 """
 import pytest
 
@@ -16,8 +19,8 @@ def nanlab_check():
     def run(fn, kind=None, **options):
         report = check(fn, kind, **options)
         if not report.passed:
-            lines = [f"  {c.name} [{c.dtype}]: {c.reason}" for c in report.failures]
-            pytest.fail(f"{report.kernel} fails {len(lines)} nanlab {report.kind} case(s):\n" + "\n".join(lines), pytrace=False)
+            lines = report.failure_lines()
+            pytest.fail(f"{report.summary()}\n" + "\n".join(f"  {line}" for line in lines), pytrace=False)
         return report
 
     return run

@@ -1,0 +1,593 @@
+"""Verdicts you can trust on real code: each test here failed on the checker before it
+was made to judge what the kernel returned, at the dtype it returned, on every case."""
+import dataclasses
+import json
+import math
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanlab import jsonio, options
+from nanlab.errors import ConfigError
+from nanlab.kernels import Case, cases, check, load_report
+from nanlab.kernels import examples as ex
+from nanlab.kernels.catalogue import IGNORE, REQUIRED_KEYWORDS, reference
+
+checker = sys.modules["nanlab.kernels.check"]  # the module; nanlab.kernels.check is the function
+
+
+def by_label(report):
+    return {(c.name, c.dtype): c for c in report.cases}
+
+
+def one_case(name, kind, description, tensors, **keywords):
+    return Case(name, kind, description, lambda g: ([t.clone() for t in tensors], dict(keywords)))
+
+
+# ---------------------------------------------------------------- 1. a kernel that cannot run the core cases never passes
+
+def zero_loss(logits, target):
+    return torch.zeros((), requires_grad=True)
+
+
+def test_a_kernel_without_reduction_fails_its_84_cases_instead_of_passing_them_as_unsupported():
+    report = check(zero_loss, kind="cross_entropy")
+    assert len(report.cases) == 84 and not report.passed
+    core = {c.name for c in cases("cross_entropy") if c.core}
+    for c in report.cases:
+        if c.name in core:
+            assert c.status == "fail" and "takes no reduction" in c.reason and "core case" in c.reason
+        else:
+            assert c.status == "unsupported"
+    assert len(report.failures) == 4 * len(core) == 52
+
+
+def test_the_same_kernel_with_reduction_runs_the_core_cases():
+    def ce_reduction_only(logits, target, reduction="mean"):
+        return F.cross_entropy(logits, target, reduction=reduction)
+
+    report = check(ce_reduction_only, kind="cross_entropy", dtypes=["float32"])
+    assert report.passed, report.table()
+    assert {c.name for c in report.cases if c.status == "pass"} == {c.name for c in cases("cross_entropy") if c.core}
+
+
+def test_a_check_in_which_nothing_ran_fails():
+    def np_softmax(x, dim=-1):
+        e = np.exp(x - x.max(dim, keepdims=True))
+        return e / e.sum(dim, keepdims=True)
+
+    nothing = check(np_softmax, kind="softmax", framework="numpy", dtypes=["bfloat16"])
+    assert {c.status for c in nothing.cases} == {"unsupported"} and not nothing.passed
+    assert "no case ran" in nothing.table() and "no case ran" in repr(nothing)
+    assert check(np_softmax, kind="softmax", framework="numpy", dtypes=["float32"]).passed
+
+
+def test_the_zero_kernel_fails_the_fixture(pytester):
+    pytester.makepyfile("""
+        import torch
+
+        def zero_loss(logits, target):
+            return torch.zeros((), requires_grad=True)
+
+        def test_zero(nanlab_check):
+            nanlab_check(zero_loss, kind="cross_entropy", dtypes=["float32"])
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*random?none? ?float32?: the kernel takes no reduction; every cross_entropy "
+                                 "kernel must take reduction (a core case)*"])
+
+
+def test_sys_exit_in_a_kernel_fails_the_case_and_the_check_goes_on():
+    calls = []
+
+    def exits_on_neg_inf(x, dim=-1):
+        calls.append(1)
+        if torch.isinf(x).any():
+            sys.exit(0)
+        return torch.softmax(x, dim)
+
+    report = check(exits_on_neg_inf, kind="softmax", dtypes=["float32"])
+    failed = {c.name: c.reason for c in report.failures}
+    assert failed == {"some_neg_inf": "raised SystemExit: 0", "fully_neg_inf_row": "raised SystemExit: 0"}
+    assert len(calls) == len(report.cases) == len(cases("softmax"))  # it went on after the exits
+
+
+def test_keyboard_interrupt_in_a_kernel_still_stops_the_check():
+    previous = signal.getsignal(signal.SIGALRM)
+
+    def interrupted(x, dim=-1):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        check(interrupted, kind="softmax", dtypes=["float32"])
+    assert signal.getsignal(signal.SIGALRM) is previous and signal.getitimer(signal.ITIMER_REAL)[0] == 0
+
+
+def _hangs_on_neg_inf(how):
+    def kernel(x, dim=-1):
+        if torch.isinf(x).any():
+            if how == "python":
+                while True:
+                    pass
+            if how == "torch":
+                y = x
+                while True:
+                    y = torch.nan_to_num(y) * 1.0
+            if how == "sleep":
+                time.sleep(3600)
+            if how == "swallows_once":
+                try:
+                    time.sleep(3600)
+                except BaseException:
+                    pass
+                while True:
+                    pass
+        return torch.softmax(x, dim)
+
+    return kernel
+
+
+@pytest.mark.parametrize("how", ["python", "torch", "sleep", "swallows_once"])
+def test_a_hanging_kernel_is_stopped_and_the_case_it_was_on_named(how):
+    start = time.monotonic()
+    report = check(_hangs_on_neg_inf(how), kind="softmax", dtypes=["float32"], timeout=2)
+    assert time.monotonic() - start < 10
+    assert not report.passed
+    assert [c.status for c in report.cases] == ["pass"] * 5 + ["fail"]  # random .. all_equal ran, then some_neg_inf
+    assert report.cases[-1].name == "some_neg_inf" and report.cases[-1].reason.startswith("timed out")
+    assert report.stopped == "timed out after 2 s on some_neg_inf [float32]; 5 case-dtype pairs not run"
+    assert report.not_run == 5 and "stopped: timed out" in report.table()
+
+
+def test_the_deadline_puts_back_the_alarm_it_found():
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *a: fired.append(1))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 30)
+        assert check(torch.softmax, kind="softmax", dtypes=["float32"], timeout=5).passed
+        assert signal.getsignal(signal.SIGALRM) is not None and not fired
+        remaining = signal.getitimer(signal.ITIMER_REAL)[0]
+        assert 20 < remaining < 30  # the other timer still runs, less the time the check took
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_timeout_needs_the_main_thread_and_none_runs_anywhere():
+    outcome = {}
+
+    def in_thread():
+        try:
+            check(torch.softmax, kind="softmax", dtypes=["float32"])
+        except ValueError as err:
+            outcome["default"] = str(err)
+        outcome["none"] = check(torch.softmax, kind="softmax", dtypes=["float32"], timeout=None).passed
+
+    worker = threading.Thread(target=in_thread)
+    worker.start()
+    worker.join()
+    assert "main thread" in outcome["default"] and outcome["none"] is True
+    for bad in (0, -1, math.inf, "60"):
+        with pytest.raises(ConfigError, match="timeout="):
+            check(torch.softmax, kind="softmax", timeout=bad)
+
+
+def test_an_output_of_the_wrong_shape_fails_with_both_shapes():
+    def extra_axis(x, dim=-1):
+        return x.softmax(-1)[None]
+
+    report = check(extra_axis, kind="softmax", dtypes=["float32", "float64", "float16"])
+    assert len(report.cases) == 33 and len(report.failures) == 33
+    assert report.cases[0].reason == "forward: shape (1, 8, 5) where the reference has shape (8, 5)"
+
+    def np_extra_axis(x, dim=-1):  # no gradient to trip over: the forward alone must catch it
+        e = np.exp(x - x.max(dim, keepdims=True))
+        return (e / e.sum(dim, keepdims=True))[None]
+
+    report = check(np_extra_axis, kind="softmax", framework="numpy", dtypes=["float32", "float64", "float16"])
+    assert len(report.failures) == 33 and all("shape (1, " in c.reason for c in report.failures)
+    assert check(lambda x, dim=-1: x.softmax(-1), kind="softmax", dtypes=["float32"]).passed
+
+
+def test_a_numpy_gradient_of_the_wrong_shape_fails():
+    case = cases("cross_entropy")[0]
+    grad = lambda *a, **k: ex.numpy_cross_entropy_grad(*a, **k)[None]  # noqa: E731
+    report = check(ex.numpy_cross_entropy, case, framework="numpy", grad_fn=grad, dtypes=["float64"])
+    assert report.cases[0].reason == "gradient: shape (1, 8, 5) where the reference has shape (8, 5)"
+
+
+# ---------------------------------------------------------------- 2. judged in the dtype the kernel returned
+
+# float16 holds 65504 and -30128 exactly; the exact loss for target 1 is 95632, beyond float16's 65504.
+LOSS_95632 = one_case("loss_95632", "cross_entropy", "logits [65504, -30128], target 1: the exact loss is 95632",
+                      [torch.tensor([[65504.0, -30128.0]], dtype=torch.float64), torch.tensor([1])], reduction="none")
+
+
+def test_a_kernel_that_upcasts_float16_and_returns_the_exact_loss_passes():
+    def upcast_ce(logits, target, reduction="mean"):
+        return F.cross_entropy(logits.float(), target, reduction=reduction)
+
+    report = check(upcast_ce, LOSS_95632, dtypes=["float16"])
+    assert report.passed, report.table()
+    assert report.cases[0].forward_error == 0.0
+
+
+def test_the_reference_is_rounded_to_a_dtype_only_when_the_output_has_that_dtype():
+    assert check(F.cross_entropy, LOSS_95632, dtypes=["float16"]).passed  # float16 out: inf is the right answer
+
+    def float16_ce_returned_as_float32(logits, target, reduction="mean"):
+        return F.cross_entropy(logits, target, reduction=reduction).float()
+
+    report = check(float16_ce_returned_as_float32, LOSS_95632, dtypes=["float16"])
+    assert report.cases[0].reason == "forward: inf where the reference is 95632"
+
+
+def test_tolerances_follow_the_output_dtype():
+    def float16_softmax_returned_as_float32(x, dim=-1):
+        return torch.softmax(x, dim).float()
+
+    report = check(float16_softmax_returned_as_float32, kind="softmax", dtypes=["float16"])
+    assert "random" in {c.name for c in report.failures}
+    assert "ulp of float32" in by_label(report)["random", "float16"].reason
+    assert check(torch.softmax, kind="softmax", dtypes=["float16"]).passed
+
+
+# ---------------------------------------------------------------- 3. the framework's op: a margin, and no self-vouching
+
+def test_an_error_of_8_47e_5_against_the_frameworks_8_25e_5_is_noise_not_a_failure():
+    # Gradient-like values up to 0.3: one float16 ulp there is 2.44e-4, and both
+    # errors, at an entry of 0.012, are beyond torch.testing's tolerance (2.2e-5).
+    ref = torch.tensor([0.3, -0.25, 0.012, 0.1], dtype=torch.float64)
+    bump = torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+    framework = ref + 8.25e-5 * bump
+    measured = lambda: checker.compare(framework, ref, torch.float16)  # noqa: E731
+    ok, error, why = checker.judge(ref + 8.47e-5 * bump, ref, torch.float16, measured)
+    assert ok and error == pytest.approx(8.47e-5) and "within 2x the framework's op" in why
+    ok, _, why = checker.judge(ref + 3 * 8.25e-5 * bump, ref, torch.float16, measured)
+    assert not ok and "over 2x the framework's op" in why
+    assert checker.judge(ref + 1e-6 * bump, ref, torch.float16, lambda: pytest.fail("not needed"))[0]
+
+
+def test_a_float32_upcast_attention_softmax_passes():
+    def attention_softmax(x, dim=-1):
+        return torch.softmax(x.float(), dim).to(x.dtype)
+
+    report = check(attention_softmax, kind="softmax")
+    assert report.passed, report.table()
+
+
+def test_torch_logsumexp_cannot_vouch_for_its_own_gradient_on_1e4_times_5():
+    case = next(c for c in cases("logsumexp") if c.name == "all_equal")
+    assert torch.equal(case.build(torch.Generator())[0][0], torch.full((4, 5), 1e4, dtype=torch.float64))
+    x = torch.full((5,), 1e4, dtype=torch.float16, requires_grad=True)
+    torch.logsumexp(x, 0).backward()
+    assert x.grad.tolist() == [1.0] * 5  # the exact gradient is 0.2 per entry
+    report = check(torch.logsumexp, case, dtypes=["float16"])
+    assert not report.passed and report.cases[0].reason.startswith("gradient: max error")
+    # Without the record, the op still cannot vouch: its own error is no rounding noise.
+    report = check(torch.logsumexp, dataclasses.replace(case, framework_failures=()), dtypes=["float16"])
+    assert not report.passed and "cannot vouch" in report.cases[0].reason
+    assert check(ex.stable_logsumexp, case).passed
+
+
+def test_torch_binary_cross_entropy_zero_gradient_at_0_and_1_fails():
+    case = next(c for c in cases("binary_cross_entropy") if c.name == "probs_0_and_1_agreeing[none]")
+    report = check(F.binary_cross_entropy, case, dtypes=["float32"])
+    assert not report.passed and " 0 where the reference is" in report.cases[0].reason
+
+
+@pytest.mark.parametrize("kind", options.KERNEL_KINDS)
+def test_torch_fails_exactly_the_failures_the_catalogue_records(kind):
+    op = checker.FRAMEWORK_OPS[kind]
+    recorded = {(c.name, f.dtype): f for c in cases(kind) for f in c.framework_failures}
+    report = check(op, kind=kind)
+    assert {(c.name, c.dtype) for c in report.failures} == set(recorded), report.table()
+    for c in report.failures:
+        record = recorded[c.name, c.dtype]
+        measured = c.forward_error if record.part == "forward" else c.grad_error
+        assert c.part == record.part
+        assert (measured == record.error == math.inf) or record.error / 2 <= measured <= 2 * record.error
+    # Each record describes a real failure: without it the op fails all the same.
+    stripped = [dataclasses.replace(c, framework_failures=()) for c in cases(kind) if c.framework_failures]
+    for case in stripped:
+        dtypes = sorted({d for (name, d) in recorded if name == case.name})
+        assert not check(op, case, dtypes=dtypes).counts()["pass"]
+
+
+def test_the_catalogue_records_torch_s_failures_on_these_cases():
+    recorded = {(c.kind, c.name) for kind in options.KERNEL_KINDS for c in cases(kind) if c.framework_failures}
+    assert recorded == {("cross_entropy", "fully_neg_inf_row_ignored"),
+                        ("binary_cross_entropy", "probs_0_and_1_agreeing[none]"),
+                        ("binary_cross_entropy", "probs_0_and_1_disagreeing[none]"),
+                        ("binary_cross_entropy", "probs_near_0_and_1[none]"),
+                        ("logsumexp", "all_equal"), ("logsumexp", "huge_close_values")}
+
+
+# ---------------------------------------------------------------- 4. every case checks the gradient
+
+@pytest.mark.parametrize("kind", options.KERNEL_KINDS)
+def test_every_case_has_a_gradient_reference(kind):
+    for case in cases(kind):
+        tensors, keywords = case.build(torch.Generator().manual_seed(0))
+        for dtype in (torch.float32, torch.float16):
+            x = tensors[0].to(dtype).double().requires_grad_(True)
+            rest = [t.to(dtype).double() if t.is_floating_point() else t for t in tensors[1:]]
+            out = reference(case, [x, *rest], keywords)
+            assert out.requires_grad, case
+            (grad,) = torch.autograd.grad(out, x, torch.ones_like(out))
+            assert grad.shape == x.shape, case
+
+
+class _NaNBackward(torch.autograd.Function):
+    """A correct logsumexp whose backward is all NaN."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.input_shape = x.shape
+        return ex.stable_logsumexp(x.detach(), -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full(ctx.input_shape, math.nan, dtype=grad.dtype)
+
+
+def test_a_logsumexp_with_an_all_nan_backward_fails_the_50_digit_case():
+    case = next(c for c in cases("logsumexp") if c.name == "huge_close_values")
+    report = check(lambda x, dim=-1: _NaNBackward.apply(x), case, dtypes=["float32", "float64"])
+    assert {c.dtype for c in report.failures} == {"float32", "float64"}
+    assert all(c.reason.startswith("gradient: nan where the reference is") for c in report.failures)
+    exact = check(ex.stable_logsumexp, case)
+    assert exact.passed, exact.table()
+
+
+def test_the_50_digit_gradient_is_the_softmax_of_the_row():
+    case = next(c for c in cases("logsumexp") if c.name == "huge_close_values")
+    (x,), keywords = case.build(torch.Generator())
+    x = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(reference(case, [x], keywords), x, torch.ones(2, dtype=torch.float64))
+    weights = torch.exp(torch.arange(6, dtype=torch.float64) - 5)
+    assert torch.allclose(grad[0], weights / weights.sum(), rtol=1e-15, atol=0)
+
+
+# ---------------------------------------------------------------- 5. unsupported means one thing
+
+def gather_ce(logits, target, reduction="mean"):
+    """Cross-entropy with no ignore_index: a target of -100 would index out of range."""
+    nll = -torch.log_softmax(logits, 1).gather(1, target[:, None]).squeeze(1)
+    return nll if reduction == "none" else nll.sum() if reduction == "sum" else nll.mean()
+
+
+def test_a_kernel_without_ignore_index_is_unsupported_on_the_ignore_cases_not_crashing():
+    report = check(gather_ce, kind="cross_entropy", dtypes=["float32"])
+    unsupported = {c.name: c.reason for c in report.cases if c.status == "unsupported"}
+    assert {"ignore_index_rows[none]", "ignore_index_rows[sum]", "ignore_index_rows", "fully_neg_inf_row_ignored",
+            "all_rows_ignored", "all_rows_ignored[sum]"} <= set(unsupported)
+    assert not any("raised" in c.reason for c in report.cases)
+    assert report.passed, report.table()
+
+
+@pytest.mark.parametrize("kind", options.KERNEL_KINDS)
+def test_case_names_are_unique_within_a_kind(kind):
+    names = [c.name for c in cases(kind)]  # xfail and baselines find cases by name
+    assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize("kind", options.KERNEL_KINDS)
+def test_cases_pass_every_keyword_their_inputs_need_and_core_means_required_only(kind):
+    for case in cases(kind):
+        tensors, keywords = case.build(torch.Generator().manual_seed(0))
+        assert case.core == (set(keywords) <= set(REQUIRED_KEYWORDS[kind])), case
+        if kind == "cross_entropy" and bool((tensors[1] == IGNORE).any()):
+            assert keywords.get("ignore_index") == IGNORE, case
+
+
+# ---------------------------------------------------------------- 6. xfail and baselines
+
+def test_xfail_keeps_torch_cross_entropy_under_test():
+    report = check(F.cross_entropy, kind="cross_entropy", xfail=["fully_neg_inf_row_ignored"])
+    assert report.passed, report.table()
+    assert {c.dtype for c in report.cases if c.status == "xfail"} == set(options.DTYPES)
+    assert "4 xfail" in report.summary()
+
+
+def test_a_listed_case_that_passes_fails_the_check_as_xpass():
+    report = check(F.cross_entropy, kind="cross_entropy", dtypes=["float32"], xfail=["fully_neg_inf_row_ignored", "random"])
+    assert not report.passed
+    assert [(c.name, c.status) for c in report.failures] == [("random", "xpass")]
+    assert "take it off the list" in report.failures[0].reason
+
+
+def test_xfail_by_dtype():
+    failing = ["all_equal@float32", "all_equal@float16", "all_equal@bfloat16",
+               "huge_close_values@float32", "huge_close_values@float64", "huge_close_values@bfloat16"]
+    assert check(torch.logsumexp, kind="logsumexp", xfail=failing).passed
+    report = check(torch.logsumexp, kind="logsumexp", xfail=["all_equal", *failing[3:]])
+    assert [c.label for c in report.failures] == ["all_equal [float64]"]
+
+
+def test_xfail_rejects_names_that_are_no_case():
+    with pytest.raises(ConfigError, match="xfail=fully_neg_inf_row: not a cross_entropy case"):
+        check(F.cross_entropy, kind="cross_entropy", xfail=["fully_neg_inf_row"])
+    with pytest.raises(ConfigError, match="float8 is not a dtype"):
+        check(F.cross_entropy, kind="cross_entropy", xfail=["random@float8"])
+
+
+def scaled_ce(scale):
+    """F.cross_entropy with a relative error of ``scale`` in the loss."""
+
+    def kernel(logits, target, reduction="mean", ignore_index=IGNORE, label_smoothing=0.0):
+        loss = F.cross_entropy(logits, target, reduction=reduction, ignore_index=ignore_index,
+                               label_smoothing=label_smoothing)
+        return loss * (1 + scale)
+
+    return kernel
+
+
+def save(report, path):
+    return jsonio.write_json(path, report.to_dict())
+
+
+def test_a_baseline_fails_only_what_got_worse(tmp_path):
+    some = [c for c in cases("cross_entropy") if c.name in ("random", "random[sum]", "large_gap", "odd_sizes")]
+    base = check(scaled_ce(1e-2), cases=some, dtypes=["float32"])
+    assert len(base.failures) == 4
+    path = save(base, tmp_path / "check.json")
+    same = check(scaled_ce(1e-2), cases=some, dtypes=["float32"], baseline=path)
+    assert same.passed and {c.change for c in same.cases} == {"unchanged"}
+    within_margin = check(scaled_ce(1.5e-2), cases=some, dtypes=["float32"], baseline=path)
+    assert within_margin.passed, within_margin.table()
+    worse = check(scaled_ce(5e-2), cases=some, dtypes=["float32"], baseline=path)
+    assert not worse.passed and {c.change for c in worse.failures} == {"regressed"}
+    assert "forward error grew from" in worse.failures[0].reason and "over 2x the baseline's" in worse.failures[0].reason
+    fixed = check(scaled_ce(0.0), cases=some, dtypes=["float32"], baseline=path)
+    assert fixed.passed and {c.change for c in fixed.cases} == {"improved"}
+    assert f"against the baseline {path}: 0 regressed, 4 improved (random[sum] [float32], random [float32]," in fixed.table()
+
+
+def test_a_baseline_flags_a_case_that_passed_there_and_fails_now(tmp_path):
+    path = save(check(F.cross_entropy, kind="cross_entropy"), tmp_path / "torch.json")
+    kept = check(F.cross_entropy, kind="cross_entropy", baseline=path)
+    assert kept.passed and [c.change for c in kept.cases if c.status == "fail"] == ["unchanged"] * 4
+    naive = check(ex.naive_softmax_cross_entropy, kind="cross_entropy", baseline=path)
+    assert not naive.passed and naive.failures
+    assert all(c.change == "regressed" and "(the baseline: pass)" in c.reason for c in naive.failures
+               if c.name != "fully_neg_inf_row_ignored")
+
+
+def test_a_baseline_that_cannot_be_read_is_one_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read it"):
+        check(F.cross_entropy, kind="cross_entropy", baseline=tmp_path / "missing.json")
+    (tmp_path / "garbage.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="is not a check.json written by mode=check"):
+        load_report(tmp_path / "garbage.json")
+    (tmp_path / "other.json").write_text(json.dumps({"cases": [{"dtype": "float32"}]}))
+    with pytest.raises(ConfigError, match="is not a check.json"):
+        load_report(tmp_path / "other.json")
+    path = save(check(torch.softmax, kind="softmax", dtypes=["float32"]), tmp_path / "softmax.json")
+    with pytest.raises(ConfigError, match="is a check of kind softmax, not cross_entropy"):
+        check(F.cross_entropy, kind="cross_entropy", baseline=path)
+
+
+def test_a_report_round_trips_through_check_json(tmp_path):
+    report = check(ex.naive_softmax_cross_entropy, kind="cross_entropy", dtypes=["float16"])
+    loaded = load_report(save(report, tmp_path / "check.json"))
+    assert loaded.to_dict() == report.to_dict()
+    assert any(c.forward_error == math.inf for c in loaded.cases)
+
+
+def test_the_fixture_takes_xfail_and_baseline(pytester, tmp_path):
+    path = save(check(F.cross_entropy, kind="cross_entropy", dtypes=["float32"]), tmp_path / "base.json")
+    pytester.makepyfile(f"""
+        import torch.nn.functional as F
+        from nanlab.kernels import examples as ex
+
+        def test_xfail(nanlab_check):
+            nanlab_check(F.cross_entropy, kind="cross_entropy", dtypes=["float32"], xfail=["fully_neg_inf_row_ignored"])
+
+        def test_baseline(nanlab_check):
+            nanlab_check(F.cross_entropy, kind="cross_entropy", dtypes=["float32"], baseline={str(path)!r})
+
+        def test_regression(nanlab_check):
+            nanlab_check(ex.naive_softmax_cross_entropy, kind="cross_entropy", dtypes=["float32"], baseline={str(path)!r})
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(["*large_logits_both_signs?none? ?float32?: forward: * ?regressed against the baseline?"])
+
+
+# ---------------------------------------------------------------- 7. readable output
+
+def naive_softmax(x, dim=-1):
+    e = torch.exp(x)
+    return e / e.sum(dim, keepdim=True)
+
+
+def test_a_non_finite_failure_says_what_came_out():
+    report = check(naive_softmax, kind="softmax", dtypes=["float32"])
+    all_equal = by_label(report)["all_equal", "float32"]
+    assert all_equal.reason == "forward: nan where the reference is 0.2"
+    assert all_equal.forward_error == math.inf
+    table = report.table()
+    assert "every entry 1e4" in table and "    forward: nan where the reference is 0.2" in table
+
+
+def test_the_failures_only_table_and_the_repr_list_the_failing_cases():
+    report = check(naive_softmax, kind="softmax", dtypes=["float32"])
+    short = report.table(failures_only=True)
+    assert " pass " not in short and "all_equal" in short and "random " not in short
+    assert short.splitlines()[-1] == report.summary()
+    text = repr(report)
+    assert text.startswith("<Report naive_softmax (softmax, torch):") and "all_equal [float32]: forward: nan" in text
+    assert "CaseResult(" not in text
+
+
+@pytest.fixture
+def kernels_module(tmp_path):
+    (tmp_path / "user_kernels.py").write_text(
+        "import sys, torch\n"
+        "def hangs(x, dim=-1):\n    while True:\n        pass\n"
+        "def exits(x, dim=-1):\n    sys.exit(0)\n")
+    return {"PYTHONPATH": str(tmp_path)}
+
+
+def test_cli_timeout_and_sys_exit(cli, tmp_path, kernels_module):
+    proc = cli("mode=check", "kernel.fn=user_kernels:hangs", "kernel.kind=softmax", "kernel.dtypes=[float32]",
+               "kernel.timeout=1", f"hydra.run.dir={tmp_path / 'hang'}", env=kernels_module, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "stopped: timed out after 1 s on random [float32]; 10 case-dtype pairs not run" in proc.stdout
+    assert json.loads((tmp_path / "hang" / "check.json").read_text())["stopped"].startswith("timed out")
+    proc = cli("mode=check", "kernel.fn=user_kernels:exits", "kernel.kind=softmax", "kernel.dtypes=[float32]",
+               f"hydra.run.dir={tmp_path / 'exit'}", env=kernels_module)
+    assert proc.returncode == 1 and "raised SystemExit: 0" in proc.stdout and "-> FAILED" in proc.stdout
+
+
+def test_cli_xfail_baseline_and_show(cli, tmp_path):
+    torch_ce = ["mode=check", "kernel.fn=nanlab.kernels.examples:torch_cross_entropy", "kernel.kind=cross_entropy",
+                "kernel.dtypes=[float32]"]
+    proc = cli(*torch_ce, f"hydra.run.dir={tmp_path / 'a'}")
+    assert proc.returncode == 1
+    baseline = tmp_path / "a" / "check.json"
+    proc = cli(*torch_ce, f"kernel.baseline={baseline}", f"hydra.run.dir={tmp_path / 'b'}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"against the baseline {baseline}: 0 regressed, 0 improved" in proc.stdout
+    proc = cli(*torch_ce, "kernel.xfail=[fully_neg_inf_row_ignored]", "kernel.show=failures", f"hydra.run.dir={tmp_path / 'c'}")
+    assert proc.returncode == 0 and " pass " not in proc.stdout and "1 xfail -> PASSED" in proc.stdout
+    naive = ["mode=check", "kernel.fn=nanlab.kernels.examples:naive_softmax_cross_entropy", "kernel.kind=cross_entropy",
+             "kernel.dtypes=[float32]", f"kernel.baseline={baseline}", f"hydra.run.dir={tmp_path / 'd'}"]
+    proc = cli(*naive)
+    assert proc.returncode == 1 and "(regressed)" in proc.stdout
+
+
+@pytest.mark.parametrize("override,message", [
+    ("kernel.dtypes=[]", "kernel.dtypes=[]: must list at least one of float32, float64, float16, bfloat16, each once"),
+    ("kernel.dtypes=[float32,float32]", "kernel.dtypes=['float32', 'float32']: must list at least one of"),
+    ("kernel.timeout=0", "kernel.timeout=0.0: must be a finite number of seconds > 0, or null for no limit"),
+    ("kernel.show=some", "kernel.show=some: must be all or failures"),
+    ("kernel.xfail=[nope]", "kernel.xfail=nope: not a softmax case; the cases are"),
+    ("kernel.baseline=/no/such/check.json", "kernel.baseline=/no/such/check.json: cannot read it"),
+])
+def test_cli_bad_kernel_settings_are_one_line(cli, tmp_path, override, message):
+    proc = cli("mode=check", "kernel.fn=nanlab.kernels.examples:torch_softmax", "kernel.kind=softmax", override,
+               f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(f"nanlab: error: {message}"), proc.stderr
+
+
+def test_cli_unparsable_baseline_is_one_line(cli, tmp_path):
+    (tmp_path / "bad.json").write_text("not json at all")
+    proc = cli("mode=check", "kernel.fn=nanlab.kernels.examples:torch_softmax", "kernel.kind=softmax",
+               f"kernel.baseline={tmp_path / 'bad.json'}", f"hydra.run.dir={tmp_path / 'o'}")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "is not a check.json written by mode=check" in proc.stderr
+
+
+def test_check_rejects_an_empty_dtype_list():
+    with pytest.raises(ConfigError, match="dtypes"):
+        check(torch.softmax, kind="softmax", dtypes=[])
