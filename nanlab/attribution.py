@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
 from nanlab.result import Event
 
@@ -52,20 +54,27 @@ def _path_of(root, leaf) -> str:
 
 @dataclass
 class OpContext:
-    """Where an op ran, captured when it ran (the deferred mode resolves later)."""
+    """Where an op ran, captured when it ran (the deferred mode resolves later).
+    ``phase`` is forward, optimizer or update for an op outside the backward pass."""
 
     node_name: Optional[str]
     node_seq: Optional[int]
     custom: bool
     modules: Optional[tuple]
     source: Optional[str]
-    optimizer: bool
+    phase: str
 
 
 class OpLocator:
     """Follows a traced block as it runs: the module stack and the optimizer phase come
     from torch's global hooks, and each autograd node's forward op is remembered so that
-    a backward event can point at the forward code the user wrote."""
+    a backward event can point at the forward code the user wrote.
+
+    torch's module and optimizer hooks fire in every thread, while a dispatch mode sees
+    only the ops of the thread that entered it. So the locator keeps to the thread that
+    installed it: a module another thread runs meanwhile is neither on its stack nor
+    among the modules whose state the trace watches.
+    """
 
     def __init__(self):
         self._modules: list[torch.nn.Module] = []
@@ -73,13 +82,22 @@ class OpLocator:
         self._forward_ops: dict[int, tuple] = {}  # autograd sequence nr -> (op, modules, source)
         self._last_seq = -1
         self._hooks = []
+        self._thread: Optional[int] = None
+        # Every module and optimizer this thread ran inside the block, by id: their
+        # parameters, buffers, gradients and optimizer state are what a step keeps.
+        self.modules_seen: dict[int, torch.nn.Module] = {}
+        self.optimizers_seen: dict[int, torch.optim.Optimizer] = {}
+        # The storages of those modules' parameters (a write through p.data is an
+        # update too), built when an op first writes in place outside the optimizer.
+        self._parameter_storages: Optional[WeakIdKeyDictionary] = None
 
     def install(self) -> None:
+        self._thread = threading.get_ident()
         self._hooks = [
-            register_module_forward_pre_hook(lambda m, args: self._modules.append(m)),
-            register_module_forward_hook(lambda m, args, out: self._pop_module(m)),
-            register_optimizer_step_pre_hook(lambda opt, args, kwargs: self._set_optimizer(True)),
-            register_optimizer_step_post_hook(lambda opt, args, kwargs: self._set_optimizer(False)),
+            register_module_forward_pre_hook(self._enter_module),
+            register_module_forward_hook(self._leave_module),
+            register_optimizer_step_pre_hook(lambda opt, args, kwargs: self._set_optimizer(opt, True)),
+            register_optimizer_step_post_hook(lambda opt, args, kwargs: self._set_optimizer(opt, False)),
         ]
 
     def remove(self) -> None:
@@ -87,34 +105,79 @@ class OpLocator:
             h.remove()
         self._hooks = []
 
-    def _pop_module(self, m):
-        if self._modules and self._modules[-1] is m:
+    def _enter_module(self, m, args):
+        if threading.get_ident() != self._thread:
+            return
+        self._modules.append(m)
+        if id(m) not in self.modules_seen:
+            self.modules_seen[id(m)] = m
+            if self._parameter_storages is not None:
+                self._note_parameters(m)
+
+    def _leave_module(self, m, args, out):
+        if threading.get_ident() == self._thread and self._modules and self._modules[-1] is m:
             self._modules.pop()
 
-    def _set_optimizer(self, on: bool):
-        self._in_optimizer = on
+    def _set_optimizer(self, opt, on: bool):
+        if threading.get_ident() == self._thread:
+            self._in_optimizer = on
+            self.optimizers_seen[id(opt)] = opt
 
     def _running_modules(self) -> Optional[tuple]:
         # (root, innermost): the path between them is worked out only if an event needs it.
         return (self._modules[0], self._modules[-1]) if self._modules else None
 
-    def note_forward_op(self, name: str) -> None:
-        """Called after each forward op: remember it as the maker of the autograd node it made."""
+    def note_forward_op(self, name: str, remember: bool = True) -> None:
+        """Called after each forward op: remember it as the maker of the autograd node it
+        made. ``remember=False`` (ops the tracer never checks, whose backward it does
+        not name) only marks the node as taken, which is cheap: walking the stack for
+        the source line is the expensive part, and without the mark the next op would
+        be taken for the node's maker."""
         if self._in_optimizer:
             return
         # Inside an op that records grad, autograd has already numbered its node.
         seq = torch._C._autograd._get_sequence_nr() - 1
         if seq != self._last_seq:
             self._last_seq = seq
-            if seq not in self._forward_ops:
+            if remember and seq not in self._forward_ops:
                 self._forward_ops[seq] = (f"aten.{name}", self._running_modules(), _user_frame())
 
-    def context(self, node) -> OpContext:
-        """Where the op now running runs; ``node`` is the autograd node it runs for, if any."""
+    def _writes_parameter(self, written) -> bool:
+        """Whether an op writes a parameter: the leaf itself (``p -= lr * p.grad`` under
+        no_grad) or its storage through ``p.data``."""
+        if any(t.requires_grad and t.is_leaf for t in written):
+            return True
+        if self._parameter_storages is None:
+            self._parameter_storages = WeakIdKeyDictionary()
+            for m in self.modules_seen.values():
+                self._note_parameters(m)
+        return any(t.layout == torch.strided and self._parameter_storages.get(t.untyped_storage()) is not None
+                   for t in written)
+
+    def _note_parameters(self, m) -> None:
+        for p in m.parameters(recurse=False):
+            if p.layout == torch.strided:
+                self._parameter_storages[p.untyped_storage()] = True
+
+    def context(self, node, written=()) -> OpContext:
+        """Where the op now running runs; ``node`` is the autograd node it runs for, if
+        any, and ``written`` the tensors it overwrote in place.
+
+        Outside the backward pass the phase is ``optimizer`` inside an optimizer's
+        step, ``update`` for a write to a parameter anywhere else (a hand-written
+        update), and ``forward`` for everything else."""
+        if node is not None:
+            phase = "backward"
+        elif self._in_optimizer:
+            phase = "optimizer"
+        elif written and self._writes_parameter(written):
+            phase = "update"
+        else:
+            phase = "forward"
         return OpContext(type(node).__name__ if node is not None else None,
                          node._sequence_nr() if node is not None else None,
                          isinstance(node, torch.autograd.function.BackwardCFunction),
-                         self._running_modules(), _user_frame(), self._in_optimizer)
+                         self._running_modules(), _user_frame(), phase)
 
     def event(self, name: str, kind: str, origin: str, absmax: Optional[float], ctx: OpContext) -> Event:
         op = f"aten.{name}"
@@ -126,4 +189,27 @@ class OpLocator:
             module = _path_of(*modules) if modules else None
             return Event(op, "backward", kind, origin, module, source, absmax, ctx.node_name, fwd_op)
         module = _path_of(*ctx.modules) if ctx.modules else None
-        return Event(op, "optimizer" if ctx.optimizer else "forward", kind, origin, module, ctx.source, absmax)
+        return Event(op, ctx.phase, kind, origin, module, ctx.source, absmax)
+
+    def persistent_tensors(self) -> list[torch.Tensor]:
+        """What outlives the block in the modules and optimizers it ran: parameters,
+        buffers, gradients and optimizer state (floating point tensors only)."""
+        found: dict[int, torch.Tensor] = {}
+        for m in self.modules_seen.values():
+            for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)):
+                found[id(t)] = t
+                if t.grad is not None:
+                    found[id(t.grad)] = t.grad
+        for opt in self.optimizers_seen.values():
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    found[id(p)] = p
+                    if p.grad is not None:
+                        found[id(p.grad)] = p.grad
+            for state in opt.state.values():
+                for value in state.values():
+                    values = value if isinstance(value, (list, tuple)) else (value,)
+                    for t in values:
+                        if isinstance(t, torch.Tensor):
+                            found[id(t)] = t
+        return [t for t in found.values() if t.is_floating_point() and t.numel()]

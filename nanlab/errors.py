@@ -17,8 +17,11 @@ class NonFiniteError(RuntimeError):
     """Raised by ``nanlab.guard`` at the first training step that went non-finite.
 
     ``step`` counts calls of the guarded function from 0, ``quantity`` is what the
-    sentinel saw first (loss, gradients or parameters), and ``event`` is the tracer's
-    account of the first op that produced a NaN or Inf (None if replay found none).
+    sentinel saw first (loss, gradients, parameters or buffers), and ``event`` is the
+    tracer's account of the first op whose NaN or Inf reached something that matters
+    (None if the replay found none). By the time it is raised, the guard has put the
+    model, its gradients, the optimizers and the schedulers back as they were before
+    the step.
     """
 
     def __init__(self, step: int, quantity: str, event=None):

@@ -1,17 +1,24 @@
 """The sentinel and the guard: cheap checks every step, the exact tracer only once.
 
-Every step, :class:`Guard` takes a pre-step snapshot (one fused copy of parameters,
-buffers and optimizer state, plus the RNG state), runs the step, then checks loss,
-gradients and parameters with one host sync (:class:`Sentinel`), reusing any norm
-the step already computed and passes back. At the first non-finite step it restores
-the snapshot, replays that step once under the tracer to find the first bad op,
-restores again and raises :class:`nanlab.NonFiniteError`.
+Every step, :class:`Guard` takes a pre-step snapshot (:class:`Snapshot`: one fused
+copy of parameters, buffers, the gradients still being accumulated and optimizer
+state, plus hyperparameters, schedulers and the RNG state), runs the step, then
+checks loss, gradients, parameters and floating point buffers, with one host sync
+on a GPU (:class:`Sentinel`), reusing any norm the step already computed and passes
+back. At the first
+non-finite step it restores the snapshot, replays that step once under the tracer
+to find the first bad op, restores again and raises :class:`nanlab.NonFiniteError`.
+A step that raises its own exception is restored too, and the exception re-raised.
 """
 from __future__ import annotations
 
+import copy
 import math
+import operator
+import warnings
+import weakref
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -30,7 +37,8 @@ def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _all_finite(tensors) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    return all(bool(torch.isfinite(t.detach().coalesce().values() if t.is_sparse else t.detach()).all())
+               for t in tensors)
 
 
 @dataclass
@@ -41,81 +49,141 @@ class StepCheck:
     loss: float
     grad_norm: float
     param_norm: float
-    bad: Optional[str]  # None, or the first non-finite quantity: loss, gradients, parameters
+    bad: Optional[str]  # None, or the first non-finite quantity: loss, gradients, parameters, buffers
+
+
+_IS_SPARSE = operator.attrgetter("is_sparse")
+
+
+def _fusable(tensors) -> bool:
+    """Whether AMP's fused non-finite check takes these tensors."""
+    return all(t.is_floating_point() and t.layout == torch.strided for t in tensors)
 
 
 class Sentinel:
-    """The per-step check of loss, gradients and parameters, read with one host sync.
+    """The per-step check of loss, gradients, parameters and buffers, read at once.
 
-    Gradients and parameters each get a non-finite flag from the fused check AMP's
-    GradScaler runs on gradients, with a scale of exactly 1: values are unchanged
-    and version counters are not bumped. On a CPU that is about 7 us for 14 tensors,
-    against 25 us for ``_foreach_norm``; on CUDA it is one kernel launch per device.
-    The loss, the flags and any norms the step passes back land in one small buffer
-    that is read once. Sparse and complex tensors, which the fused check does not
-    take, are checked one by one.
+    Gradients, parameters and buffers each get a non-finite flag from the fused check
+    AMP's GradScaler runs on gradients, with a scale of exactly 1: values are
+    unchanged and version counters are not bumped. On a CPU that is about 7 us for 14
+    tensors, against 25 us for ``_foreach_norm``; on CUDA it is one kernel launch per
+    device. Sparse and complex tensors, which the fused check does not take, are
+    checked one by one.
+
+    On a GPU the loss, the flags and any norms the step passes back land in one small
+    float64 buffer (so that a float64 loss is neither rounded nor overflowed on the
+    way) that is read with one host sync. On the CPU there is no device to wait for,
+    and each is read directly, which spares the copies.
 
     The sentinel holds on to the parameter tensors it is given, like the snapshot.
+    Buffers are passed to each check, because a module may rebind them.
     """
 
     def __init__(self, params: list[torch.Tensor]):
         self._params = params
-        device = params[0].device if params else torch.device("cpu")
-        # float64, so that a float64 run's loss is neither rounded nor overflowed on the way.
+        self._device = device = params[0].device if params else torch.device("cpu")
+        self._read_directly = device.type == "cpu"
+        # float32, as the fused check writes: [gradients or parameters bad, buffers bad]
+        self._flags = torch.zeros(2, device=device)
         self._readings = torch.zeros(5, dtype=torch.float64, device=device)  # loss, grad norm, param norm, flags
         self._slots = [self._readings[i:i + 1] for i in range(3)]
-        self._flags = self._readings[3:5]  # gradients bad, parameters bad
+        self._flag_slots = self._readings[3:5]
+        self._one = torch.ones(1, device=device)
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for p in params:
             by_device.setdefault(p.device, []).append(p)
         self._groups = []
         for group_device, group in by_device.items():
-            fusable = all(p.is_floating_point() and p.layout == torch.strided for p in group)
-            found = torch.zeros(2, device=group_device)  # the fused check takes float32 flags
-            self._groups.append((group, [p.detach() for p in group], fusable, found, found[0:1], found[1:2],
-                                 torch.ones(1, device=group_device)))
+            # The first device's group writes its flag in place; another device's is merged in.
+            found = self._flags[0:1] if group_device == device else torch.zeros(1, device=group_device)
+            one = self._one if group_device == device else torch.ones(1, device=group_device)
+            self._groups.append((group, [p.detach() for p in group], _fusable(group), found, one, group_device != device))
+        self._other_devices: dict[torch.device, tuple] = {}  # flags and the scale 1 for buffers elsewhere
 
     def check(self, loss: torch.Tensor, grad_norm: Optional[torch.Tensor] = None,
-              param_norm: Optional[torch.Tensor] = None) -> StepCheck:
+              param_norm: Optional[torch.Tensor] = None, buffers: Sequence[torch.Tensor] = ()) -> StepCheck:
         """Check one step. A norm the step already computed and passes back is that
         quantity's check (and is reported); otherwise the fused flag is, and the norm
-        reads NaN (not measured)."""
+        reads NaN (not measured). ``buffers``: the model's floating point buffers."""
         if grad_norm is None or param_norm is None:
             self._flag_nonfinite()
-        for slot, value in zip(self._slots, (loss, grad_norm, param_norm)):
-            if value is not None:
-                slot.copy_(value.detach().reshape(1))
-        loss_v, grad_v, param_v, grads_flag, params_flag = self._readings.tolist()
-        # A norm can overflow on finite values; the exact check runs only then.
+        if buffers:
+            self._flag_buffers(buffers)
+        if self._read_directly and loss.device.type == "cpu":
+            loss_v = loss.item()
+            grad_v = grad_norm.item() if grad_norm is not None else 0.0
+            param_v = param_norm.item() if param_norm is not None else 0.0
+            either_flag, buffers_flag = self._flags.tolist()
+        else:
+            for slot, value in zip(self._slots, (loss, grad_norm, param_norm)):
+                if value is not None:
+                    slot.copy_(value.detach().reshape(1))
+            self._flag_slots.copy_(self._flags)
+            loss_v, grad_v, param_v, either_flag, buffers_flag = self._readings.tolist()
+        if either_flag or buffers_flag:
+            self._clear_flags()
+        # One fused flag covers gradients and parameters; only when it is set does an
+        # exact check tell which. A norm can overflow on finite values; the exact check
+        # runs only then.
         if grad_norm is None:
-            grad_v, grads_bad = float("nan"), grads_flag != 0
+            grad_v, grads_bad = float("nan"), either_flag != 0 and not _all_finite(self._grads())
         else:
             grads_bad = not math.isfinite(grad_v) and not _all_finite(self._grads())
         if param_norm is None:
-            param_v, params_bad = float("nan"), params_flag != 0
+            param_v, params_bad = float("nan"), either_flag != 0 and not _all_finite(self._params)
         else:
-            params_bad = not math.isfinite(param_v) and not _all_finite([p.detach() for p in self._params])
-        bad = next((name for name, is_bad in (("loss", not math.isfinite(loss_v)), ("gradients", grads_bad),
-                                              ("parameters", params_bad)) if is_bad), None)
+            params_bad = not math.isfinite(param_v) and not _all_finite(self._params)
+        if not math.isfinite(loss_v):
+            bad = "loss"
+        elif grads_bad:
+            bad = "gradients"
+        elif params_bad:
+            bad = "parameters"
+        elif buffers and buffers_flag != 0:
+            bad = "buffers"
+        else:
+            bad = None
         return StepCheck(loss_v, grad_v, param_v, bad)
 
     def _grads(self) -> list[torch.Tensor]:
         return [p.grad for p in self._params if p.grad is not None]
 
     def _flag_nonfinite(self) -> None:
-        for i, (params, data, fusable, found, grads_found, params_found, one) in enumerate(self._groups):
-            grads = [p.grad for p in params if p.grad is not None]
-            if fusable and not any(g.is_sparse for g in grads):
-                found.zero_()
-                if grads:
-                    torch._amp_foreach_non_finite_check_and_unscale_(grads, grads_found, one)
-                torch._amp_foreach_non_finite_check_and_unscale_(data, params_found, one)
+        for params, data, fusable, found, one, elsewhere in self._groups:
+            grads = [g for p in params if (g := p.grad) is not None]
+            if fusable and not any(map(_IS_SPARSE, grads)):
+                # The fused check only ever sets its flag: _clear_flags resets it after a hit.
+                torch._amp_foreach_non_finite_check_and_unscale_(grads + data, found, one)
             else:
-                found.copy_(torch.stack([_any_nonfinite(grads, found.device), _any_nonfinite(data, found.device)]))
-            if i == 0:
-                self._flags.copy_(found)
+                found.copy_(torch.maximum(_any_nonfinite(grads, found.device), _any_nonfinite(data, found.device)))
+            if elsewhere:
+                torch.maximum(self._flags[0:1], found.to(self._device), out=self._flags[0:1])
+
+    def _clear_flags(self) -> None:
+        self._flags.zero_()
+        for group in self._groups:
+            group[3].zero_()
+        for found, _ in self._other_devices.values():
+            found.zero_()
+
+    def _flag_buffers(self, buffers: Sequence[torch.Tensor]) -> None:
+        flag = self._flags[1:2]
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for b in buffers:
+            by_device.setdefault(b.device, []).append(b)
+        for device, group in by_device.items():
+            if device == self._device:
+                found, one = flag, self._one
             else:
-                torch.maximum(self._flags, found.to(self._flags), out=self._flags)
+                if device not in self._other_devices:
+                    self._other_devices[device] = (torch.zeros(1, device=device), torch.ones(1, device=device))
+                found, one = self._other_devices[device]
+            if _fusable(group):
+                torch._amp_foreach_non_finite_check_and_unscale_(group, found, one)
+            else:
+                found.copy_(_any_nonfinite(group, device).reshape(1))
+            if device != self._device:
+                torch.maximum(flag, found.to(self._device), out=flag)
 
 
 def _any_nonfinite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -123,112 +191,301 @@ def _any_nonfinite(tensors: list[torch.Tensor], device: torch.device) -> torch.T
     return torch.stack(flags).any().float() if flags else torch.zeros((), device=device)
 
 
+def _as_list(optimizer) -> list:
+    """None, one optimizer, or several, as a list."""
+    if optimizer is None:
+        return []
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return [optimizer]
+    return list(optimizer)
+
+
+def _step_noter(snapshot_ref, index: int):
+    """An optimizer step hook that tells the snapshot (held weakly) its optimizer ran."""
+    def note(optimizer, args, kwargs):
+        snapshot = snapshot_ref()
+        if snapshot is not None:
+            snapshot._stepped[index] = True
+    return note
+
+
+def _remove_hooks(handles) -> None:
+    for handle in handles:
+        handle.remove()
+
+
+# Param-group values that hold no tensor of their own: numbers, flags, names, and the
+# "params" list (the parameters, which the snapshot copies anyway).
+_PLAIN = {float, int, bool, str, type(None), list}
+
+
 class Snapshot:
     """Pre-step copy of everything one step can change: parameters, buffers,
-    optimizer state and RNG. Buffers are reused, so a snapshot is one fused copy;
-    the list of live tensors is rebuilt only when the optimizer's state changes shape
-    (its first step, typically)."""
+    gradients, optimizer state and hyperparameters, schedulers and the RNG.
 
-    def __init__(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]):
-        self.model, self.optimizer = model, optimizer
-        self._model_tensors = [p.detach() for p in model.parameters()] + list(model.buffers())
-        self._signature = None
-        self._live: list[torch.Tensor] = []
+    Each snapshot re-reads what it copies, so it follows what the step really
+    touches: a buffer the module rebinds (``self.buf = ...``), optimizer state that is
+    replaced rather than updated in place (LBFGS), state entries that appear or
+    vanish, gradients that come and go. Restoring puts the very objects the snapshot
+    found back in their places, with their values as they were. The copies are one
+    fused copy, reused while what is copied keeps its layout (the same buffers and
+    optimizer tensors, gradients copied for the same parameters); anything else
+    allocates new copies.
+
+    Gradients: a step accumulates into the gradients it finds, or clears them first
+    (zero_grad). A gradient that one of the guard's optimizers has applied since the
+    last snapshot (its step ran) is one the next step clears: adding to it would
+    apply it twice. Every other gradient is one that gradient accumulation is still
+    building up. So the snapshot copies the gradients of the parameters whose
+    optimizer has not stepped since the last snapshot, or that no optimizer of the
+    guard updates, and a restore gives those back as copies of their values and the
+    applied ones back as None. (Copying every gradient would cost this benchmark's
+    small model another 2% a step, and holding the gradient tensors instead would
+    keep zero_grad from freeing them, which costs more.) The first snapshot, and the
+    one after a restore, copy every gradient. The optimizers' steps are seen through
+    a step hook on each, removed when the snapshot goes.
+
+    The modules and the parameters (the model's, and any other tensor an optimizer
+    updates) are listed once, when the snapshot is made: a submodule, parameter or
+    param group added later is not followed (buffers, rebound or added to a module
+    listed then, are).
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizers=(), schedulers: Sequence = ()):
+        self.model = model
+        self.optimizers = _as_list(optimizers)
+        self.schedulers = list(schedulers)
+        modules = list(model.modules())
+        self._params = [p for m in modules for p in m._parameters.values() if p is not None]
+        # Tensors an optimizer updates that the model does not hold are snapshotted too.
+        in_model = {id(p) for p in self._params}
+        self._params += list({id(p): p for opt in self.optimizers for g in opt.param_groups for p in g["params"]
+                              if id(p) not in in_model}.values())
+        self._param_data = [p.detach() for p in self._params]
+        self._buffer_dicts = [m._buffers for m in modules]
+        self._buffer_count = -1
+        self._holding: list[dict] = []  # the buffer dicts that hold any
+        self._buffer_ids: Optional[list] = None
+        self._buffer_bindings: list[tuple] = []  # (module's buffer dict, name, tensor)
+        self._buffer_data: list[torch.Tensor] = []
+        self.float_buffers: list[torch.Tensor] = []  # what the sentinel checks besides parameters
+        self._layout = None
+        self._kept: list[torch.Tensor] = []  # restored in place from the first len(_kept) copies
         self._saved: list[torch.Tensor] = []
-        self._opt_layout: tuple = ()
-        self._scalar_keys: list = []
+        self._copied: list = []  # positions of the parameters whose gradients were copied
+        self._states: list = []
+        self._schedulers: list = []
+        position = {id(p): i for i, p in enumerate(self._params)}
+        self._updated_by = [sorted({position[id(p)] for g in opt.param_groups for p in g["params"] if id(p) in position})
+                            for opt in self.optimizers]  # per optimizer: the positions of its parameters
+        covered = {i for positions in self._updated_by for i in positions}
+        self._no_optimizer = [i for i in range(len(self._params)) if i not in covered]
+        self._stepped = [False] * len(self.optimizers)  # since the last snapshot
+        handles = [opt.register_step_post_hook(_step_noter(weakref.ref(self), i))
+                   for i, opt in enumerate(self.optimizers)]
+        weakref.finalize(self, _remove_hooks, handles)
 
-    def _state_signature(self):
-        if self.optimizer is None:
-            return ()
-        return tuple(len(state) for state in self.optimizer.state.values())
-
-    def _relayout(self, signature) -> None:
-        layout, tensors = [], []
-        if self.optimizer is not None:
-            for param, state in self.optimizer.state.items():
-                for key, value in state.items():
-                    is_tensor = isinstance(value, torch.Tensor)
-                    layout.append((param, key, None if is_tensor else value))
-                    if is_tensor:
-                        tensors.append(value)
-        self._opt_layout = tuple(layout)
-        # Entries holding plain Python values (a step count, say) are refreshed every
-        # step; tensors are covered by the fused copy.
-        self._scalar_keys = [(p, k) for p, k, v in layout if v is not None]
-        self._live = self._model_tensors + tensors
-        self._saved = [t.detach().clone() for t in self._live]
-        self._signature = signature
+    def _read_buffers(self, buffer_ids: list) -> None:
+        self._buffer_ids = buffer_ids
+        self._buffer_bindings = [(d, name, t) for d in self._buffer_dicts for name, t in d.items() if t is not None]
+        self._buffer_data = [t.detach() for _, _, t in self._buffer_bindings]
+        self.float_buffers = [t for t in self._buffer_data if t.is_floating_point() and t.numel()]
 
     def take(self) -> None:
-        signature = self._state_signature()
-        if signature != self._signature:
-            self._relayout(signature)
+        # The ids of the buffers the modules hold now: rebinding one changes them.
+        count = sum(map(len, self._buffer_dicts))
+        if count != self._buffer_count:
+            self._buffer_count = count
+            self._holding = [d for d in self._buffer_dicts if d]
+        buffer_ids = [id(t) for d in self._holding for t in d.values()]
+        if buffer_ids != self._buffer_ids:
+            self._read_buffers(buffer_ids)
+        stepped = self._stepped
+        self._stepped = [False] * len(stepped)
+        if all(stepped):  # the common case: no gradient left to accumulate into but the unoptimized ones
+            candidates = self._no_optimizer
         else:
-            if self._scalar_keys:
-                scalars = {key: self.optimizer.state[key[0]][key[1]] for key in self._scalar_keys}
-                self._opt_layout = tuple((p, k, scalars.get((p, k), v) if v is not None else None)
-                                         for p, k, v in self._opt_layout)
-            if self._live:
-                torch._foreach_copy_(self._saved, self._live)
-        self._rng = torch.get_rng_state()
+            candidates = sorted({*self._no_optimizer,
+                                 *(i for positions, ran in zip(self._updated_by, stepped) if not ran for i in positions)})
+        params = self._params
+        self._copied = copied = [i for i in candidates if params[i].grad is not None]
+        grads = {i: params[i].grad for i in copied}
+        # Optimizer state, entry by entry: the objects themselves (a list is copied, as
+        # LBFGS appends to its history in place), and the tensors among them; and each
+        # param group's hyperparameters (a scheduler may write a tensor lr in place).
+        self._states, state_tensors = [], []
+        for opt in self.optimizers:
+            saved = {}
+            for param, state in opt.state.items():
+                entry = saved[param] = dict(state)
+                for key, value in entry.items():
+                    if isinstance(value, torch.Tensor):
+                        state_tensors.append(value)
+                    elif isinstance(value, (list, tuple)):
+                        if isinstance(value, list):
+                            entry[key] = list(value)
+                        state_tensors += [v for v in value if isinstance(v, torch.Tensor)]
+            groups = list(map(dict, opt.param_groups))
+            # Most hyperparameters are plain numbers: only the rest need a closer look.
+            for value in [v for g in groups for v in g.values() if type(v) not in _PLAIN]:
+                if isinstance(value, torch.Tensor):
+                    state_tensors.append(value)
+                elif isinstance(value, tuple):  # betas, which may hold tensors
+                    state_tensors += [v for v in value if isinstance(v, torch.Tensor)]
+            self._states.append((opt, saved, groups))
+        if self.schedulers:
+            self._schedulers = [copy.deepcopy(s.state_dict()) for s in self.schedulers]
+        self._kept = kept = self._param_data + self._buffer_data + state_tensors
+        live = kept + [grads[i] for i in copied] if copied else kept
+        layout = (buffer_ids, copied, [id(t) for t in state_tensors])
+        if layout != self._layout:
+            self._layout = layout
+            self._saved = [t.detach().clone() for t in live]
+        elif live:
+            torch._foreach_copy_(self._saved, live)
+        self._rng = torch.default_generator.get_state()
         self._cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
 
     def restore(self) -> None:
+        kept = len(self._kept)
         with torch.no_grad():
-            if self._live:
-                torch._foreach_copy_(self._live, self._saved)
-        if self.optimizer is not None:
+            if kept:
+                torch._foreach_copy_([t.detach() for t in self._kept], self._saved[:kept])
+        for owner, name, tensor in self._buffer_bindings:
+            if owner.get(name) is not tensor:
+                owner[name] = tensor
+        for param in self._params:
+            param.grad = None
+        # Copies of the copies, so that a step run after the restore (the replay)
+        # cannot write into the snapshot.
+        for i, saved in zip(self._copied, self._saved[kept:]):
+            self._params[i].grad = saved.clone()
+        self._stepped = [False] * len(self._stepped)  # copy every gradient next time
+        for opt, saved, groups in self._states:
             # State created during the failed step (e.g. Adam's moments at step 0) goes away.
-            kept = {(id(p), k) for p, k, _ in self._opt_layout}
-            for param, state in list(self.optimizer.state.items()):
-                for key in [k for k in state if (id(param), k) not in kept]:
-                    del state[key]
-                if not state:
-                    del self.optimizer.state[param]
-            for param, key, value in self._opt_layout:
-                if value is not None:
-                    self.optimizer.state[param][key] = value
-        for p in self.model.parameters():
-            p.grad = None
-        torch.set_rng_state(self._rng)
+            for param in [p for p in opt.state if p not in saved]:
+                del opt.state[param]
+            for param, entry in saved.items():
+                state = opt.state[param]
+                state.clear()
+                state.update({k: list(v) if isinstance(v, list) else v for k, v in entry.items()})
+            for group, values in zip(opt.param_groups, groups):
+                group.clear()
+                group.update(values)
+        for scheduler, state in zip(self.schedulers, self._schedulers):
+            scheduler.load_state_dict(copy.deepcopy(state))
+        torch.default_generator.set_state(self._rng)
         if self._cuda_rng is not None:
             torch.cuda.set_rng_state_all(self._cuda_rng)
 
 
-class Guard:
-    """``guard(step_fn, model, optimizer)``: see :func:`nanlab.guard`."""
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
 
-    def __init__(self, step_fn: Callable, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None):
+
+_EXPECTED = "nanlab.guard: the step must return its loss as a one-element tensor, or a tuple (loss, grad_norm[, param_norm])"
+
+
+def _unpack(out) -> tuple:
+    """(loss, grad_norm, param_norm) from what the step returned, or a TypeError that
+    says in one line what the guard expects."""
+    if isinstance(out, tuple):
+        if not 1 <= len(out) <= 3:
+            raise TypeError(f"{_EXPECTED}; it returned a tuple of {len(out)}")
+        loss, grad_norm, param_norm = (out + (None, None))[:3]
+    else:
+        loss, grad_norm, param_norm = out, None, None
+    if not isinstance(loss, torch.Tensor):
+        hint = {float: " (return the tensor, not loss.item())", int: " (return the tensor, not loss.item())",
+                dict: " (return the loss entry, e.g. out['loss'])"}.get(type(loss), "")
+        raise TypeError(f"{_EXPECTED}; it returned {_describe(loss)}{hint}")
+    if loss.numel() != 1:
+        raise TypeError(f"{_EXPECTED}; it returned {_describe(loss)} (reduce it first, e.g. loss.mean())")
+    for name, norm in (("grad_norm", grad_norm), ("param_norm", param_norm)):
+        if norm is not None and not (isinstance(norm, torch.Tensor) and norm.numel() == 1):
+            raise TypeError(f"{_EXPECTED}; its {name} is {_describe(norm)}, not a one-element tensor or None")
+    return loss, grad_norm, param_norm
+
+
+def _same_value(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+class Guard:
+    """``guard(step_fn, model, optimizer, schedulers)``: see :func:`nanlab.guard`."""
+
+    def __init__(self, step_fn: Callable, model: torch.nn.Module,
+                 optimizer: Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer], None] = None,
+                 schedulers: Sequence = ()):
         self.step_fn, self.model, self.optimizer = step_fn, model, optimizer
-        self.snapshot = Snapshot(model, optimizer)
+        self.optimizers = _as_list(optimizer)
+        self.snapshot = Snapshot(model, self.optimizers, schedulers)
         self._sentinel = Sentinel(list(model.parameters()))
         self.step = 0
         self.last: Optional[StepCheck] = None
 
     def __call__(self, *args):
         self.snapshot.take()
-        out = self.step_fn(*args)
-        loss, grad_norm, param_norm = (tuple(out) + (None, None))[:3] if isinstance(out, tuple) else (out, None, None)
-        self.last = check = self._sentinel.check(loss, grad_norm, param_norm)
+        try:
+            out = self.step_fn(*args)
+            if type(out) is torch.Tensor and out.numel() == 1:  # the common case, checked fast
+                loss, grad_norm, param_norm = out, None, None
+            else:
+                loss, grad_norm, param_norm = _unpack(out)
+        except BaseException:
+            self.snapshot.restore()
+            raise
+        self.last = check = self._sentinel.check(loss, grad_norm, param_norm, self.snapshot.float_buffers)
         if check.bad is not None:
             self.snapshot.restore()
-            event = replay(self.step_fn, *args)
-            self.snapshot.restore()
-            raise NonFiniteError(self.step, check.bad, event)
+            try:
+                seen = replay(self.step_fn, *args, watch=(self.model, *self.optimizers))
+            finally:
+                self.snapshot.restore()  # even if the replay is interrupted
+            self._warn_if_replay_differs(check, seen)
+            raise NonFiniteError(self.step, check.bad, seen.first)
         self.step += 1
         return out
 
+    def _warn_if_replay_differs(self, check: StepCheck, seen) -> None:
+        """The replay is only the failed step if the step depends on nothing but its
+        arguments and the state the guard restores."""
+        if seen.error is not None:
+            replayed = f"raised {type(seen.error).__name__}: {seen.error}"
+        else:
+            loss = seen.returned[0] if isinstance(seen.returned, tuple) and seen.returned else seen.returned
+            value = float(loss.detach().double()) if isinstance(loss, torch.Tensor) and loss.numel() == 1 else math.nan
+            if _same_value(value, check.loss):
+                return
+            replayed = f"returned loss {value}"
+        warnings.warn(f"nanlab.guard: step {self.step} returned loss {check.loss}, but its replay {replayed}: the "
+                      f"step depends on more than its arguments (a batch pulled from an iterator, say), so the "
+                      f"traced event may not be what broke it. Pass the batch to the guarded step as arguments.",
+                      RuntimeWarning, stacklevel=3)
 
-def guard(step_fn: Callable, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> Guard:
+
+def guard(step_fn: Callable, model: torch.nn.Module,
+          optimizer: Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer], None] = None,
+          schedulers: Sequence = ()) -> Guard:
     """Wrap one training step (forward, backward, optimizer step; returns the loss).
 
     The returned callable runs the sentinel after each step. At the first non-finite
-    step it restores the model and optimizer to their state before that step,
-    replays the step once under the exact tracer, and raises NonFiniteError carrying
-    the step number, the quantity the sentinel saw and the tracer's Event.
-    ``step_fn`` may return ``(loss, grad_norm)`` or ``(loss, grad_norm, param_norm)``
-    to spare the sentinel those norms. Build the guard after the model is on its
-    device and dtype: the snapshot holds on to the parameter tensors it finds then.
+    step it restores the model, its gradients, the optimizers and the schedulers to
+    their state before that step, replays the step once under the exact tracer, and
+    raises NonFiniteError carrying the step number, the quantity the sentinel saw and
+    the tracer's Event. A step that raises its own exception is restored and the
+    exception re-raised.
+
+    ``step_fn`` takes its batch as arguments, ``guarded(x, y)``: the replay calls it
+    again with the same arguments, and a step that draws its batch from an iterator
+    would trace another batch (the guard warns when the replay's loss differs). It
+    returns the loss as a one-element tensor, or ``(loss, grad_norm)`` or ``(loss,
+    grad_norm, param_norm)`` to spare the sentinel those norms. ``optimizer`` may be
+    one optimizer or a list; ``schedulers``: LR schedulers, or anything else with
+    ``state_dict()`` and ``load_state_dict()`` that the step advances (a GradScaler).
+    Build the guard after the model is on its device and dtype: the snapshot holds
+    on to the modules it finds then.
     """
-    return Guard(step_fn, model, optimizer)
+    return Guard(step_fn, model, optimizer, schedulers)

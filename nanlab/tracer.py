@@ -1,17 +1,45 @@
 """The exact tracer: run code under a TorchDispatchMode and name the first op whose
-output went NaN or Inf.
+non-finite output reached something that matters.
 
 What it reports for that op (an :class:`Event`): the aten op, the phase (forward,
-backward or optimizer), the module path, the user's source line, the kind (nan or
-inf), the largest |x| among the op's inputs, and the origin: ``op`` when this op
-made the value non-finite, ``input`` when a NaN or +Inf came in from outside the
+backward, optimizer or update), the module path, the user's source line, the kind
+(nan or inf), the largest |x| among the op's inputs, and the origin: ``op`` when this
+op made the value non-finite, ``input`` when a NaN or +Inf came in from outside the
 traced code (bad data or already-bad parameters).
 
-Intentional masks are not failures: -inf (or +inf) written by masked_fill, full,
-fill, where and friends, and the infinities that flow from them through adds,
-maxes, copies and views, are tolerated. An op that turns such values into NaN
-(softmax over a fully masked row) is reported, and so is any op that makes a new
-infinity from finite inputs (log(0), x/0, overflow).
+The rules, in the order the tracer applies them to each op's output:
+
+- **Carried.** A non-finite value made from an earlier event's non-finite value
+  belongs to that event; it is not a new one.
+- **From outside.** A NaN or +inf in an input that no traced op made is an event
+  with origin ``input`` at the first op that reads it.
+- **Masks.** Only -inf that derives from a mask is a mask: the infinities that
+  ``masked_fill``, ``full``, ``where`` and the other constant writers write, a -inf
+  that enters from outside the trace, and whatever flows from these with its sign
+  kept. A NaN, or an infinity of a sign that no input's mask held, is made by the op
+  (origin ``op``): a softmax over a fully masked row (NaN), ``exp`` overflowing next
+  to a masked entry (+inf), ``nll_loss`` picking a masked class (+inf from a -inf
+  mask), ``neg`` of a mask. An overflow to -inf inside a tensor that already holds a
+  -inf mask cannot be told from the mask and is taken as part of it.
+
+Each event is a candidate. ``first`` is the earliest one whose value *reached*
+something that matters; the rest go to ``transient``, in order. A value reaches
+something when, at the end of the block, it is held by a parameter, a buffer, a
+gradient or optimizer state of a module or optimizer the block ran; or when it is
+read back to the host (``.item()``); or when nothing inside the block read it after
+it was made (the loss, a result the block returns or drops, a gradient autograd
+stored). An infinity that a later op absorbs (``x / inf``, ``masked_fill`` over it,
+``clamp`` followed by a finite op) and that nothing above holds is transient: the
+backward of ``atan2`` at (0, 0) and of ``std`` on a constant input each make one.
+
+Which op made which value is followed per storage: a view, an in-place write and
+the copy autograd saves for the backward all share their tensor's storage. The
+storage is tracked by its Python object, held weakly, so a freed storage's memory
+that a new tensor reuses starts clean.
+
+Every argument an op writes is checked, not only its output: the schema's
+``Tensor(a!)`` arguments, and the running statistics that the batch-norm kernels
+update without declaring it.
 
 Backward events also carry the autograd node (``SqrtBackward0``, or a custom
 Function's ``MyFnBackward``) and the forward op that created it, matched through
@@ -25,177 +53,551 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 from nanlab.attribution import OpLocator
 from nanlab.deferred import DeferredLog
 from nanlab.result import Event
 
-__all__ = ["Event", "Tracer", "trace", "replay"]
+__all__ = ["Event", "Tracer", "Replay", "trace", "replay"]
 
 # Ops whose job is to write a chosen constant: an infinity they write is a mask.
 _MASK_WRITERS = {
     "masked_fill", "masked_fill_", "full", "full_like", "new_full", "fill", "fill_",
     "where", "scalar_tensor", "index_put", "index_put_", "lift_fresh", "lift_fresh_copy",
-    "masked_scatter", "masked_scatter_", "scatter", "scatter_",
+    "masked_scatter", "masked_scatter_", "scatter", "scatter_", "constant_pad_nd",
 }
-# Bookkeeping ops that cannot create a non-finite value and need not be checked.
-# (Casts stay checked: float32 -> float16 is where fp16 overflow happens. empty* may
-# hold stale bits that nothing reads before overwriting.)
-_NEVER_CHECK = {"detach", "alias", "clone", "empty", "empty_like", "empty_strided",
-                "zeros", "zeros_like", "ones", "ones_like",
-                # These map finite inputs to finite outputs and cannot turn an infinity
-                # (a mask) into NaN either, so a first non-finite value never starts here.
-                "tanh", "sigmoid", "relu", "relu_", "threshold_backward", "hardtanh", "abs", "neg", "sign",
-                "clamp", "clamp_min", "clamp_max", "maximum", "minimum", "gather", "index_select", "cat",
-                "stack", "sort", "topk", "amax", "amin", "max", "min", "leaky_relu", "zero_"}
+# Ops that read their tensor inputs for shape, dtype and device only: their output
+# holds nothing of the inputs' values.
+_SHAPE_ONLY = {"empty_like", "zeros_like", "ones_like", "full_like", "new_empty", "new_zeros",
+               "new_ones", "new_full", "new_empty_strided", "rand_like", "randn_like", "randint_like"}
+# Ops whose output is finite whatever they are given, so are never checked. (empty*
+# may hold stale bits that nothing reads before overwriting.)
+_WRITE_FINITE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
+                 "zeros", "zeros_like", "new_zeros", "ones", "ones_like", "new_ones", "zero_"}
+# Ops that map finite inputs to finite outputs and keep an infinity's sign, so that a
+# new event never starts here and they are not checked. Their outputs carry what
+# their inputs held. (Casts stay checked: float32 -> float16 is where fp16 overflow
+# happens. neg and abs are checked: they turn a -inf mask into +inf.)
+_CARRIERS = {"clone", "tanh", "sigmoid", "relu", "relu_", "threshold_backward", "hardtanh", "sign",
+             "clamp", "clamp_min", "clamp_max", "maximum", "minimum", "gather", "index_select", "cat",
+             "stack", "sort", "topk", "amax", "amin", "max", "min", "leaky_relu"}
+# Ops that hand a tensor's value to Python.
+_READOUTS = {"_local_scalar_dense"}
+# Ops that update their running statistics in place although their schema does not
+# mark them written: {op: (positions written, position of the ``training`` flag or None)}.
+_UNDECLARED_WRITES = {
+    "native_batch_norm": ((3, 4), 5),
+    "cudnn_batch_norm": ((3, 4), 5),
+    "miopen_batch_norm": ((3, 4), 5),
+    "batch_norm_update_stats": ((1, 2), None),
+}
+
+# An output's content: (holds NaN, holds +inf, holds -inf).
+FINITE = (False, False, False)
 
 
-def _float_tensors(tree):
+def _is_float(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() > 0
+
+
+def _float_tensors(tree) -> list[torch.Tensor]:
     if isinstance(tree, torch.Tensor):
-        return [tree] if tree.is_floating_point() and tree.numel() else []
-    return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+        return [tree] if _is_float(tree) else []
+    return [t for t in tree_leaves(tree) if _is_float(t)]
 
 
-def _nonfinite_kind(t: torch.Tensor) -> Optional[str]:
-    """'nan', 'inf' or None. One reduction on the common finite path; a sum that
-    overflowed on finite values is ruled out by the exact check."""
+def _values(t: torch.Tensor) -> torch.Tensor:
+    """The stored values (a sparse tensor's nonzeros)."""
+    return t._values() if t.is_sparse else t
+
+
+def _is_finite_fast(t: torch.Tensor) -> bool:
+    """One reduction on the common finite path; a sum that overflowed on finite values
+    falls through to the exact check."""
+    v = _values(t)
     # Half types accumulate in float32 so that a sum of finite values rarely overflows.
-    total = t.sum(dtype=torch.float32) if t.element_size() < 4 else t.sum()
-    if math.isfinite(total.item()):
-        return None
-    if t.isnan().any().item():
-        return "nan"
-    if t.isinf().any().item():
-        return "inf"
-    return None
+    total = v.sum(dtype=torch.float32) if v.element_size() < 4 else v.sum()
+    return math.isfinite(total.item()) or _content(t) == FINITE
 
 
-def _absmax(tensors) -> Optional[float]:
-    values = [t.detach().abs().nan_to_num(nan=0.0, posinf=math.inf).max().item() for t in tensors]
-    return max(values) if values else None
+def _measure(t: torch.Tensor) -> tuple:
+    """(content, largest |x|) of an input, for judging an op and describing it."""
+    return (FINITE if _is_finite_fast(t) else _content(t)), _absmax(t)
 
 
-class _Stop(Exception):
-    """Unwinds the replayed step once its first event is known."""
+def _content(t: torch.Tensor) -> tuple:
+    """(holds NaN, holds +inf, holds -inf), exactly."""
+    v = _values(t)
+    return bool(v.isnan().any()), bool((v == math.inf).any()), bool((v == -math.inf).any())
+
+
+def _absmax(t: torch.Tensor) -> float:
+    """Largest |x|, NaN ignored."""
+    return _values(t).detach().abs().nan_to_num(nan=0.0, posinf=math.inf).max().item()
+
+
+def _kind(content) -> str:
+    return "nan" if content[0] else "inf"
+
+
+class _Storages:
+    """A number for each storage, stable while the storage lives and never given to
+    another one: a freed storage's memory that a new tensor reuses gets a new number.
+    Tensors without a storage (sparse) are numbered themselves."""
+
+    def __init__(self):
+        self._numbers = WeakIdKeyDictionary()
+        self._next = 0
+
+    def key(self, t: torch.Tensor) -> int:
+        owner = t.untyped_storage() if t.layout == torch.strided else t
+        number = self._numbers.get(owner)
+        if number is None:
+            number = self._numbers[owner] = self._next
+            self._next += 1
+        return number
+
+
+@dataclass
+class _Held:
+    """What the rules remember of one storage's non-finite values: the event whose bad
+    value it holds (None for none), the signs of infinity it holds as masks, and
+    whether an op has read its value since it was written. A storage holding only -inf
+    masks is not remembered: an unremembered -inf is taken as a mask anyway."""
+
+    event: Optional[int]
+    masks: frozenset
+    read: bool = False
+
+
+@dataclass
+class Provenance:
+    """The rules (see the module docstring) applied to one op at a time, in the order the
+    ops ran. Immediate mode feeds it as the ops run; deferred mode feeds it the same
+    ops from its records after its one sync, so both modes reach the same verdicts.
+
+    Keys are storage numbers from :class:`_Storages`; a content is a
+    (nan, +inf, -inf) triple, or None where it was not measured."""
+
+    make_event: Callable  # (describe, kind, origin) -> Event; describe() -> (op name, OpContext, absmax)
+    held: dict = field(default_factory=dict)  # storage key -> _Held
+    events: list = field(default_factory=list)
+    reached: set = field(default_factory=set)
+
+    def checked(self, describe, groups, writer: bool) -> None:
+        """An op whose outputs were measured. ``groups``: [(reads, writes)], reads
+        [(key, content)] of the inputs as they were when it ran, writes [(key,
+        content, partial)] of what it wrote (``partial``: a view into a larger storage).
+        A ``_foreach_`` op has one group per list position; any other op has one."""
+        made = None  # an op reports at most one event, however many tensors it spoiled
+        for reads, writes in groups:
+            for key, _ in reads:
+                self._mark_read(key)
+            for key, content, partial in writes:
+                if content == FINITE:
+                    if not partial:
+                        self.held.pop(key, None)
+                    continue
+                event, masks, origin = self._judge(content, reads, writer)
+                if origin is not None:
+                    if made is None:
+                        self.events.append(self.make_event(describe, _kind(content), origin))
+                        made = len(self.events) - 1
+                    event = made
+                self._hold(key, event, masks, partial)
+
+    def carried(self, read_keys, write_keys) -> None:
+        """An unchecked op whose outputs hold what its inputs held (see _CARRIERS)."""
+        event, masks = None, frozenset()
+        for key in read_keys:
+            held = self._mark_read(key)
+            if held is not None:
+                masks |= held.masks
+                if held.event is not None and (event is None or held.event < event):
+                    event = held.event
+        for key in write_keys:
+            self._hold(key, event, masks, partial=False)
+
+    def wrote_finite(self, write_keys) -> None:
+        for key in write_keys:
+            self.held.pop(key, None)
+
+    def read_out(self, key, content) -> None:
+        """A value handed to Python (``.item()``): if it is an event's bad value, that
+        event reached the host."""
+        held = self._mark_read(key)
+        if held is not None and held.event is not None and content is not None and self._uncovered(content, held.masks):
+            self.reached.add(held.event)
+
+    def finish(self, persistent: Callable) -> tuple[Optional[Event], list]:
+        """``persistent()`` gives [(key, content)] of the parameters, buffers, gradients
+        and optimizer state at the end of the block; it is asked only while some
+        storage holds an event's value. Returns (first, transient)."""
+        if self.holds_events():
+            for key, content in persistent():
+                held = self.held.get(key)
+                if held is not None and held.event is not None and self._uncovered(content, held.masks):
+                    self.reached.add(held.event)
+        for held in self.held.values():
+            if held.event is not None and not held.read:
+                self.reached.add(held.event)  # nothing read it after it was made: a result
+        first = min(self.reached) if self.reached else None
+        transient = [e for i, e in enumerate(self.events) if i not in self.reached]
+        return (self.events[first] if first is not None else None), transient
+
+    def holds_events(self) -> bool:
+        return any(h.event is not None for h in self.held.values())
+
+    # -- the rules ---------------------------------------------------------------
+
+    @staticmethod
+    def _uncovered(content, masks) -> bool:
+        """Whether a content holds a non-finite value its masks do not explain."""
+        nan, pos, neg = content
+        return nan or (pos and "+" not in masks) or (neg and "-" not in masks)
+
+    def _mark_read(self, key) -> Optional[_Held]:
+        held = self.held.get(key)
+        if held is not None:
+            held.read = True
+        return held
+
+    def _hold(self, key, event, masks, partial: bool) -> None:
+        if partial and key in self.held:
+            # A write into part of a storage leaves the rest of it as it was.
+            old = self.held[key]
+            if event is None or (old.event is not None and old.event < event):
+                event, read = old.event, old.read
+            else:
+                read = False
+            self.held[key] = _Held(event, old.masks | masks, read)
+        elif event is not None or "+" in masks:
+            self.held[key] = _Held(event, masks)
+        else:
+            self.held.pop(key, None)
+
+    def _judge(self, content, reads, writer: bool):
+        """(earlier event carried or None, masks the output holds, origin of a new
+        event or None) for one non-finite output."""
+        carried, outside, masks = None, False, set()
+        for key, c in reads:
+            if c is None or c == FINITE:
+                continue
+            nan, pos, neg = c
+            held = self.held.get(key)
+            held_masks = held.masks if held is not None else frozenset()
+            masks |= {s for s, present in (("+", pos), ("-", neg)) if present and s in held_masks}
+            pos, neg = pos and "+" not in held_masks, neg and "-" not in held_masks
+            if not (nan or pos or neg):
+                continue
+            if held is not None and held.event is not None:
+                if carried is None or held.event < carried:
+                    carried = held.event
+            elif nan or (pos and not writer):
+                outside = True  # NaN or +inf that no traced op made
+            else:
+                # -inf from outside the trace is taken as a mask; so is an infinity a
+                # constant writer is handed (the constant it writes).
+                masks |= {s for s, present in (("+", pos), ("-", neg)) if present}
+        nan, pos, neg = content
+        present = frozenset(s for s, p in (("+", pos), ("-", neg)) if p)
+        if carried is not None:
+            # Only the masks that came in stay masks: the carried value is no constant.
+            return carried, frozenset(masks) & present, None
+        if outside:
+            return None, frozenset(masks) & present, "input"
+        if writer:
+            masks |= {"+", "-"}
+        if nan or (pos and "+" not in masks) or (neg and "-" not in masks):
+            return None, frozenset(masks) & present, "op"
+        return None, frozenset(masks) & present, None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How the tracer treats one op overload, worked out once."""
+
+    kind: str  # view, carrier, finite, checked
+    writer: bool
+    shape_only: bool
+    readout: bool
+    foreach: bool
+    writes: tuple  # (position, argument name, also read) of each argument it writes
+    training_flag: Optional[int]  # for _UNDECLARED_WRITES: only write when this arg is True
+
+
+_PLANS: dict = {}
+
+
+def _plan(func) -> _Plan:
+    plan = _PLANS.get(func)
+    if plan is None:
+        name = func.overloadpacket.__name__
+        schema = func._schema
+        writes = [(i, a.name, not a.is_out) for i, a in enumerate(schema.arguments)
+                  if a.alias_info is not None and a.alias_info.is_write]
+        undeclared, flag = _UNDECLARED_WRITES.get(name, ((), None))
+        writes += [(i, schema.arguments[i].name, True) for i in undeclared]
+        if func.is_view:
+            kind = "view"
+        elif name in _WRITE_FINITE:
+            kind = "finite"
+        elif name in _CARRIERS:
+            kind = "carrier"
+        else:
+            kind = "checked"
+        plan = _PLANS[func] = _Plan(kind, name in _MASK_WRITERS, name in _SHAPE_ONLY, name in _READOUTS,
+                                    name.startswith("_foreach_"), tuple(writes), flag)
+    return plan
+
+
+def _argument(args, kwargs, position: int, name: str):
+    return args[position] if position < len(args) else kwargs.get(name)
+
+
+def _written_arguments(plan: _Plan, args, kwargs) -> list[tuple]:
+    """[(tensor, also read)] for each floating point tensor the op writes in place."""
+    if not plan.writes:
+        return []
+    if plan.training_flag is not None and not _argument(args, kwargs, plan.training_flag, "training"):
+        return []
+    found = []
+    for position, name, read in plan.writes:
+        for t in _float_tensors(_argument(args, kwargs, position, name)):
+            found.append((t, read))
+    return found
+
+
+def _op_groups(plan: _Plan, args, kwargs, out, written) -> list[tuple]:
+    """[(inputs read, tensors written)] of one op: one group for most ops; for a
+    ``_foreach_`` op, one per list position, so that a bad value in one parameter's
+    update is traced to that parameter's own inputs."""
+    write_only = {id(t) for t, read in written if not read}
+    reads = [] if plan.shape_only else [t for t in _float_tensors((args, kwargs)) if id(t) not in write_only]
+    outs = _float_tensors(out)
+    writes, seen = [], set()
+    for t in [t for t, _ in written] + outs:
+        if id(t) not in seen:  # an in-place op returns the tensor it wrote
+            seen.add(id(t))
+            writes.append(t)
+    if not plan.foreach:
+        return [(reads, writes)]
+    lists = [a for a in (*args, *kwargs.values()) if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
+    if isinstance(out, (list, tuple)) and out:
+        lists.append(list(out))
+    length = len(lists[0]) if lists else 0
+    if not lists or any(len(lst) != length for lst in lists):
+        return [(reads, writes)]
+    in_lists = {id(t) for lst in lists for t in lst}
+    shared = [t for t in reads if id(t) not in in_lists]  # a tensor every position uses (an lr, say)
+    written_ids = {id(t) for t in writes}
+    groups = []
+    for i in range(length):
+        column = [lst[i] for lst in lists if _is_float(lst[i])]
+        groups.append(([t for t in column if id(t) not in write_only] + shared,
+                       [t for t in column if id(t) in written_ids]))
+    return groups
+
+
+def _is_partial(t: torch.Tensor) -> bool:
+    """Whether ``t`` covers only part of its storage (a view, or a slice of one)."""
+    return t.layout == torch.strided and t.untyped_storage().nbytes() != t.numel() * t.element_size()
+
+
+@dataclass
+class Replay:
+    """What :func:`replay` saw: the first event and the transient ones, what the step
+    returned, and the exception it raised (None if it returned)."""
+
+    first: Optional[Event]
+    transient: list
+    returned: object = None
+    error: Optional[BaseException] = None
 
 
 class Tracer(TorchDispatchMode):
-    """Checks the output of every non-view op. ``first`` holds the first Event.
+    """Checks what every op writes. After the block, ``first`` holds the first Event
+    that reached something that matters and ``transient`` the events that did not.
 
     Immediate mode (the CPU default) checks each op as it runs, since on the CPU
-    reading a value back costs nothing; with ``stop=True`` it raises at the first
-    event so that a replayed step ends there (:func:`replay` catches it). Deferred
-    mode (the CUDA default, or ``defer=True``) reads everything back with one sync
-    when the block ends: see :mod:`nanlab.deferred`.
+    reading a value back costs nothing. Deferred mode (the CUDA default, or
+    ``defer=True``) reads everything back with one sync when the block ends: see
+    :mod:`nanlab.deferred`. ``watch``: modules and optimizers whose state counts as
+    reached even if the block never ran them (the guard passes its model and optimizers).
     """
 
-    def __init__(self, stop: bool = False, defer: Optional[bool] = None):
+    def __init__(self, defer: Optional[bool] = None, watch=()):
         super().__init__()
-        self.stop, self.defer = stop, defer
+        self.defer = defer
         self.first: Optional[Event] = None
-        self._tolerated: set[int] = set()  # storages holding intentional infinities
+        self.transient: list[Event] = []
         self._where = OpLocator()
         self._deferred = DeferredLog()
+        self._storages = _Storages()
+        self._rules = Provenance(self._make_event)
+        self._watch = watch
 
     def __enter__(self):
         self._where.install()
+        for thing in self._watch:
+            if isinstance(thing, torch.nn.Module):
+                self._where.modules_seen.update((id(m), m) for m in thing.modules())
+            elif thing is not None:
+                self._where.optimizers_seen[id(thing)] = thing
         return super().__enter__()
 
     def __exit__(self, *exc):
         self._where.remove()
         result = super().__exit__(*exc)
         if self.defer:
-            self.first = self._deferred.first_event(self._decide, self._where.event)
+            self.first, self.transient = self._deferred.finish(self._rules, self._storages,
+                                                               self._where.persistent_tensors)
+        else:
+            self.first, self.transient = self._rules.finish(
+                lambda: [(self._storages.key(t), _content(t)) for t in self._where.persistent_tensors()
+                         if not _is_finite_fast(t)])
         return result
 
+    def _make_event(self, describe, kind, origin) -> Event:
+        name, ctx, absmax = describe()
+        return self._where.event(name, kind, origin, absmax, ctx)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if self.first is not None or func.is_view or name in _NEVER_CHECK:
-            return func(*args, **(kwargs or {}))
-        # An in-place op overwrites its first argument: read that input's state first.
-        mutated = _float_tensors(args[0]) if args and func._schema.is_mutable else []
+        kwargs = kwargs or {}
+        plan = _plan(func)
+        if plan.kind == "view":
+            return func(*args, **kwargs)
         if self.defer is None:
             self.defer = any(t.is_cuda for t in _float_tensors((args, kwargs)))
-        before = {id(t): (self._deferred.stat_index(t) if self.defer else _nonfinite_kind(t)) for t in mutated}
-        out = func(*args, **(kwargs or {}))
+        if self.defer:
+            return self._deferred_dispatch(func, plan, args, kwargs)
+        if plan.kind != "checked":
+            out = func(*args, **kwargs)
+            if torch._C._current_autograd_node() is None:
+                self._where.note_forward_op(func.overloadpacket.__name__, remember=False)
+            if self._rules.held:  # nothing to carry while no storage holds an event or a +inf mask
+                written = [t for t, _ in _written_arguments(plan, args, kwargs)] + _float_tensors(out)
+                write_keys = [self._storages.key(t) for t in written]
+                if plan.kind == "finite":
+                    self._rules.wrote_finite(write_keys)
+                else:
+                    self._rules.carried([self._storages.key(t) for t in _float_tensors((args, kwargs))], write_keys)
+            return out
+        return self._immediate_dispatch(func, plan, args, kwargs)
+
+    def _immediate_dispatch(self, func, plan, args, kwargs):
+        written = _written_arguments(plan, args, kwargs)
+        # The values an op overwrites are gone once it has run: measure them first.
+        # (max |x| is finite exactly when x is, and is the input's absmax as well.)
+        before = {}
+        for t, read in written:
+            if read:
+                top = _values(t).detach().abs().amax().item()
+                before[id(t)] = (FINITE, top) if math.isfinite(top) else (_content(t), _absmax(t))
+        out = func(*args, **kwargs)
         node = torch._C._current_autograd_node()
+        name = func.overloadpacket.__name__
         if node is None:
             self._where.note_forward_op(name)
-        # In-place ops (the optimizer's _foreach_add_, say) may return nothing: check
-        # the tensors they wrote instead.
-        returned_nothing = out is None or (isinstance(out, (list, tuple)) and len(out) == 0)
-        written = mutated if returned_nothing else _float_tensors(out)
-        if self.defer:
-            if written:
-                self._deferred.record(name, self._where.context(node), _float_tensors((args, kwargs)), written, before)
+        outs = _float_tensors(out)
+        if not written and not outs:
+            if plan.readout and self._rules.held:
+                for t in _float_tensors((args, kwargs)):
+                    self._rules.read_out(self._storages.key(t), _content(t))
             return out
-        for t in written:
-            kind = _nonfinite_kind(t)
-            if kind is not None:
-                self._classify(name, kind, t, _float_tensors((args, kwargs)), node, before)
-                break
+        # The fast path: everything it wrote is finite and no storage holds anything
+        # the rules must follow.
+        if written:  # an in-place op returns the tensor it wrote: check it once
+            outs = list({id(t): t for t in [t for t, _ in written] + outs}.values())
+        spoiled = {id(t) for t in outs if not _is_finite_fast(t)}
+        if not spoiled and not self._rules.held:
+            return out
+        groups = _op_groups(plan, args, kwargs, out, written)
+        key = self._storages.key
+        measured: dict[int, tuple] = {}
+
+        def read_entry(t):
+            if not spoiled:  # the rules only mark it read: its content is not needed
+                return key(t), None
+            if id(t) not in measured:
+                measured[id(t)] = before[id(t)] if id(t) in before else _measure(t)
+            return key(t), measured[id(t)][0]
+
+        fed = [([read_entry(t) for t in reads],
+                [(key(t), _content(t) if id(t) in spoiled else FINITE, _is_partial(t)) for t in writes])
+               for reads, writes in groups]
+
+        def describe():
+            absmax = max((a for _, a in measured.values() if a is not None), default=None)
+            return name, self._where.context(node, [t for t, _ in written]), absmax
+
+        self._rules.checked(describe, fed, plan.writer)
         return out
 
-    def _decide(self, name: str, kind: str, out_key: int, inputs) -> Optional[str]:
-        """None when the new infinity is an intentional mask (then remembered as one);
-        otherwise the origin: "input" when NaN or +inf came from outside the trace,
-        "op" when this op made the value. ``inputs``: (storage, kind, holds +inf)."""
-        outside_bad, carries_mask = False, False
-        for key, t_kind, posinf in inputs:
-            if t_kind is None:
-                continue
-            if key in self._tolerated:
-                carries_mask = True
-            elif t_kind == "nan" or posinf:
-                outside_bad = True  # NaN or +inf that no traced op produced
-            else:
-                self._tolerated.add(key)  # -inf from outside the trace: taken as a mask
-                carries_mask = True
-        if not outside_bad and kind == "inf" and (name in _MASK_WRITERS or carries_mask):
-            self._tolerated.add(out_key)
-            return None
-        return "input" if outside_bad else "op"
+    def _deferred_dispatch(self, func, plan, args, kwargs):
+        log = self._deferred
+        written = _written_arguments(plan, args, kwargs)
+        before = {id(t): log.stat_index(t) for t, read in written if read and plan.kind == "checked"}
+        out = func(*args, **kwargs)
+        node = torch._C._current_autograd_node()
+        name = func.overloadpacket.__name__
+        if node is None:
+            self._where.note_forward_op(name, remember=plan.kind == "checked")
+        key = self._storages.key
+        if plan.kind == "finite":
+            log.wrote_finite([key(t) for t in [t for t, _ in written] + _float_tensors(out)])
+            return out
+        if plan.kind == "carrier":
+            log.carried([key(t) for t in _float_tensors((args, kwargs))],
+                        [key(t) for t in [t for t, _ in written] + _float_tensors(out)])
+            return out
+        groups = _op_groups(plan, args, kwargs, out, written)
+        if not any(w for _, w in groups):
+            if plan.readout:
+                for t in _float_tensors((args, kwargs)):
+                    log.read_out(key(t), log.stat_index(t))
+            return out
+        stats = {}
 
-    def _classify(self, name, kind, out, inputs, node, before):
-        """Immediate mode: decide on the op that just wrote ``out``, and stop a replay there."""
-        described = []
-        for t in inputs:
-            t_kind = before[id(t)] if id(t) in before else _nonfinite_kind(t)
-            # +inf matters only for a non-finite input a traced op did not produce;
-            # an overwritten input's old values are gone, so it counts as a mask.
-            posinf = (t_kind == "inf" and id(t) not in before and bool((t == math.inf).any()))
-            described.append((t.untyped_storage().data_ptr(), t_kind, posinf))
-        origin = self._decide(name, kind, out.untyped_storage().data_ptr(), described)
-        if origin is None:
-            return
-        self.first = self._where.event(name, kind, origin, _absmax(inputs), self._where.context(node))
-        if self.stop:
-            raise _Stop()
+        def stat(t):
+            if id(t) not in stats:
+                stats[id(t)] = before[id(t)] if id(t) in before else log.stat_index(t)
+            return stats[id(t)]
+
+        recorded = [([(key(t), stat(t)) for t in reads], [(key(t), log.stat_index(t), _is_partial(t)) for t in writes])
+                    for reads, writes in groups]
+        log.checked(name, self._where.context(node, [t for t, _ in written]), recorded, plan.writer)
+        return out
 
 
 @contextmanager
 def trace(defer: Optional[bool] = None):
-    """Run a block under the exact tracer; afterwards ``tr.first`` is None or an Event.
+    """Run a block under the exact tracer; afterwards ``tr.first`` is None or an Event,
+    and ``tr.transient`` lists the events whose values never reached anything.
 
     It never raises because of a NaN: the block runs to its end as it would untraced.
     ``defer`` picks the mode (see Tracer); by default CUDA tensors defer and CPU ones don't.
     """
-    tracer = Tracer(stop=False, defer=defer)
+    tracer = Tracer(defer=defer)
     with tracer:
         yield tracer
 
 
-def replay(fn, *args) -> Optional[Event]:
-    """Run ``fn(*args)`` under a stopping tracer; return the first Event or None."""
-    tracer = Tracer(stop=True)
+def replay(fn, *args, watch=()) -> Replay:
+    """Run ``fn(*args)`` to its end under the tracer. An exception it raises is caught
+    and kept; the events up to it are judged as if the block had ended there."""
+    tracer = Tracer(watch=watch)
+    returned, error = None, None
     try:
         with tracer:
-            fn(*args)
-    except _Stop:
-        pass
-    return tracer.first
+            returned = fn(*args)
+    except Exception as exc:  # noqa: BLE001 - the step's own failure, handed back to the caller
+        error = exc
+    return Replay(tracer.first, tracer.transient, returned, error)

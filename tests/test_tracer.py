@@ -216,6 +216,7 @@ def test_guard_restores_exactly_the_pre_step_state(make_step):
     after = {k: v for s in opt.state.values() for k, v in s.items() if torch.is_tensor(v)}
     assert all(torch.equal(state[k], after[k]) for k in state)
     assert all(torch.equal(a, s["step"]) for a, s in zip(steps, opt.state.values()))
+    # The last step's gradients, which its optimizer step applied, come back cleared.
     assert all(p.grad is None for p in model.parameters())
 
 
