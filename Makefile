@@ -13,14 +13,14 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,parallel,cluster]'
 	touch $(STAMP)
 
 demo: install
 	$(PY) -m nanlab scenario=softmax_overflow
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 claims: install
 	$(PY) -m nanlab mode=claims

@@ -18,9 +18,31 @@ from nanlab.scenario import ContractError
 EXIT_BAD_INPUT = 2
 
 
-def fail(err) -> None:
+EXIT_FAILED = 1  # a check that failed, or a result that could not be written
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as `head` closing the pipe ends other tools
+
+
+def fail(err, code: int = EXIT_BAD_INPUT) -> None:
     print(f"nanlab: error: {err}", file=sys.stderr)
-    sys.exit(EXIT_BAD_INPUT)
+    sys.exit(code)
+
+
+def _interrupted() -> None:
+    print("nanlab: interrupted", file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
+
+
+def _quiet_broken_pipe() -> None:
+    """The reader went away (`mode=list | head`): stop quietly, as Unix tools do, and
+    keep Python's final flush of stdout from raising again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(EXIT_BROKEN_PIPE)
+
+
+def _write_failure(err: OSError) -> str:
+    where = f" {err.filename}" if err.filename else ""
+    return f"could not write{where}: {err.strerror or err} (an earlier file of that name is left as it was)"
 
 
 @hydra.main(version_base="1.3", config_path="pkg://nanlab.conf", config_name="config")
@@ -31,6 +53,12 @@ def app(cfg) -> int:
         code = _run_mode(cfg)
     except (ConfigError, ContractError) as err:
         fail(err)
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+    except KeyboardInterrupt:
+        _interrupted()
+    except OSError as err:  # a full disk, a folder that cannot be written
+        fail(_write_failure(err), EXIT_FAILED)
     if code:  # Hydra drops the task's return value; a failed check must still exit 1
         sys.exit(code)
 
@@ -41,6 +69,8 @@ MODE_RUNNERS = {
     "claims": ("nanlab.claims", "run_claims"),
     "check": ("nanlab.kernels.cli", "run_check"),
     "report": ("nanlab.handout", "run_report"),
+    "sweep": ("nanlab.sweep", "run_sweep"),
+    "boundary": ("nanlab.boundary", "run_boundary"),
 }
 
 
@@ -82,9 +112,18 @@ def main() -> None:
     config.setup()
     try:
         code = app()
+    except KeyboardInterrupt:
+        _interrupted()
+    except BrokenPipeError:
+        _quiet_broken_pipe()
     except Exception as exc:
         err = config.explain(exc, sys.argv[1:])
-        if err is None:
-            raise
-        fail(err)
+        if err is not None:
+            fail(err)
+        # Hydra's own missing-config errors are IOErrors too; they were explained above.
+        if isinstance(exc, OSError) and exc.errno is not None:  # the run dir or its log file
+            where = f"{exc.filename}: " if exc.filename else ""
+            fail(f"{where}cannot create the output folder or write there ({type(exc).__name__}: "
+                 f"{exc.strerror or exc}); choose another with hydra.run.dir=PATH (or hydra.sweep.dir=PATH with -m)")
+        raise
     sys.exit(code or 0)

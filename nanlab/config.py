@@ -77,6 +77,9 @@ def finalize(cfg):
     check_knobs(cfg)
     plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     plain.pop("hydra", None)
+    unknown = schema.unknown_keys(plain)
+    if unknown:
+        raise ConfigError(unknown[0], OmegaConf.select(cfg, unknown[0]), schema.allowed(unknown[0]))
     return OmegaConf.create(plain)
 
 
@@ -99,8 +102,10 @@ def check_knobs(cfg) -> None:
             ok = True
         if ok and want is float:
             ok = math.isfinite(value)
+        if ok and want is int:
+            ok = value >= 0  # knobs are sizes, counts and indices
         if not ok:
-            names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+            names = {bool: "true or false", int: "an integer >= 0", float: "a finite number", str: "a string"}
             raise ConfigError(f"scenario.data.{key}", value, f"must be {names[want]}; " + _knob_list(decl))
 
 
@@ -203,6 +208,9 @@ def explain(exc: BaseException, overrides: Sequence[str]) -> Optional[Exception]
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         key = cause.full_key
         value = _override_value(key, overrides)
+        if value is None and "[" in key:  # an element of a list: name the list as it was given
+            value = _override_value(key.split("[")[0], overrides)
+            return ConfigError(key.split("[")[0], value, "each entry " + schema.allowed(key))
         return ConfigError(key, value if value is not None else "?", schema.allowed(key))
     if isinstance(exc, (HydraException, OmegaConfBaseException)):
         return ConfigError("config", " ".join(overrides), str(exc).splitlines()[0])

@@ -7,11 +7,13 @@ went non-finite, and the tracer's account of the op, then stops that variant.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from typing import Optional
 
 import torch
 from omegaconf import OmegaConf
+from tqdm import tqdm
 
 from nanlab.build import DTYPES, apply_init, clip_gradients, make_optimizer
 from nanlab.errors import NonFiniteError
@@ -106,15 +108,21 @@ def train(scenario: Scenario, variant: Variant, cfg, raw: Data, ctx: Context) ->
 
     guard = Guard(step, model, optimizer)
     losses, param_norms, first = [], [], None
-    for _ in range(int(vcfg.steps)):
-        try:
-            guard()
-        except NonFiniteError as err:
-            first = FirstNonFinite(err.step, _quantity(err), guard.last.loss, err.event)
+    # A bar only for runs long enough to wonder about (steps=100000000): it appears
+    # after two seconds, on stderr, and is cleared when the variant ends.
+    progress = tqdm(total=int(vcfg.steps), desc=f"{scenario.name}: {variant.name}", unit="step", delay=2.0,
+                    mininterval=1.0, leave=False, file=sys.stderr)
+    with progress:
+        for _ in range(int(vcfg.steps)):
+            try:
+                guard()
+            except NonFiniteError as err:
+                first = FirstNonFinite(err.step, _quantity(err), guard.last.loss, err.event)
+                losses.append(guard.last.loss)
+                break
             losses.append(guard.last.loss)
-            break
-        losses.append(guard.last.loss)
-        param_norms.append(guard.last.param_norm)
+            param_norms.append(guard.last.param_norm)
+            progress.update()
 
     exact_end, acc_end = evaluate(scenario, model, data)
     finite = first is None

@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 # Floating-point types, by their torch name (torch.float16 is ``float16``).
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 DEVICES = ("cpu", "cuda", "auto")
-MODES = ("run", "list", "claims", "check", "report")
+MODES = ("run", "list", "claims", "check", "report", "sweep", "boundary")
 CLIPS = ("none", "norm", "value")
 KERNEL_KINDS = ("cross_entropy", "binary_cross_entropy", "binary_cross_entropy_with_logits", "softmax",
                 "log_softmax", "logsumexp")
 KERNEL_FRAMEWORKS = ("torch", "numpy")
+KERNEL_VIEWS = ("all", "failures")  # kernel.show: the whole table, or only what failed
 
 
 @dataclass(frozen=True)
@@ -53,3 +54,4 @@ INITS = {
     "he_normal": InitOption("kaiming_normal_", {"nonlinearity": "relu"}),
     "normal": InitOption("normal_", settings=("std",)),
 }
+

@@ -1,6 +1,7 @@
 """Run a scenario: every variant through the shared loop, then verdicts and claims."""
 from __future__ import annotations
 
+import contextlib
 import time
 
 from omegaconf import OmegaConf
@@ -27,6 +28,22 @@ def chosen_variants(scenario, wanted) -> list:
     if not names:
         raise ConfigError("variant", "[]", "name at least one variant, or leave variant out to run them all")
     return [v for v in scenario.variants if v.name in names]
+
+
+@contextlib.contextmanager
+def _knobs_blamed(name: str, changed: dict):
+    """A scenario that crashes on data knobs a user changed (``scenario.data.n=0``)
+    gets one config error naming those knobs. At its own knobs a crash is a bug in
+    the scenario, and keeps its traceback."""
+    knobs = {k: v[1] for k, v in changed.items() if k.startswith("scenario.data.")}
+    try:
+        yield
+    except (RuntimeError, ValueError, IndexError, TypeError, ZeroDivisionError) as err:
+        if not knobs:
+            raise
+        key, value = next(iter(knobs.items())) if len(knobs) == 1 else ("scenario.data", knobs)
+        raise ConfigError(key, value, f"{name} cannot run with {'this' if len(knobs) == 1 else 'these'} data knob "
+                          f"value ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from err
 
 
 def decide_claims(scenario, result: ScenarioResult, all_run: bool) -> list:
@@ -57,18 +74,20 @@ def run_scenario(cfg) -> "ScenarioReport":
     chosen = chosen_variants(scenario, cfg.get("variant"))
     all_run = len(chosen) == len(scenario.variants)
     ctx = Context(cfg, resolve_device(cfg.device), DTYPES[cfg.dtype])
-    raw = scenario.make_data(ctx)
+    changed = changed_settings(cfg)
+    with _knobs_blamed(scenario.name, changed):
+        raw = scenario.make_data(ctx)
 
-    def run_variant(variant):
-        return verdicts.judge_learning(train(scenario, variant, cfg, raw, ctx), scenario.learn)
+        def run_variant(variant):
+            return verdicts.judge_learning(train(scenario, variant, cfg, raw, ctx), scenario.learn)
 
-    variants = [train(scenario, v, cfg, raw, ctx) for v in chosen]
+        variants = [train(scenario, v, cfg, raw, ctx) for v in chosen]
+        probes = scenario.probes(ctx, run_variant) if scenario.probes else {}
     reproduced, fixed = verdicts.judge(variants, scenario.failure, scenario.learn, all_run)
-    probes = scenario.probes(ctx, run_variant) if scenario.probes else {}
     result = ScenarioReport(
         scenario=scenario.name, summary=scenario.summary, explanation=scenario.explanation,
         failure=scenario.failure, config=OmegaConf.to_container(cfg), reproduced=reproduced, fixed=fixed,
-        variants=variants, probes=probes, changed=changed_settings(cfg),
+        variants=variants, probes=probes, changed=changed,
     )
     result.claims = decide_claims(scenario, result, all_run)
     result.seconds = time.perf_counter() - started

@@ -27,6 +27,7 @@ DType = _enum("DType", options.DTYPES)
 Mode = _enum("Mode", options.MODES)
 KernelKind = _enum("KernelKind", options.KERNEL_KINDS)
 Framework = _enum("Framework", options.KERNEL_FRAMEWORKS)
+KernelView = _enum("KernelView", options.KERNEL_VIEWS)
 
 
 @dataclass
@@ -73,7 +74,7 @@ class KernelConf:
     # Cases expected to fail, as name or name@dtype; one that passes fails the check (strict).
     xfail: List[str] = field(default_factory=list)
     # all: every case in the table; failures: only the cases that failed.
-    show: str = "all"
+    show: KernelView = KernelView.all
 
 
 @dataclass
@@ -87,6 +88,41 @@ class ReportConf:
     results: Optional[str] = None
     run: bool = True
     sweeps: Optional[str] = None
+
+
+@dataclass
+class SweepConf:
+    """mode=sweep: the grid, run in one process (nanlab.sweep). Each axis left out
+    (None) takes the config's own value; the names of sweep.optimizer, clip, init and
+    dtype are checked by :func:`validate`, so that the error names the choices."""
+
+    optimizer: Optional[List[str]] = None
+    lr: Optional[List[float]] = None
+    clip: Optional[List[str]] = None
+    clip_threshold: Optional[List[float]] = None
+    init: Optional[List[str]] = None
+    dtype: Optional[List[str]] = None
+    seed: Optional[List[int]] = None
+    # A grid of more than 1024 points (nanlab.sweep.DEFAULT_MAX_POINTS) needs this set.
+    max_points: Optional[int] = None
+    # Runs trained together in one batch at most; rows are written after each batch.
+    max_batch: int = 512
+    resume: bool = False
+    # auto: the batched engine where the model allows, the loop elsewhere; loop: always the loop.
+    engine: str = "auto"
+
+
+@dataclass
+class BoundaryConf:
+    """mode=boundary: the largest lr at which the broken variant stays finite, per
+    init and clip (nanlab.boundary). None takes the config's own init or clip."""
+
+    init: Optional[List[str]] = None
+    clip: Optional[List[str]] = None
+    precision: float = 0.05  # stop when the bracket's hi / lo is at most 1 + precision
+    lr_min: float = 1e-12
+    lr_max: float = 1e3
+    candidates: int = 16  # lrs tried at once per round, in the batched engine
 
 
 @dataclass
@@ -105,21 +141,43 @@ class Config:
     variant: Any = None
     kernel: KernelConf = field(default_factory=KernelConf)
     report: ReportConf = field(default_factory=ReportConf)
+    sweep: SweepConf = field(default_factory=SweepConf)
+    boundary: BoundaryConf = field(default_factory=BoundaryConf)
 
+
+FLOAT32_MAX = 3.4028234663852886e38
+# Data is drawn from torch generators seeded with seed * 1000 + offset, which must fit
+# in a signed 64-bit integer.
+MAX_SEED = 2 ** 53
 
 # What each range-checked key accepts, in the words the error line uses.
 ALLOWED = {
-    "optimizer.lr": "must be a finite number > 0",
+    "optimizer.lr": "must be a number > 0 and at most float32's largest, 3.4e38",
     "optimizer.momentum": "must be a number in [0, 1)",
-    "optimizer.eps": "must be a finite number > 0",
-    "optimizer.weight_decay": "must be a finite number >= 0",
-    "init.std": "must be a finite number > 0",
-    "clip.threshold": "must be a finite number > 0",
-    "seed": "must be an integer >= 0",
+    "optimizer.eps": "must be a number > 0 and at most float32's largest, 3.4e38",
+    "optimizer.weight_decay": "must be a number >= 0 and at most float32's largest, 3.4e38",
+    "init.std": "must be a number > 0 and at most float32's largest, 3.4e38",
+    "clip.threshold": "must be a number > 0 and at most float32's largest, 3.4e38",
+    "seed": f"must be an integer in [0, {MAX_SEED})",
     "steps": "must be an integer >= 1",
     "kernel.dtypes": "must list at least one of " + ", ".join(options.DTYPES) + ", each once",
     "kernel.timeout": "must be a finite number of seconds > 0, or null for no limit",
-    "kernel.show": "must be all or failures",
+    "sweep.optimizer": "must list one or more of " + ", ".join(options.OPTIMIZERS) + ", each once",
+    "sweep.lr": "must list one or more numbers > 0 and at most float32's largest, 3.4e38, each once",
+    "sweep.clip": "must list one or more of " + ", ".join(options.CLIPS) + ", each once",
+    "sweep.clip_threshold": "must list one or more numbers > 0 and at most float32's largest, 3.4e38, each once",
+    "sweep.init": "must list one or more of " + ", ".join(options.INITS) + ", each once",
+    "sweep.dtype": "must list one or more of " + ", ".join(options.DTYPES) + ", each once",
+    "sweep.seed": f"must list one or more integers in [0, {MAX_SEED}), each once",
+    "sweep.max_points": "must be an integer >= 1, or null for the default limit of 1024 points",
+    "sweep.max_batch": "must be an integer >= 1",
+    "sweep.engine": "must be auto or loop",
+    "boundary.init": "must list one or more of " + ", ".join(options.INITS) + ", each once",
+    "boundary.clip": "must list one or more of " + ", ".join(options.CLIPS) + ", each once",
+    "boundary.precision": "must be a number in (0, 1]: the bracket's relative width to stop at",
+    "boundary.lr_min": "must be a number > 0, below boundary.lr_max",
+    "boundary.lr_max": "must be a number above boundary.lr_min and at most float32's largest, 3.4e38",
+    "boundary.candidates": "must be an integer in [2, 1024]",
 }
 
 
@@ -129,6 +187,7 @@ def allowed(key: str) -> str:
         return ALLOWED[key]
     node: Any = Config
     for part in key.split("."):
+        part = part.split("[")[0]  # kernel.dtypes[0]: the list's element type
         fields = getattr(node, "__dataclass_fields__", {})
         if part not in fields:
             top = ", ".join(Config.__dataclass_fields__)
@@ -138,10 +197,29 @@ def allowed(key: str) -> str:
         optional = [a for a in getattr(node, "__args__", ()) if a is not type(None)]
         if getattr(node, "__origin__", None) is Union and len(optional) == 1:
             node = optional[0]
+        if getattr(node, "__origin__", None) is list and "[" in key:
+            node = node.__args__[0]
     if isinstance(node, type) and issubclass(node, Enum):
         return "must be one of " + ", ".join(m.value for m in node)
     names = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}
     return "must be " + names.get(node, "of type " + str(node))
+
+
+def unknown_keys(plain: dict, node: Any = None, prefix: str = "") -> list[str]:
+    """Keys in a composed config that no schema field declares (Hydra's ``+key=value``
+    appends them). Dict- and Any-typed fields hold free keys and are not searched."""
+    node = node or Config
+    fields = node.__dataclass_fields__
+    found = []
+    for key, value in plain.items():
+        if key not in fields:
+            found.append(prefix + key)
+            continue
+        kind = fields[key].type
+        kind = eval(kind, globals()) if isinstance(kind, str) else kind
+        if hasattr(kind, "__dataclass_fields__") and isinstance(value, dict):
+            found += unknown_keys(value, kind, f"{prefix}{key}.")
+    return found
 
 
 def register() -> None:
@@ -160,19 +238,71 @@ def _positive(x: float) -> bool:
     return math.isfinite(x) and x > 0
 
 
+def _float32_positive(x: float) -> bool:
+    """Positive and representable in float32: a bigger lr, say, is inf on a float32 tensor."""
+    return 0 < x <= FLOAT32_MAX
+
+
 def validate(cfg) -> None:
     """Range checks that Hydra's type checks cannot express. Raises ConfigError."""
     opt = cfg.optimizer
-    _check(_positive(opt.lr), "optimizer.lr", opt.lr)
+    _check(_float32_positive(opt.lr), "optimizer.lr", opt.lr)
     _check(0.0 <= opt.momentum < 1.0, "optimizer.momentum", opt.momentum)
-    _check(_positive(opt.eps), "optimizer.eps", opt.eps)
-    _check(math.isfinite(opt.weight_decay) and opt.weight_decay >= 0, "optimizer.weight_decay", opt.weight_decay)
-    _check(_positive(cfg.init.std), "init.std", cfg.init.std)
-    _check(_positive(cfg.clip.threshold), "clip.threshold", cfg.clip.threshold)
-    _check(cfg.seed >= 0, "seed", cfg.seed)
+    _check(_float32_positive(opt.eps), "optimizer.eps", opt.eps)
+    _check(opt.weight_decay == 0 or _float32_positive(opt.weight_decay), "optimizer.weight_decay", opt.weight_decay)
+    _check(_float32_positive(cfg.init.std), "init.std", cfg.init.std)
+    _check(_float32_positive(cfg.clip.threshold), "clip.threshold", cfg.clip.threshold)
+    _check(0 <= cfg.seed < MAX_SEED, "seed", cfg.seed)
     _check(cfg.steps >= 1, "steps", cfg.steps)
     kernel = cfg.kernel
     dtypes = [getattr(d, "value", d) for d in kernel.dtypes]
     _check(len(dtypes) >= 1 and len(set(dtypes)) == len(dtypes), "kernel.dtypes", dtypes)
     _check(kernel.timeout is None or _positive(kernel.timeout), "kernel.timeout", kernel.timeout)
-    _check(kernel.show in ("all", "failures"), "kernel.show", kernel.show)
+    if cfg.get("sweep") is not None:
+        _validate_sweep(cfg.sweep)
+    if cfg.get("boundary") is not None:
+        _validate_boundary(cfg.boundary)
+
+
+# A grid larger than this needs sweep.max_points set (nanlab.sweep.DEFAULT_MAX_POINTS).
+SWEEP_DEFAULT_MAX_POINTS = 1024
+SWEEP_NAME_AXES = {"optimizer": options.OPTIMIZERS, "clip": options.CLIPS, "init": options.INITS,
+                   "dtype": options.DTYPES}
+
+
+def _listed_once(values, ok) -> bool:
+    """None (the axis is left out), or a non-empty list of acceptable values, each once."""
+    return values is None or (len(values) >= 1 and len(set(values)) == len(values) and all(ok(v) for v in values))
+
+
+def _validate_sweep(sweep) -> None:
+    for axis, choices in SWEEP_NAME_AXES.items():
+        values = sweep[axis]
+        values = None if values is None else list(values)
+        _check(_listed_once(values, lambda v, c=choices: v in c), f"sweep.{axis}", values)
+    for axis in ("lr", "clip_threshold"):
+        values = None if sweep[axis] is None else list(sweep[axis])
+        _check(_listed_once(values, _float32_positive), f"sweep.{axis}", values)
+    seeds = None if sweep.seed is None else list(sweep.seed)
+    _check(_listed_once(seeds, lambda s: 0 <= s < MAX_SEED), "sweep.seed", seeds)
+    _check(sweep.max_points is None or sweep.max_points >= 1, "sweep.max_points", sweep.max_points)
+    _check(sweep.max_batch >= 1, "sweep.max_batch", sweep.max_batch)
+    _check(sweep.engine in ("auto", "loop"), "sweep.engine", sweep.engine)
+    points = math.prod(len(sweep[axis]) for axis in ("optimizer", "lr", "clip", "clip_threshold", "init", "dtype",
+                                                       "seed") if sweep[axis] is not None)
+    limit = sweep.max_points if sweep.max_points is not None else SWEEP_DEFAULT_MAX_POINTS
+    if points > limit:
+        how = ("raise sweep.max_points" if sweep.max_points is not None
+               else f"more than {SWEEP_DEFAULT_MAX_POINTS} need sweep.max_points={points} (or more)")
+        raise ConfigError("sweep", f"{points} points", f"the grid is larger than {limit} points; {how}")
+
+
+def _validate_boundary(boundary) -> None:
+    for axis, choices in (("init", options.INITS), ("clip", options.CLIPS)):
+        values = None if boundary[axis] is None else list(boundary[axis])
+        _check(_listed_once(values, lambda v, c=choices: v in c), f"boundary.{axis}", values)
+    _check(0 < boundary.precision <= 1, "boundary.precision", boundary.precision)
+    _check(_float32_positive(boundary.lr_min) and boundary.lr_min < boundary.lr_max, "boundary.lr_min",
+           boundary.lr_min)
+    _check(_float32_positive(boundary.lr_max), "boundary.lr_max", boundary.lr_max)
+    _check(2 <= boundary.candidates <= 1024, "boundary.candidates", boundary.candidates)

@@ -9,6 +9,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The lab's models are tiny: one thread each is fastest, and the tests run CLI
+# subprocesses side by side on 2 cores, where two OpenMP threads per process spin
+# against each other and slow every matmul by orders of magnitude. Set before any
+# test imports torch, and inherited by every subprocess.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def run_cli(*args, cwd=None, env=None, timeout=300):
     """Run ``python -m nanlab`` in a subprocess; returns CompletedProcess."""

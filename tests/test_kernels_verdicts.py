@@ -569,7 +569,7 @@ def test_cli_xfail_baseline_and_show(cli, tmp_path):
     ("kernel.dtypes=[]", "kernel.dtypes=[]: must list at least one of float32, float64, float16, bfloat16, each once"),
     ("kernel.dtypes=[float32,float32]", "kernel.dtypes=['float32', 'float32']: must list at least one of"),
     ("kernel.timeout=0", "kernel.timeout=0.0: must be a finite number of seconds > 0, or null for no limit"),
-    ("kernel.show=some", "kernel.show=some: must be all or failures"),
+    ("kernel.show=some", "kernel.show=some: must be one of all, failures"),
     ("kernel.xfail=[nope]", "kernel.xfail=nope: not a softmax case; the cases are"),
     ("kernel.baseline=/no/such/check.json", "kernel.baseline=/no/such/check.json: cannot read it"),
 ])

@@ -1,0 +1,158 @@
+"""mode=boundary: the largest lr at which a scenario's broken variant stays finite.
+
+For each combination of ``boundary.init`` and ``boundary.clip``, the search keeps a
+bracket [lo, hi]: lo stayed finite for the configured steps, hi went non-finite
+(hi is the smallest lr tried that went non-finite, lo the largest finite one below
+it). Each round tries ``boundary.candidates`` lrs spaced evenly in log space: the
+first over three decades either side of the config's own lr, then, while every lr
+tried stayed finite (or none did), the next six decades up (or down), never past
+[lr_min, lr_max]; once there is a bracket, inside it, until hi / lo is at most
+1 + ``boundary.precision``. Starting near the config's lr, rather than spreading the
+first round over all of [lr_min, lr_max], keeps the first bracket narrow: three
+rounds instead of four or five for the scenarios here. All combinations'
+candidates of a round train together on the batched engine (nanlab.batched).
+
+``critical_lr`` is the bracket's geometric midpoint. A combination that stayed
+finite up to lr_max has lo = lr_max and no hi (critical_lr null); one that was
+non-finite already at lr_min has hi = lr_min and no lo.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from typing import Callable, Optional
+
+from nanlab import jsonio
+
+BOUNDARY_JSON = "boundary.json"
+
+
+def geometric(lo: float, hi: float, count: int) -> list:
+    """``count`` lrs from lo to hi inclusive, evenly spaced in log space."""
+    if count == 1:
+        return [lo]
+    step = (math.log(hi) - math.log(lo)) / (count - 1)
+    return [math.exp(math.log(lo) + i * step) for i in range(count - 1)] + [hi]
+
+
+# How far a round looks: three decades either side of the config's lr at first,
+# then six more decades at a time in the direction the boundary must lie.
+FIRST_SPAN, NEXT_SPAN = 1e3, 1e6
+
+
+class Bracket:
+    """What one combination's search knows: the lrs tried and whether each stayed finite."""
+
+    def __init__(self, init: str, clip: str):
+        self.init, self.clip = init, clip
+        self.tried: dict = {}  # lr -> stayed finite
+
+    @property
+    def hi(self) -> Optional[float]:
+        bad = [lr for lr, finite in self.tried.items() if not finite]
+        return min(bad) if bad else None
+
+    @property
+    def lo(self) -> Optional[float]:
+        hi = self.hi
+        good = [lr for lr, finite in self.tried.items() if finite and (hi is None or lr < hi)]
+        return max(good) if good else None
+
+    def next_candidates(self, start: float, lr_min: float, lr_max: float, count: int, precision: float) -> list:
+        """The lrs to try next; empty when the search is done."""
+        if not self.tried:
+            return geometric(max(lr_min, start / FIRST_SPAN), min(lr_max, start * FIRST_SPAN), count)
+        lo, hi = self.lo, self.hi
+        if hi is None:  # finite everywhere so far: look higher
+            top = max(self.tried)
+            return [] if top >= lr_max else geometric(top, min(lr_max, top * NEXT_SPAN), count + 1)[1:]
+        if lo is None:  # non-finite everywhere below hi: look lower
+            bottom = min(self.tried)
+            return [] if bottom <= lr_min else geometric(max(lr_min, bottom / NEXT_SPAN), bottom, count + 1)[:-1]
+        if hi / lo <= 1 + precision:
+            return []
+        return geometric(lo, hi, count + 2)[1:-1]
+
+    def entry(self) -> dict:
+        lo, hi = self.lo, self.hi
+        critical = math.sqrt(lo * hi) if lo is not None and hi is not None else None
+        return {"init": self.init, "clip": self.clip, "critical_lr": critical, "lo": lo, "hi": hi}
+
+
+def search(engine, broken, configs: Callable, combos: list, boundary, start: float,
+           out: Callable = print) -> list:
+    """Bracket each (init, clip) combination's critical lr; a Bracket per combination.
+
+    ``configs(init, clip, lr)`` gives the finalized config of one candidate; ``start``
+    is the lr the first round centres on."""
+    from nanlab.batched import Run
+
+    brackets = [Bracket(init, clip) for init, clip in combos]
+    limits = (float(boundary.lr_min), float(boundary.lr_max), int(boundary.candidates), float(boundary.precision))
+    start = min(max(start, limits[0]), limits[1])
+    round_number = 0
+    while True:
+        runs, owners = [], []
+        for bracket in brackets:
+            for lr in bracket.next_candidates(start, *limits):
+                runs.append(Run(broken, configs(bracket.init, bracket.clip, lr)))
+                owners.append((bracket, lr))
+        if not runs:
+            return brackets
+        round_number += 1
+        schedule = engine.schedule(runs)
+        outcomes = engine.train(schedule)
+        for (bracket, lr), outcome in zip(owners, outcomes):
+            bracket.tried[lr] = outcome.result.first_nonfinite is None
+        out(f"round {round_number}: {len(runs)} lrs from {min(lr for _, lr in owners):.3g} to "
+            f"{max(lr for _, lr in owners):.3g} ({'; '.join(schedule.describe())})")
+
+
+def run_boundary(cfg, run_dir, overrides=None) -> int:
+    """mode=boundary (nanlab.cli): write boundary.json (and boundary.png with plot=true).
+    ``overrides`` are those cfg was composed from (by default, the running Hydra app's)."""
+    from nanlab import registry
+    from nanlab.batched import Engine
+    from nanlab.sweep import PointConfigs, _hydra_overrides
+
+    scenario = registry.load(cfg.scenario.name)
+    broken = scenario.broken
+    inits = list(cfg.boundary.init) if cfg.boundary.init is not None else [str(cfg.init.name)]
+    clips = list(cfg.boundary.clip) if cfg.boundary.clip is not None else [str(cfg.clip.name)]
+    combos = list(itertools.product(inits, clips))
+    point_configs = PointConfigs(cfg, _hydra_overrides() if overrides is None else overrides)
+
+    def configs(init: str, clip: str, lr: float):
+        return point_configs({"init": init, "clip": clip, "lr": lr})
+
+    print(f"boundary: {scenario.name}, variant {broken.name}, {len(combos)} combinations of init x clip, "
+          f"lr in [{cfg.boundary.lr_min:g}, {cfg.boundary.lr_max:g}], {int(cfg.steps)} steps, "
+          f"to {100 * cfg.boundary.precision:g}%")
+    brackets = search(Engine(scenario), broken, configs, combos, cfg.boundary, float(cfg.optimizer.lr))
+    entries = [b.entry() for b in brackets]
+    print(render(entries))
+    files = [jsonio.write_json(Path(run_dir) / BOUNDARY_JSON, entries)]
+    if bool(cfg.plot):
+        from nanlab import maps
+
+        files.append(maps.boundary_map(entries, Path(run_dir) / "boundary.png", scenario.name))
+    for path in files:
+        print(f"Wrote {path}")
+    return 0
+
+
+def render(entries: list) -> str:
+    def num(x) -> str:
+        return "-" if x is None else f"{x:.4g}"
+
+    lines = [f"  {'init':<16} {'clip':<6} {'critical lr':>12} {'lo':>12} {'hi':>12}"]
+    for e in entries:
+        note = ""
+        if e["hi"] is None:
+            note = "  (finite at every lr tried)"
+        elif e["lo"] is None:
+            note = "  (non-finite at every lr tried)"
+        lines.append(f"  {e['init']:<16} {e['clip']:<6} {num(e['critical_lr']):>12} {num(e['lo']):>12} "
+                     f"{num(e['hi']):>12}{note}")
+    return "\n".join(lines)

@@ -1,0 +1,72 @@
+"""Bad input, interruptions and failed writes end as one line and a status, never a
+traceback, and never destroy an earlier result."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["seed=9223372036854775808"], "seed=9223372036854775808: must be an integer in [0, 9007199254740992)"),
+    (["optimizer.lr=1e39"], "optimizer.lr=1e+39: must be a number > 0 and at most float32's largest"),
+    (["optimizer.weight_decay=1e39"], "optimizer.weight_decay=1e+39: must be a number >= 0"),
+    (["clip=norm", "clip.threshold=1e39"], "clip.threshold=1e+39: must be a number > 0 and at most float32's"),
+    (["scenario.data.n=-5"], "scenario.data.n=-5: must be an integer >= 0"),
+    (["scenario.data.n=0"], "scenario.data.n=0: softmax_overflow cannot run with this data knob value"),
+    (["+foo=1"], "foo=1: not a nanlab config key"),
+    (["+optimizer.foo=1"], "optimizer.foo=1: not a nanlab config key"),
+])
+def test_bad_input_is_one_line_and_exit_2(cli, tmp_path, args, expected):
+    proc = cli(*args, f"hydra.run.dir={tmp_path}")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("nanlab: error: "), proc.stderr
+    assert expected in lines[0]
+
+
+def test_a_run_dir_that_is_a_file_is_one_line(cli, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    proc = cli(f"hydra.run.dir={blocker}")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"nanlab: error: {blocker}: cannot create the output folder")
+
+
+def test_a_failed_write_keeps_the_earlier_result(tmp_path):
+    """A full disk, simulated with ulimit -f: the new result.json cannot be written,
+    and the valid one from an earlier run is still there, whole."""
+    from conftest import run_cli
+
+    assert run_cli("scenario=softmax_overflow", f"hydra.run.dir={tmp_path}").returncode == 0
+    earlier = (tmp_path / "result.json").read_bytes()
+    assert len(earlier) > 16 * 1024  # bigger than the limit below
+    command = (f"ulimit -f 16; exec {sys.executable} -m nanlab scenario=softmax_overflow seed=1 "
+               f"hydra.run.dir={tmp_path}")
+    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "could not write" in lines[-1] and "left as it was" in lines[-1]
+    assert (tmp_path / "result.json").read_bytes() == earlier
+    assert json.loads(earlier)["config"]["seed"] == 0
+    assert not list(tmp_path.glob(".result.json.*"))  # no temporary file left behind
+
+
+def test_a_closed_pipe_ends_quietly():
+    proc = subprocess.Popen([sys.executable, "-m", "nanlab", "mode=list"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # like `| head` that has read enough
+    assert proc.stderr.read() == b"" and proc.wait() == 141
+
+
+def test_ctrl_c_is_one_line_and_exit_130_and_a_long_run_shows_progress(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "nanlab", "scenario=tanh_explosion", "steps=100000000",
+                             f"hydra.run.dir={tmp_path}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(7)  # start-up, then the bar appears once a variant has run for two seconds
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.rstrip().endswith("nanlab: interrupted")
+    assert "/100000000" in err  # the progress bar: steps done out of steps asked

@@ -1,0 +1,158 @@
+"""mode=sweep resume, mode=boundary's bracket against the scenario itself, and the maps."""
+import json
+import math
+
+import pytest
+
+import nanlab
+from nanlab import batched
+from nanlab.boundary import run_boundary
+from nanlab.config import compose
+from nanlab.sweep import SUMMARY_CSV, Summary, draw_stability, read_csv_rows, sweep
+
+RESUME_GRID = ["scenario=tanh_explosion", "mode=sweep", "steps=20", "variant=[sgd_large_lr,clip_norm_1]",
+               "sweep.lr=[0.05,0.1,0.2,0.5]", "sweep.max_batch=2"]  # 2 runs a batch: one point, one row at a time
+
+
+def _counting_train(monkeypatch, stop_at=None):
+    """Count the engine's batches of points; raise KeyboardInterrupt at batch ``stop_at``."""
+    calls = []
+    real = batched.Engine.train
+
+    def train(self, schedule, on_step=lambda n: None):
+        calls.append(len(schedule.runs))
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return real(self, schedule, on_step)
+
+    monkeypatch.setattr(batched.Engine, "train", train)
+    return calls
+
+
+def test_resume_after_an_interrupted_sweep(tmp_path, monkeypatch):
+    fresh = tmp_path / "fresh"
+    sweep(compose(RESUME_GRID), fresh, RESUME_GRID, out=lambda line: None)
+
+    run_dir = tmp_path / "interrupted"
+    calls = _counting_train(monkeypatch, stop_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(compose(RESUME_GRID), run_dir, RESUME_GRID, out=lambda line: None)
+    header, rows = read_csv_rows(run_dir / SUMMARY_CSV)
+    assert [r["optimizer.lr"] for r in rows] == ["0.05", "0.1"]  # each row was on disk as soon as it was done
+    with open(run_dir / SUMMARY_CSV, "a") as f:
+        f.write("0.2,,0.2")  # a row cut short by the interruption
+
+    calls.clear()
+    lines = []
+    summary, failed = sweep(compose([*RESUME_GRID, "sweep.resume=true"]), run_dir, RESUME_GRID, out=lines.append)
+    assert calls == [2, 2] and failed == 0  # only the two points without a row were trained
+    assert "resuming: 2 rows already in summary.csv" in lines[0]
+    assert (run_dir / SUMMARY_CSV).read_text() == (fresh / SUMMARY_CSV).read_text()
+    assert [r["optimizer.lr"] for r in summary.rows] == ["0.05", "0.1", "0.2", "0.5"]
+
+
+def test_resume_refuses_a_summary_of_other_columns(tmp_path):
+    sweep(compose(RESUME_GRID), tmp_path, RESUME_GRID, out=lambda line: None)
+    other = [*RESUME_GRID[:3], "variant=sgd_large_lr", *RESUME_GRID[4:], "sweep.resume=true"]
+    with pytest.raises(nanlab.ConfigError, match="was written for other columns"):
+        sweep(compose(other), tmp_path, other, out=lambda line: None)
+
+
+def _finite(lr, init, clip, steps, scenario="tanh_explosion", variant="sgd_large_lr"):
+    run = nanlab.run(scenario, f"optimizer.lr={lr!r}", f"init={init}", f"clip={clip}", f"steps={steps}",
+                     f"variant={variant}")
+    return run.variant(variant).finite
+
+
+def test_boundary_brackets_hold_against_the_scenario_itself(tmp_path):
+    """Each critical lr: at 0.8x the broken variant stays finite in a separate run of
+    the scenario, at 1.25x it does not. Norm clipping keeps tanh_explosion finite at
+    every lr up to lr_max, which the entry says as lo = lr_max and no hi."""
+    steps = 100
+    overrides = ["mode=boundary", "scenario=tanh_explosion", f"steps={steps}", "plot=true",
+                 "boundary.init=[default,xavier_uniform]", "boundary.clip=[none,norm]", "boundary.candidates=8",
+                 "boundary.lr_max=100"]
+    assert run_boundary(compose(overrides), tmp_path, overrides) == 0
+    entries = json.loads((tmp_path / "boundary.json").read_text())
+    assert [(e["init"], e["clip"]) for e in entries] == [("default", "none"), ("default", "norm"),
+                                                         ("xavier_uniform", "none"), ("xavier_uniform", "norm")]
+    for entry in entries:
+        assert set(entry) == {"init", "clip", "critical_lr", "lo", "hi"}
+        if entry["clip"] == "norm":
+            assert entry["critical_lr"] is None and entry["hi"] is None and entry["lo"] == 100.0
+            continue
+        lo, hi, critical = entry["lo"], entry["hi"], entry["critical_lr"]
+        assert lo < critical < hi <= lo * 1.05
+        assert _finite(0.8 * critical, entry["init"], "none", steps)
+        assert not _finite(1.25 * critical, entry["init"], "none", steps)
+    default, xavier = entries[0]["critical_lr"], entries[2]["critical_lr"]
+    assert xavier < default  # measured: about 0.04 against 0.12 (README, "The stability boundary")
+    assert (tmp_path / "boundary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unscaled_sgd_boundary_sits_just_above_the_analytic_critical_lr(tmp_path):
+    """The measured boundary (finite for 100 steps) against 2 / lambda_max: an lr a
+    little above the analytic value still grows too slowly to overflow in 100 steps."""
+    overrides = ["mode=boundary", "scenario=unscaled_sgd"]
+    run_boundary(compose(overrides), tmp_path, overrides)
+    (entry,) = json.loads((tmp_path / "boundary.json").read_text())
+    analytic = nanlab.run("unscaled_sgd", "variant=raw_features").probes["critical_lr"]
+    assert 1.0 < entry["critical_lr"] / analytic < 1.5
+    assert _finite(0.8 * entry["critical_lr"], "default", "none", 100, "unscaled_sgd", "raw_features")
+    assert not _finite(1.25 * entry["critical_lr"], "default", "none", 100, "unscaled_sgd", "raw_features")
+
+
+def _awkward_summary():
+    """Rows with what a map must survive: a failed job, a step that reads NaN or inf,
+    an lr that is not a number, and a row with no lr at all."""
+    summary = Summary(["optimizer.lr", "clip"], ["sgd_large_lr"], broken="sgd_large_lr", scenario="tanh_explosion",
+                      steps=200)
+    cells = [("0.01", "none", "", "ok"), ("0.1", "none", "", "ok"), ("0.2", "none", "18", "ok"),
+             ("1.0", "none", "12", "ok"), ("0.01", "norm", "", "ok"), ("0.1", "norm", "nan", "ok"),
+             ("0.2", "norm", "", "failed: no result.json in 5_x"), ("1.0", "norm", "inf", "ok"),
+             ("nan", "norm", "3", "ok"), ("", "none", "", "not run")]
+    for lr, clip, step, status in cells:
+        row = summary.row({"optimizer.lr": lr, "clip": clip}, status=status)
+        row["sgd_large_lr.first_nonfinite_step"] = step
+        summary.rows.append(row)
+    return summary
+
+
+def test_stability_map_labels_its_axes_and_survives_nan_and_failed_rows(tmp_path):
+    from nanlab import maps
+
+    summary = _awkward_summary()
+    fig = maps.stability_figure(summary)
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "learning rate (optimizer.lr, log scale)" and ax.get_ylabel() == "clip"
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["clip=norm", "clip=none"]
+    assert fig.axes[1].get_ylabel() == "first non-finite step (of 200)"
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["stayed finite for all 200 steps", "no result", "critical lr (grid estimate)"]
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    (path,) = draw_stability(summary, tmp_path)
+    assert path.endswith("stability.png") and (tmp_path / "stability.png").read_bytes()[:4] == b"\x89PNG"
+    assert maps.critical_between([(0.01, None), (0.1, None), (0.2, 18), (1.0, 12)]) == pytest.approx(math.sqrt(0.02))
+
+
+def test_boundary_map_labels_its_axes_and_survives_unbounded_and_nan_entries(tmp_path):
+    from nanlab import maps
+
+    entries = [{"init": "default", "clip": "none", "critical_lr": 0.12, "lo": 0.118, "hi": 0.121},
+               {"init": "default", "clip": "norm", "critical_lr": None, "lo": 1000.0, "hi": None},
+               {"init": "xavier_uniform", "clip": "none", "critical_lr": None, "lo": None, "hi": 1e-12},
+               {"init": "xavier_uniform", "clip": "norm", "critical_lr": float("nan"), "lo": float("inf"), "hi": "nan"}]
+    fig = maps.boundary_figure(entries, "tanh_explosion")
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "initializer (init)" and ax.get_ylabel() == "critical learning rate (log scale)"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["default", "xavier_uniform"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "clip=none", "clip=norm", "finite at every lr tried (up to 1e+03)",
+        "non-finite at every lr tried (down to 1e-12)"]
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    path = maps.boundary_map([], tmp_path / "boundary.png")
+    assert (tmp_path / "boundary.png").read_bytes()[:4] == b"\x89PNG" and path.endswith("boundary.png")
