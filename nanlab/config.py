@@ -130,6 +130,9 @@ def compose(overrides: Sequence[str]):
         raise err from exc
 
 
+# Hydra launchers that nanlab ships an extra for (pyproject.toml).
+LAUNCHER_EXTRAS = {"joblib": "parallel", "submitit_local": "cluster", "submitit_slurm": "cluster", "slurm": "cluster"}
+
 # What a scenario's lesson depends on; seed, device, mode and plot do not change it.
 LESSON_KEYS = ("optimizer", "init", "clip", "dtype", "steps", "scenario.data")
 
@@ -186,7 +189,10 @@ def explain(exc: BaseException, overrides: Sequence[str]) -> Optional[Exception]
     if isinstance(exc, ConfigError):
         return exc
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and "/" in exc.missing_cfg_file:
-        group, _, value = exc.missing_cfg_file.partition("/")
+        group, _, value = exc.missing_cfg_file.rpartition("/")
+        if group == "hydra/launcher" and value in LAUNCHER_EXTRAS:
+            return ConfigError(group, value, f"Hydra's {value} launcher is not installed; install the "
+                               f"{LAUNCHER_EXTRAS[value]} extra: pip install 'nanlab[{LAUNCHER_EXTRAS[value]}]'")
         if group == "scenario":
             broken = registry.contract_error(value)
             if broken is not None:

@@ -170,3 +170,19 @@ def test_a_float64_run_that_reaches_1e300_plots(cli, tmp_path):
     proc = cli("scenario=unscaled_sgd", "dtype=float64", "seed=3", "plot=true", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
     assert "Verdict: reproduced" in proc.stdout and (tmp_path / "losses.png").stat().st_size > 10_000
+
+
+def test_a_result_from_nanlab_run_shows_itself():
+    """print(result) is the CLI's report, .plot() a matplotlib Figure with the two
+    panels, and Jupyter's _repr_html_ the handout section."""
+    import nanlab
+    from nanlab.report import render
+
+    r = nanlab.run("softmax_overflow", "variant=[hand_softmax,cross_entropy_on_logits]")
+    assert str(r) == render(r) and str(r).startswith("softmax_overflow: ")
+    fig = r.plot()
+    assert [ax.get_ylabel() for ax in fig.axes] == ["exact loss (float64, log scale)", "gradient norm (log scale)"]
+    page = Page()
+    page.feed(r._repr_html_())
+    assert page.sections == ["softmax_overflow"] and len(page.images) == 1 and decodes_as_png(page.images[0])
+    assert [name for _, name in page.cells] == ["hand_softmax", "cross_entropy_on_logits"]

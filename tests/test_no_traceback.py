@@ -70,3 +70,21 @@ def test_ctrl_c_is_one_line_and_exit_130_and_a_long_run_shows_progress(tmp_path)
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert err.rstrip().endswith("nanlab: interrupted")
     assert "/100000000" in err  # the progress bar: steps done out of steps asked
+
+
+@pytest.mark.parametrize("launcher,extra", [("joblib", "parallel"), ("submitit_local", "cluster")])
+def test_a_missing_launcher_plugin_names_its_extra(tmp_path, launcher, extra):
+    """An empty regular package named hydra_plugins shadows the installed namespace
+    package, as if the launcher's extra had never been installed."""
+    import os
+
+    (tmp_path / "hydra_plugins").mkdir()
+    (tmp_path / "hydra_plugins" / "__init__.py").write_text("")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run([sys.executable, "-m", "nanlab", "-m", f"hydra/launcher={launcher}", "steps=2",
+                           f"hydra.sweep.dir={tmp_path / 'sweep'}"], capture_output=True, text=True, env=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0] == (f"nanlab: error: hydra/launcher={launcher}: Hydra's {launcher} launcher is not installed; "
+                        f"install the {extra} extra: pip install 'nanlab[{extra}]'")
