@@ -21,7 +21,8 @@ def collect_claims(seed: int = 0, device: str = "cpu", run=run_scenario) -> list
     rows = []
     for name in registry.names():
         try:
-            result = run(compose([f"scenario={name}", f"seed={seed}", f"device={device}"]))
+            overrides = [f"scenario={name}", f"seed={seed}", f"device={device}"]
+            result = run(compose(overrides), overrides)
         except ContractError as err:
             print(f"nanlab: warning: skipping scenario {name}: {err}", file=sys.stderr)
             continue

@@ -96,7 +96,7 @@ def _run_mode(cfg) -> int:
     from nanlab import report
     from nanlab.runner import run_scenario
 
-    result = run_scenario(cfg)
+    result = run_scenario(cfg, list(hydra_cfg.overrides.task))
     files = report.write(result, Path(run_dir), cfg.plot)
     if hydra_cfg.mode == RunMode.MULTIRUN:
         # One line per job; the sweep's summary table comes at the end (nanlab.sweep).

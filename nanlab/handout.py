@@ -119,7 +119,8 @@ def run_report(cfg, run_dir) -> int:
         raise ConfigError("report.sweeps", report.sweeps, "must be a folder holding sweep outputs")
     if report.run:
         for name in chosen:
-            result = run_scenario(compose([f"scenario={name}", f"seed={cfg.seed}", f"device={cfg.device}"]))
+            overrides = [f"scenario={name}", f"seed={cfg.seed}", f"device={cfg.device}"]
+            result = run_scenario(compose(overrides), overrides)
             jsonio.write_text(results_dir / name / "result.json", result.to_json() + "\n")
             print(f"{name}: {verdict_lines(result)[0].removeprefix('Verdict: ')}", file=sys.stderr)
     if not results_dir.is_dir():

@@ -67,14 +67,15 @@ def decide_claims(scenario, result: ScenarioResult, all_run: bool) -> list:
     return claims
 
 
-def run_scenario(cfg) -> "ScenarioReport":
-    """``cfg`` is a finalized config (see nanlab.config.finalize)."""
+def run_scenario(cfg, overrides=None) -> "ScenarioReport":
+    """``cfg`` is a finalized config (see nanlab.config.finalize); ``overrides``, the
+    command-line overrides it was composed from, when known."""
     started = time.perf_counter()
     scenario = registry.load(cfg.scenario.name)
     chosen = chosen_variants(scenario, cfg.get("variant"))
     all_run = len(chosen) == len(scenario.variants)
     ctx = Context(cfg, resolve_device(cfg.device), DTYPES[cfg.dtype])
-    changed = changed_settings(cfg)
+    changed = changed_settings(cfg, overrides)
     with _knobs_blamed(scenario.name, changed):
         raw = scenario.make_data(ctx)
 
@@ -103,4 +104,4 @@ def run(scenario: str, *overrides: str, **options) -> "ScenarioReport":
     from nanlab.config import compose
 
     args = [f"scenario={scenario}", *overrides, *(f"{k}={v}" for k, v in options.items())]
-    return run_scenario(compose(args))
+    return run_scenario(compose(args), args)

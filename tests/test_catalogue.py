@@ -89,7 +89,7 @@ def test_validate_data_names_rows_and_columns():
     assert torch.isfinite(impute_column_mean(x)).all()
 
 
-def _cached_run(cfg):
+def _cached_run(cfg, overrides=None):
     """run_scenario for collect_claims, served from the shared per-scenario cache."""
     from conftest import scenario_result
 

@@ -57,3 +57,18 @@ def test_an_unknown_variant_is_one_line(cli, tmp_path, value, expected):
     proc = cli(f"variant={value}", f"hydra.run.dir={tmp_path}")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("overrides,touches", [
+    (["scenario=tanh_explosion", "seed=3", "device=cpu", "plot=true"], False),
+    (["optimizer=adam"], True), (["optimizer.lr=0.1"], True), (["+init.std=2"], True), (["clip=norm"], True),
+    (["dtype=float64"], True), (["steps=5"], True), (["scenario.data.n=10"], True),
+])
+def test_only_overrides_that_touch_the_lesson_are_compared(overrides, touches):
+    """The shortcut that skips composing the scenario's own config agrees with the full comparison."""
+    from nanlab.config import changed_settings, compose, touches_lesson
+
+    assert touches_lesson(overrides) is touches
+    if not touches:
+        cfg = compose(["scenario=tanh_explosion", *overrides])
+        assert changed_settings(cfg) == {} == changed_settings(cfg, overrides)

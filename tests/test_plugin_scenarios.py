@@ -152,7 +152,7 @@ def test_claims_skip_a_plugin_that_fails_on_import(tmp_path, monkeypatch, capsys
     try:
         config.setup()
         builtin = set(registry.builtin_names())
-        rows = collect_claims(run=lambda cfg: scenario_result(cfg.scenario.name) if cfg.scenario.name in builtin
+        rows = collect_claims(run=lambda cfg, overrides: scenario_result(cfg.scenario.name) if cfg.scenario.name in builtin
                               else __import__("nanlab.runner").runner.run_scenario(cfg))
     finally:
         monkeypatch.undo()
