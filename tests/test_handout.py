@@ -186,3 +186,20 @@ def test_a_result_from_nanlab_run_shows_itself():
     page.feed(r._repr_html_())
     assert page.sections == ["softmax_overflow"] and len(page.images) == 1 and decodes_as_png(page.images[0])
     assert [name for _, name in page.cells] == ["hand_softmax", "cross_entropy_on_logits"]
+
+
+def test_sweep_maps_found_under_report_sweeps_are_embedded(handout, cli, tmp_path):
+    """report.sweeps=DIR adds every stability.png and boundary.png found under DIR."""
+    from nanlab.figures import png_bytes, variant_figure
+
+    figure = png_bytes(variant_figure(ScenarioResult.load(handout / "results" / "unscaled_sgd" / "result.json")))
+    sweeps = tmp_path / "sweeps"
+    for where in ("lr_grid/stability.png", "boundary/boundary.png"):
+        (sweeps / where).parent.mkdir(parents=True)
+        (sweeps / where).write_bytes(figure)
+    proc = cli("mode=report", "report.run=false", f"report.results={handout / 'results'}", f"report.sweeps={sweeps}",
+               f"hydra.run.dir={tmp_path / 'out'}")
+    assert proc.returncode == 0, proc.stderr
+    page = read_page(tmp_path / "out" / "report.html")
+    assert len(page.images) == len(SCENARIOS) + 2 and all(decodes_as_png(src) for src in page.images)
+    assert "lr_grid/stability.png" in (tmp_path / "out" / "report.html").read_text()
