@@ -54,7 +54,32 @@ EXPECTED = {
         "first in forward: aten.log", "Verdict: reproduced: the broken variant went non-finite at step 0.",
         "fixed: every exact fix stayed finite and learned"],
     "python -m nanlab scenario=log_of_zero_feature scenario.data.zero_every=2": ["Verdict: reproduced"],
+    "python -m nanlab -m scenario=tanh_explosion optimizer.lr=0.01,0.1,0.2,0.5 clip=none,norm": [
+        "| 0.2 | none | 18 |", "| 0.01 | none |   |", "summary.csv", "summary.md"],
+    "python -m nanlab mode=sweep scenario=tanh_explosion sweep.lr=[0.01,0.1,0.2,0.5] sweep.clip=[none,norm]": [
+        "| 0.2 | none | 18 |", "| 0.5 | none | 12 |", "summary.md"],
+    "python -m nanlab mode=sweep scenario=tanh_explosion sweep.lr=[0.01,0.02,0.05,0.1,0.2,0.5,1.0] "
+    "sweep.init=[default,xavier_uniform,he_normal] variant=sgd_large_lr plot=true": [
+        "| 0.2 | xavier_uniform | 15 |", "stability.png"],
+    "python -m nanlab mode=boundary scenario=tanh_explosion boundary.init=[default,xavier_uniform,he_normal] "
+    "boundary.clip=[none,norm,value] plot=true": [
+        "default          none         0.1186", "(finite at every lr tried)", "boundary.json", "boundary.png"],
 }
+
+
+def fenced_blocks(text: str) -> list[tuple[str, str]]:
+    """(language, body) of every fenced block, opening and closing fences told apart."""
+    blocks, language, body = [], None, []
+    for line in text.splitlines():
+        if line.startswith("```"):
+            if language is None:
+                language, body = line[3:].strip(), []
+            else:
+                blocks.append((language, "\n".join(body) + "\n"))
+                language = None
+        elif language is not None:
+            body.append(line)
+    return blocks
 
 
 def doc_commands() -> list[str]:
@@ -62,9 +87,11 @@ def doc_commands() -> list[str]:
     found = []
     for doc in DOCS:
         text = doc.read_text()
-        for block in re.findall(r"```\n(.*?)```", text, flags=re.S):
-            for line in block.splitlines():
-                command = line.split("  #")[0].strip()
+        for language, block in fenced_blocks(text):
+            if language:
+                continue
+            for line in block.replace("\\\n", " ").splitlines():  # join continued lines
+                command = " ".join(line.split("  #")[0].split())
                 if command.startswith(("python ", "pip ")):
                     found.append(command)
         found += [c for c in re.findall(r"`((?:python|pip) [^`]+)`", text) if c in EXPECTED]
@@ -72,7 +99,7 @@ def doc_commands() -> list[str]:
 
 
 def python_blocks() -> list[str]:
-    return [block for doc in DOCS for block in re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)]
+    return [body for doc in DOCS for language, body in fenced_blocks(doc.read_text()) if language == "python"]
 
 
 def test_every_documented_command_is_checked():

@@ -91,7 +91,7 @@ def test_sweep_rows_are_single_run_numbers(optimizer, lrs, tmp_path):
     """mode=sweep's rows, from the batched engine, against a separate
     ``nanlab.run(scenario, optimizer.lr=...)`` per point: the same first non-finite
     step and, within float tolerance, the same final loss, with and without norm clipping."""
-    steps = 60
+    steps = 40
     overrides = ["scenario=tanh_explosion", "mode=sweep", f"optimizer={optimizer}", f"steps={steps}",
                  "variant=sgd_large_lr", f"sweep.lr=[{','.join(map(str, lrs))}]", "sweep.clip=[none,norm]"]
     lines = []
@@ -160,7 +160,7 @@ def test_thread_count_does_not_change_the_numbers():
     """The engine switches between torch's thread setting and one thread for speed
     (ThreadChoice); a batch trained wholly on either gives the same bits."""
     scenario = registry.load("tanh_explosion")
-    points = _points(compose(["scenario=tanh_explosion", "steps=30", "clip=norm"]),
+    points = _points(compose(["scenario=tanh_explosion", "steps=12", "clip=norm"]),
                      **{"optimizer.lr": [0.1, 0.5, 2.0]})
     results = {}
     for threads in (1, 2):
