@@ -41,7 +41,7 @@ from torch import nn
 
 from nanlab import verdicts
 from nanlab.build import DTYPES, apply_init, resolve_device
-from nanlab.loop import _to, evaluate, overrides_of, train, variant_config
+from nanlab.loop import _to, evaluate, overrides_of, train
 from nanlab.result import FirstNonFinite, VariantResult
 from nanlab.scenario import Context, Data, Scenario, Variant
 

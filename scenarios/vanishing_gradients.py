@@ -1,5 +1,4 @@
 """vanishing_gradients: a 20-layer sigmoid stack whose early layers get no signal."""
-import torch
 import torch.nn.functional as F
 from torch import nn
 

@@ -1,5 +1,4 @@
 """zero_variance_features: standardizing a column that never changes."""
-import torch
 import torch.nn.functional as F
 from torch import nn
 

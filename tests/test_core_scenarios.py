@@ -3,7 +3,6 @@ import math
 
 import pytest
 
-from nanlab import registry
 
 HEADLINE = ["softmax_overflow", "bce_log_zero", "unscaled_sgd", "tanh_explosion", "custom_backward_div0"]
 

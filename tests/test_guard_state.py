@@ -52,12 +52,7 @@ def _batch_norm_guard():
     model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
 
-    def step(x):
-        opt.zero_grad()
-        loss = model(x).pow(2).mean()
-        loss.backward()
-        opt.step()
-        return loss
+    step = _linear_step(model, opt)
 
     return model, nanlab.guard(step, model, opt)
 
@@ -117,12 +112,7 @@ def _centre_model():
     model = RunningCentre()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
 
-    def step(x):
-        opt.zero_grad()
-        loss = model(x).pow(2).mean()
-        loss.backward()
-        opt.step()
-        return loss
+    step = _linear_step(model, opt)
 
     return model, opt, step
 
@@ -246,12 +236,7 @@ def test_gradients_an_optimizer_step_already_applied_come_back_cleared():
     model = nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
 
-    def step(x):
-        opt.zero_grad()
-        loss = model(x).pow(2).mean()
-        loss.backward()
-        opt.step()
-        return loss
+    step = _linear_step(model, opt)
 
     guarded = nanlab.guard(step, model, opt)
     guarded(torch.randn(4, 2))

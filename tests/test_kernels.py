@@ -1,17 +1,13 @@
 """Issue 5: the kernel checker breaks naive kernels, passes stable ones, and says why."""
-import ast
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from nanlab import options
-from nanlab.kernels import KINDS, Case, CaseResult, Report, cases, check
+from nanlab.kernels import KINDS, CaseResult, Report, cases, check
 from nanlab.kernels import examples as ex
 
 
