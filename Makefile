@@ -14,13 +14,16 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test,parallel,cluster]'
+	# framework=keras-*/jax (nanlab.frameworks); about 50 s, most of it tensorflow-cpu
+	$(PY) -m pip install -q -e '.[keras,jax,tensorflow]'
 	touch $(STAMP)
 
 demo: install
 	$(PY) -m nanlab scenario=softmax_overflow
 
+# Every framework is installed above, so a missing one fails its tests rather than skipping.
 test: install
-	$(PY) -m pytest -q -n 2
+	NANLAB_REQUIRE_FRAMEWORKS=1 $(PY) -m pytest -q
 
 claims: install
 	$(PY) -m nanlab mode=claims
