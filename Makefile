@@ -13,14 +13,18 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,parallel,cluster]'
+	# The launchers and every framework (framework=keras-*|jax) are optional extras for
+	# users; the tests cover each one, so they all go in here. tensorflow-cpu is most
+	# of the time (about 30 s).
+	$(PY) -m pip install -q -e '.[test,parallel,cluster,keras,jax,tensorflow]'
 	touch $(STAMP)
 
 demo: install
 	$(PY) -m nanlab scenario=softmax_overflow
 
+# Every framework is installed above, so a missing one fails its tests rather than skipping.
 test: install
-	$(PY) -m pytest -q -n 2
+	NANLAB_REQUIRE_FRAMEWORKS=1 $(PY) -m pytest -q -n 2
 
 claims: install
 	$(PY) -m nanlab mode=claims

@@ -86,6 +86,12 @@ def _run_mode(cfg) -> int:
             print(f"{name:<24} {registry.summary(name)}")
         return 0
     cfg = config.finalize(cfg)
+    if cfg.framework != "torch" and mode not in ("run", "claims"):
+        raise ConfigError("framework", cfg.framework, f"applies to mode=run and mode=claims, not mode={mode}")
+    if cfg.framework != "torch" and mode == "run":  # Keras and JAX run in worker processes (nanlab.frameworks)
+        from nanlab.frameworks.cli import run_frameworks_mode
+
+        return run_frameworks_mode(cfg, run_dir)
     if mode in MODE_RUNNERS:
         import importlib
 

@@ -55,3 +55,26 @@ INITS = {
     "normal": InitOption("normal_", settings=("std",)),
 }
 
+
+@dataclass(frozen=True)
+class FrameworkOption:
+    """A framework a scenario can be measured in (``framework=``). ``family`` names
+    the builder a scenario declares for it (``FRAMEWORKS = {"keras": ..., "jax": ...}``
+    in the scenario module); ``keras_backend`` is the KERAS_BACKEND its worker process
+    starts with; ``modules`` must be importable, and ``extras`` is what installs them."""
+
+    family: str
+    keras_backend: str | None = None
+    modules: tuple = ()
+    extras: tuple = ()
+
+
+FRAMEWORKS = {
+    "torch": FrameworkOption("torch"),
+    "keras-torch": FrameworkOption("keras", "torch", ("keras",), ("keras",)),
+    "keras-jax": FrameworkOption("keras", "jax", ("keras", "jax"), ("keras", "jax")),
+    "keras-tensorflow": FrameworkOption("keras", "tensorflow", ("keras", "tensorflow"), ("keras", "tensorflow")),
+    "jax": FrameworkOption("jax", None, ("jax",), ("jax",)),
+}
+# framework=all: torch and every other framework whose extras are installed.
+FRAMEWORK_CHOICES = (*FRAMEWORKS, "all")

@@ -28,6 +28,8 @@ Mode = _enum("Mode", options.MODES)
 KernelKind = _enum("KernelKind", options.KERNEL_KINDS)
 Framework = _enum("Framework", options.KERNEL_FRAMEWORKS)
 KernelView = _enum("KernelView", options.KERNEL_VIEWS)
+# framework=: where a scenario runs (nanlab.frameworks); "Framework" above is kernel.framework.
+RunFramework = _enum("RunFramework", options.FRAMEWORK_CHOICES)
 
 
 @dataclass
@@ -139,6 +141,8 @@ class Config:
     plot: bool = False
     # Run only these variants of the scenario (a name or a list); None runs them all.
     variant: Any = None
+    # torch (in this process), a Keras backend or JAX (each in its own worker process), or all of them.
+    framework: RunFramework = RunFramework.torch
     kernel: KernelConf = field(default_factory=KernelConf)
     report: ReportConf = field(default_factory=ReportConf)
     sweep: SweepConf = field(default_factory=SweepConf)

@@ -106,6 +106,13 @@ def ce_key(case: str, what: str = "") -> str:
 PROBLEM_COUNT = "validate_labels_problem_count"
 
 
+def shared_probes(ctx):
+    """nanlab's own label check on labels with one problem of each kind. It runs
+    before training, whatever trains afterwards, so every framework's result carries it."""
+    problems = label_problems(torch.tensor(BAD_LABELS), 3, IGNORE)
+    return {"validate_labels_on_bad_labels": "; ".join(problems), PROBLEM_COUNT: len(problems)}
+
+
 def probes(ctx, train):
     out = {}
     for case, labels in CASES.items():
@@ -115,22 +122,26 @@ def probes(ctx, train):
             out[ce_key(case, "loss")] = loss
     out["cross_entropy_nan_label_cast_to_long"] = _what_cross_entropy_does(torch.tensor([0.0, float("nan"), 2.0]).long())[0]
     out["float_labels_2.7_1.2_cast_to_long"] = str(torch.tensor([0.0, 2.7, 1.2]).long().tolist())
-    problems = label_problems(torch.tensor(BAD_LABELS), 3, IGNORE)
-    out["validate_labels_on_bad_labels"] = "; ".join(problems)
-    out[PROBLEM_COUNT] = len(problems)
+    out.update(shared_probes(ctx))
     return out
 
 
 def _out_of_range_is_nan(r):
     p = r.probes
     evidence = (f"label 3 of 3 classes: {p[ce_key('label_3_of_3_classes')]}; label -1: "
-                f"{p[ce_key('label_-1')]}; all targets ignored: {p[ce_key('all_ignored')]}. "
-                "Not measurable here: Keras/TensorFlow's behaviour, and CUDA's device-side assert (no GPU in this run)")
+                f"{p[ce_key('label_-1')]}; all targets ignored: {p[ce_key('all_ignored')]}")
+    if r.config.get("framework", "torch") == "torch":
+        evidence += ". Not measurable here: CUDA's device-side assert (no GPU in this run)"
     raises = p[ce_key("label_3_of_3_classes", "raises")]
+    out_of_range_nan = not raises and math.isnan(p[ce_key("label_3_of_3_classes", "loss")])
     nan_path = not p[ce_key("all_ignored", "raises")] and math.isnan(p[ce_key("all_ignored", "loss")])
+    if out_of_range_nan:
+        return Verdict.confirmed, evidence
     if raises and nan_path:
         return Verdict.refuted, evidence + " -> out-of-range labels raise on CPU; the NaN comes from all-ignored targets"
-    return (Verdict.confirmed if not raises else Verdict.partly), evidence
+    said = "raise" if raises else "give a finite, wrong loss with no error"
+    ignored = "the NaN comes from all-ignored targets" if nan_path else "all-ignored targets give no NaN either"
+    return Verdict.refuted, evidence + f" -> out-of-range labels {said}; {ignored}"
 
 
 def _validation_catches(r):
@@ -146,3 +157,102 @@ CLAIMS = [
     Claim("Validating labels before training (range, type, NaN) prevents this class of NaN.", _validation_catches,
           "seed 000"),
 ]
+
+
+# The same measurement in other frameworks (nanlab.frameworks). These builders run in
+# a worker that has not imported torch: they use the kit they are given, and only the
+# functions and literal constants of this module (IGNORE, CASES, ce_key).
+FRAMEWORKS = {"keras": "keras_recipe", "jax": "jax_recipe"}
+
+
+def keras_recipe(kit, data, knobs):
+    """The linear tagger in Keras 3, its token losses from Keras' own sparse
+    cross-entropy with ignore_class, reduced per sequence as the torch variants do."""
+    keras, ops = kit.keras, kit.ops
+
+    def model(data):
+        return keras.Sequential([keras.Input(data.x.shape[1:]), keras.layers.Dense(int(knobs.classes))])
+
+    def sequence_sums(logits, y):
+        token = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True, ignore_class=IGNORE)
+        counts = ops.sum(ops.cast(ops.not_equal(y, IGNORE), logits.dtype), axis=1)
+        return ops.sum(token, axis=1), counts
+
+    def per_sequence_mean(logits, y):
+        sums, counts = sequence_sums(logits, y)
+        return ops.mean(sums / counts)
+
+    def safe_per_sequence_mean(logits, y):
+        # A mask instead of torch's boolean indexing, which a jitted step cannot do.
+        sums, counts = sequence_sums(logits, y)
+        has_tokens = ops.cast(counts > 0, logits.dtype)
+        return ops.sum(has_tokens * sums / ops.maximum(counts, 1.0)) / ops.sum(has_tokens)
+
+    def probes():
+        zeros = lambda n: ops.zeros((n, 3))  # noqa: E731 - three classes, as the torch probes
+        out = {}
+        for case, labels in CASES.items():
+            if case == "all_ignored":  # Keras' ignore_class: its mean over the tokens that are left
+                loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=IGNORE)
+                fn = lambda: loss(ops.convert_to_tensor(labels), zeros(len(labels)))  # noqa: E731
+            else:
+                fn = lambda labels=labels: ops.mean(keras.losses.sparse_categorical_crossentropy(  # noqa: E731
+                    ops.convert_to_tensor(labels), zeros(len(labels)), from_logits=True))
+            said, raised, loss_value = kit.call_outcome(fn, lambda v: float(ops.convert_to_numpy(v)))
+            out[ce_key(case)], out[ce_key(case, "raises")] = said, raised
+            if not raised:
+                out[ce_key(case, "loss")] = loss_value
+        return out
+
+    variants = {"per_sequence_mean": kit.Variant(per_sequence_mean),
+                "validate_then_drop": kit.Variant(per_sequence_mean),
+                "safe_reduction": kit.Variant(safe_per_sequence_mean)}
+    return kit.Recipe(model, variants, probes)
+
+
+def jax_recipe(kit, data, knobs):
+    """The linear tagger in plain JAX; token losses as JAX code writes them (optax's
+    integer-label cross-entropy): log_softmax, then take_along_axis at the label."""
+    jax, jnp = kit.jax, kit.jnp
+
+    def model(data):
+        d, c = data.x.shape[-1], int(knobs.classes)
+        return kit.JaxModel(lambda key, x: kit.dense(key, d, c), lambda p, x: x @ p["kernel"] + p["bias"])
+
+    def token_losses(logits, y):
+        picked = jnp.take_along_axis(jax.nn.log_softmax(logits), y[..., None], axis=-1)[..., 0]
+        return -picked
+
+    def sequence_sums(logits, y):
+        keep = y != IGNORE
+        token = jnp.where(keep, token_losses(logits, jnp.where(keep, y, 0)), 0.0)
+        return token.sum(1), keep.sum(1).astype(logits.dtype)
+
+    def per_sequence_mean(logits, y):
+        sums, counts = sequence_sums(logits, y)
+        return (sums / counts).mean()
+
+    def safe_per_sequence_mean(logits, y):
+        sums, counts = sequence_sums(logits, y)
+        has_tokens = (counts > 0).astype(logits.dtype)
+        return (has_tokens * sums / jnp.maximum(counts, 1.0)).sum() / has_tokens.sum()
+
+    def probes():
+        out = {}
+        for case, labels in CASES.items():
+            y = jnp.asarray(labels)
+            if case == "all_ignored":  # the mean over the labels that are kept, written out
+                keep = y != IGNORE
+                fn = lambda: jnp.where(keep, token_losses(jnp.zeros((3, 3)), jnp.where(keep, y, 0)), 0.0).sum() / keep.sum()  # noqa: E731,E501
+            else:
+                fn = lambda y=y: token_losses(jnp.zeros((len(labels), 3)), y).mean()  # noqa: E731
+            said, raised, loss_value = kit.call_outcome(fn)
+            out[ce_key(case)], out[ce_key(case, "raises")] = said, raised
+            if not raised:
+                out[ce_key(case, "loss")] = loss_value
+        return out
+
+    variants = {"per_sequence_mean": kit.Variant(per_sequence_mean),
+                "validate_then_drop": kit.Variant(per_sequence_mean),
+                "safe_reduction": kit.Variant(safe_per_sequence_mean)}
+    return kit.Recipe(model, variants, probes)

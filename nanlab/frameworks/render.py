@@ -1,0 +1,94 @@
+"""The terminal report of a framework run: one row per variant and framework, side by
+side, scored by the same float64 exact loss. Torch-free (works on loaded results)."""
+from __future__ import annotations
+
+import textwrap
+
+from nanlab.options import FRAMEWORKS
+from nanlab.report import _happened, _num, verdict_lines
+from nanlab.result import ScenarioResult
+
+
+def first_op(result: ScenarioResult, variant) -> str:
+    """The tracer's first op, or why there is none."""
+    framework = result.config.get("framework", "torch")
+    first = variant.first_nonfinite
+    if first is None:
+        return ""
+    if first.event is not None:
+        return first.event.describe()
+    if framework == "torch" or FRAMEWORKS[framework].keras_backend == "torch":
+        return "first op: the tracer's replay found none"
+    return f"first op: not traced on {framework}"
+
+
+def _versions(result: ScenarioResult) -> str:
+    versions = result.config.get("framework_versions") or {}
+    return ", ".join(f"{k} {v}" for k, v in versions.items())
+
+
+def render(results: dict) -> str:
+    """``results``: {framework: ScenarioResult} for one scenario, in the order to show."""
+    any_result = next(iter(results.values()))
+    c = any_result.config
+    out = [f"{any_result.scenario}: {any_result.summary}",
+           f"config: optimizer={c['optimizer']['name']} lr={_num(c['optimizer']['lr'])} clip={c['clip']['name']} "
+           f"dtype={c['dtype']} steps={c['steps']} seed={c['seed']}; frameworks: {', '.join(results)}", ""]
+    header = f"  {'variant':<30} {'framework':<17} {'what happened':<26} {'exact loss start -> end':<24} verdict"
+    out += [header, "  " + "-" * (len(header) - 2)]
+    names = []
+    for result in results.values():
+        names += [v.name for v in result.variants if v.name not in names]
+    for name in names:
+        shown = False
+        for framework, result in results.items():
+            variant = next((v for v in result.variants if v.name == name), None)
+            if variant is None:
+                continue
+            label = f"{name} ({variant.role}{'*' if variant.lossy else ''})" if not shown else ""
+            exact = f"{_num(variant.exact_loss_start)} -> {_num(variant.exact_loss_end)}"
+            out.append(f"  {label:<30} {framework:<17} {_happened(variant):<26} {exact:<24} {variant.verdict}")
+            detail = first_op(result, variant)
+            if variant.role == "myth" and variant.wrong:
+                detail = (detail + "; " if detail else "") + (f"its loss reads {_num(variant.losses[0])} where the "
+                                                                f"exact loss is {_num(variant.exact_loss_start)}")
+            if detail:
+                out.append(f"  {'':<30} {'':<17} {detail}")
+            shown = True
+    out.append("")
+    out.append("Verdict by framework:")
+    for framework, result in results.items():
+        lines = [line.strip() for line in verdict_lines(result)]
+        out.append(f"  {framework:<17} " + lines[0].removeprefix("Verdict: "))
+        out.append(f"  {'':<17} " + lines[1])
+    probes = _differing_probes(results)
+    if probes:
+        out += ["", "Probes by framework:"]
+        for key, values in probes.items():
+            out.append(f"  {key}:")
+            for framework, value in values.items():
+                out.append(f"    {framework:<17} {_num(value) if not isinstance(value, (list, dict)) else value}")
+    claims = [(f, claim) for f, r in results.items() for claim in r.claims]
+    if claims:
+        out += ["", "Claims by framework:"]
+        for text in dict.fromkeys(claim.claim for _, claim in claims):
+            out.append(f"  {text}")
+            for framework, claim in claims:
+                if claim.claim == text:
+                    out.append(f"    {framework:<17} [{claim.verdict}]")
+                    out += textwrap.wrap(claim.evidence, 96, initial_indent=" " * 8, subsequent_indent=" " * 8)
+    out += ["", "Versions: " + "; ".join(f"{f}: {_versions(r)}" for f, r in results.items() if _versions(r))]
+    return "\n".join(out)
+
+
+def _differing_probes(results: dict) -> dict:
+    """Probe words (not the booleans and numbers behind them) that several frameworks measured."""
+    keys = []
+    for result in results.values():
+        keys += [k for k, v in result.probes.items() if isinstance(v, str) and k not in keys]
+    table = {}
+    for key in keys:
+        values = {f: r.probes[key] for f, r in results.items() if key in r.probes}
+        if len(values) > 1 and len(set(map(str, values.values()))) > 1:
+            table[key] = values
+    return table

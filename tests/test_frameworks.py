@@ -1,0 +1,144 @@
+"""framework=: the same scenario in Keras (three backends) and JAX, each in its worker.
+
+Tests of a framework that is not installed skip, unless NANLAB_REQUIRE_FRAMEWORKS=1
+(set by `make test`, where the Makefile installs every extra): then they fail."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nanlab import frameworks
+from nanlab.errors import ConfigError
+from nanlab.options import FRAMEWORKS
+
+OTHERS = [f for f in FRAMEWORKS if f != "torch"]
+
+
+def need(framework):
+    if frameworks.installed(framework):
+        return
+    message = f"{framework} is not installed ({frameworks.install_hint(framework)})"
+    if frameworks.required():
+        pytest.fail(message + f"; {frameworks.REQUIRE_ENV}=1 expects every framework")
+    pytest.skip(message)
+
+
+def nanlab(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "nanlab", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """sparse_ce_bad_labels in every installed framework, at its defaults and again at 3
+    steps (the second run's losses must be the first run's first three: determinism)."""
+    from nanlab.config import compose
+    from nanlab.frameworks.run import measure
+
+    installed = [f for f in OTHERS if frameworks.installed(f)]
+    full = measure([compose(["scenario=sparse_ce_bad_labels"])], installed)
+    short = measure([compose(["scenario=sparse_ce_bad_labels", "steps=3"])], installed)
+    return full, short
+
+
+@pytest.mark.parametrize("framework", OTHERS)
+def test_sparse_ce_reproduced_and_fixed_in_each_framework(runs, framework):
+    need(framework)
+    result = runs[0][framework]["sparse_ce_bad_labels"]
+    assert result.config["framework"] == framework
+    assert result.reproduced is True and result.fixed is True
+    broken = result.variant("per_sequence_mean")
+    assert broken.nonfinite_step == 0 and broken.first_nonfinite.quantity == "loss"
+    for fix in ("validate_then_drop", "safe_reduction"):
+        v = result.variant(fix)
+        assert v.finite and len(v.losses) == 80
+        # Scored by the scenario's float64 exact loss: comparable with torch's 1.77 -> 0.34.
+        assert 1.0 < v.exact_loss_start < 4.0 and v.exact_loss_end < 0.5 * v.exact_loss_start
+
+
+@pytest.mark.parametrize("framework", OTHERS)
+def test_each_framework_is_deterministic(runs, framework):
+    need(framework)
+    full, short = (r[framework]["sparse_ce_bad_labels"] for r in runs)
+    for name in ("validate_then_drop", "safe_reduction"):
+        assert short.variant(name).losses == full.variant(name).losses[:3]
+    assert short.variant("safe_reduction").exact_loss_start == full.variant("safe_reduction").exact_loss_start
+
+
+@pytest.mark.parametrize("framework", OTHERS)
+def test_only_keras_torch_is_traced(runs, framework):
+    need(framework)
+    from nanlab.frameworks.render import first_op
+
+    result = runs[0][framework]["sparse_ce_bad_labels"]
+    broken = result.variant("per_sequence_mean")
+    if framework == "keras-torch":  # its model is a torch module: the tracer names the 0/0
+        assert broken.first_nonfinite.event.op == "aten.div" and broken.first_nonfinite.event.kind == "nan"
+    else:
+        assert broken.first_nonfinite.event is None
+        assert first_op(result, broken) == f"first op: not traced on {framework}"
+
+
+def test_out_of_range_labels_differ_by_framework(runs):
+    """The claim is decided from each framework's own probes, not a note."""
+    for framework in OTHERS:
+        need(framework)
+    claim = {f: runs[0][f]["sparse_ce_bad_labels"].claims[0] for f in OTHERS}
+    probes = {f: runs[0][f]["sparse_ce_bad_labels"].probes for f in OTHERS}
+    assert probes["keras-torch"]["cross_entropy_label_3_of_3_classes_raises"] is True
+    assert probes["keras-tensorflow"]["cross_entropy_label_3_of_3_classes_raises"] is True
+    assert probes["keras-jax"]["cross_entropy_label_3_of_3_classes_raises"] is False  # silent on JAX
+    assert "finite, wrong loss with no error" in claim["keras-jax"].evidence
+    assert claim["jax"].verdict.value == "confirmed"  # take_along_axis fills an out-of-range index with NaN
+    assert all("Not measurable here: Keras" not in c.evidence for c in claim.values())
+
+
+def test_results_round_trip_through_json(runs):
+    from nanlab.result import ScenarioResult
+
+    for framework, by_scenario in runs[0].items():
+        result = by_scenario["sparse_ce_bad_labels"]
+        again = ScenarioResult.from_dict(json.loads(result.to_json()))
+        assert again.to_dict() == result.to_dict()
+
+
+def test_missing_extra_is_one_line_naming_it(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorflow" else real(name, *a))
+    with pytest.raises(ConfigError) as err:
+        frameworks.require("keras-tensorflow")
+    assert "nanlab[keras,tensorflow]" in str(err.value) and "\n" not in str(err.value)
+    assert "keras-tensorflow" not in frameworks.chosen("all")
+
+
+def test_framework_side_is_read_without_torch():
+    code = ("import sys; from nanlab.frameworks import source; "
+            "ns = source.namespace('sparse_ce_bad_labels'); "
+            "assert callable(ns['keras_recipe']) and ns['CASES']['all_ignored'] == [-100] * 3; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_bad_framework_name_is_one_line():
+    done = nanlab("scenario=sparse_ce_bad_labels", "framework=keras")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("nanlab: error: framework=keras") and done.stderr.count("\n") == 1
+
+
+def test_scenario_without_builder_is_one_line():
+    need("jax")
+    done = nanlab("scenario=dying_relu", "framework=jax")
+    assert done.returncode == 2, done.stderr
+    assert "dying_relu has no jax builder" in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_cli_single_framework_writes_its_result(tmp_path):
+    need("jax")
+    done = nanlab("scenario=sparse_ce_bad_labels", "framework=jax", f"hydra.run.dir={tmp_path}")
+    assert done.returncode == 0, done.stderr
+    assert "first op: not traced on jax" in done.stdout
+    saved = json.loads((tmp_path / "jax" / "result.json").read_text())
+    assert saved["config"]["framework"] == "jax" and saved["reproduced"] is True
