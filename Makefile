@@ -24,7 +24,7 @@ demo: install
 
 # Every framework is installed above, so a missing one fails its tests rather than skipping.
 test: install
-	NANLAB_REQUIRE_FRAMEWORKS=1 $(PY) -m pytest -q -n 2
+	NANLAB_REQUIRE_FRAMEWORKS=1 $(PY) -m pytest -q -n 2 --dist loadgroup
 
 claims: install
 	$(PY) -m nanlab mode=claims

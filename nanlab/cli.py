@@ -82,6 +82,15 @@ def _run_mode(cfg) -> int:
     run_dir = hydra_cfg.runtime.output_dir
     mode = cfg.mode.value if hasattr(cfg.mode, "value") else str(cfg.mode)
     if mode == "list":
+        framework = cfg.framework.value if hasattr(cfg.framework, "value") else str(cfg.framework)
+        if framework != "torch":  # which scenarios run where: read from source, nothing imported
+            from nanlab.frameworks import runs_on
+
+            for name in registry.names():
+                where = runs_on(name)
+                if framework == "all" or framework in where:
+                    print(f"{name:<24} {', '.join(where)}")
+            return 0
         for name in registry.names():
             print(f"{name:<24} {registry.summary(name)}")
         return 0

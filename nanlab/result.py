@@ -174,14 +174,17 @@ class ClaimResult:
     verdict: Verdict
     evidence: str
     source: str = ""
+    # Where it was measured (nanlab.options.FRAMEWORKS); results saved before frameworks were torch.
+    framework: str = "torch"
 
     def to_dict(self) -> dict:
         return {"scenario": self.scenario, "claim": self.claim, "verdict": self.verdict.value,
-                "evidence": self.evidence, "source": self.source}
+                "evidence": self.evidence, "source": self.source, "framework": self.framework}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ClaimResult":
-        return cls(d["scenario"], d["claim"], Verdict(d["verdict"]), d["evidence"], d.get("source", ""))
+        return cls(d["scenario"], d["claim"], Verdict(d["verdict"]), d["evidence"], d.get("source", ""),
+                   d.get("framework", "torch"))
 
 
 @dataclass

@@ -63,7 +63,8 @@ def decide_claims(scenario, result: ScenarioResult, all_run: bool) -> list:
             verdict, evidence = claim.decide(result)
             if not isinstance(verdict, Verdict):
                 raise ContractError(scenario.name, f"a claim must decide with a nanlab.result.Verdict, not {verdict!r}")
-        claims.append(ClaimResult(scenario.name, claim.text, verdict, evidence, claim.source))
+        claims.append(ClaimResult(scenario.name, claim.text, verdict, evidence, claim.source,
+                                  str(result.config.get("framework", "torch"))))
     return claims
 
 

@@ -66,3 +66,39 @@ def read_json(path):
 
 
 pytest_plugins = ["pytester"]
+
+
+# Every framework test reads one measurement: each scenario that declares framework
+# builders, at its defaults, in every installed framework, one worker per framework.
+# Tests that use it carry @pytest.mark.xdist_group("frameworks") so that `make test`
+# (pytest -n 2 --dist loadgroup) runs them on one worker and measures once.
+@lru_cache(maxsize=None)
+def framework_measurement(*overrides):
+    """{framework: {scenario: ScenarioResult}} for every scenario with builders."""
+    from nanlab import frameworks, registry
+    from nanlab.config import compose
+    from nanlab.frameworks import source
+    from nanlab.frameworks.run import measure
+    from nanlab.options import FRAMEWORKS
+
+    others = [f for f in FRAMEWORKS if f != "torch" and frameworks.installed(f)]
+    names = [n for n in registry.names() if source.declared(n)]
+    return measure([compose([f"scenario={n}", *overrides]) for n in names], others)
+
+
+@pytest.fixture
+def framework_runs():
+    return framework_measurement()
+
+
+def need_framework(framework):
+    """Skip a test of a framework that is not installed; fail it where `make test`
+    (NANLAB_REQUIRE_FRAMEWORKS=1) installed every framework."""
+    from nanlab import frameworks
+
+    if frameworks.installed(framework):
+        return
+    message = f"{framework} is not installed ({frameworks.install_hint(framework)})"
+    if frameworks.required():
+        pytest.fail(message + f"; {frameworks.REQUIRE_ENV}=1 expects every framework")
+    pytest.skip(message)

@@ -11,39 +11,28 @@ import pytest
 from nanlab import frameworks
 from nanlab.errors import ConfigError
 from nanlab.options import FRAMEWORKS
+from conftest import framework_measurement, need_framework
 
 OTHERS = [f for f in FRAMEWORKS if f != "torch"]
 
 
-def need(framework):
-    if frameworks.installed(framework):
-        return
-    message = f"{framework} is not installed ({frameworks.install_hint(framework)})"
-    if frameworks.required():
-        pytest.fail(message + f"; {frameworks.REQUIRE_ENV}=1 expects every framework")
-    pytest.skip(message)
+pytestmark = pytest.mark.xdist_group("frameworks")
 
 
 def nanlab(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "nanlab", *args], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def runs():
-    """sparse_ce_bad_labels in every installed framework, at its defaults and again at 3
-    steps (the second run's losses must be the first run's first three: determinism)."""
-    from nanlab.config import compose
-    from nanlab.frameworks.run import measure
-
-    installed = [f for f in OTHERS if frameworks.installed(f)]
-    full = measure([compose(["scenario=sparse_ce_bad_labels"])], installed)
-    short = measure([compose(["scenario=sparse_ce_bad_labels", "steps=3"])], installed)
-    return full, short
+    """Every framework scenario at its defaults, and again at 3 steps (the second run's
+    losses must be the first run's first three: determinism)."""
+    return framework_measurement(), framework_measurement("steps=3")
 
 
 @pytest.mark.parametrize("framework", OTHERS)
 def test_sparse_ce_reproduced_and_fixed_in_each_framework(runs, framework):
-    need(framework)
+    need_framework(framework)
     result = runs[0][framework]["sparse_ce_bad_labels"]
     assert result.config["framework"] == framework
     assert result.reproduced is True and result.fixed is True
@@ -58,7 +47,7 @@ def test_sparse_ce_reproduced_and_fixed_in_each_framework(runs, framework):
 
 @pytest.mark.parametrize("framework", OTHERS)
 def test_each_framework_is_deterministic(runs, framework):
-    need(framework)
+    need_framework(framework)
     full, short = (r[framework]["sparse_ce_bad_labels"] for r in runs)
     for name in ("validate_then_drop", "safe_reduction"):
         assert short.variant(name).losses == full.variant(name).losses[:3]
@@ -67,7 +56,7 @@ def test_each_framework_is_deterministic(runs, framework):
 
 @pytest.mark.parametrize("framework", OTHERS)
 def test_only_keras_torch_is_traced(runs, framework):
-    need(framework)
+    need_framework(framework)
     from nanlab.frameworks.render import first_op
 
     result = runs[0][framework]["sparse_ce_bad_labels"]
@@ -82,7 +71,7 @@ def test_only_keras_torch_is_traced(runs, framework):
 def test_out_of_range_labels_differ_by_framework(runs):
     """The claim is decided from each framework's own probes, not a note."""
     for framework in OTHERS:
-        need(framework)
+        need_framework(framework)
     claim = {f: runs[0][f]["sparse_ce_bad_labels"].claims[0] for f in OTHERS}
     probes = {f: runs[0][f]["sparse_ce_bad_labels"].probes for f in OTHERS}
     assert probes["keras-torch"]["cross_entropy_label_3_of_3_classes_raises"] is True
@@ -129,16 +118,80 @@ def test_bad_framework_name_is_one_line():
 
 
 def test_scenario_without_builder_is_one_line():
-    need("jax")
+    need_framework("jax")
     done = nanlab("scenario=dying_relu", "framework=jax")
     assert done.returncode == 2, done.stderr
     assert "dying_relu has no jax builder" in done.stderr and done.stderr.count("\n") == 1
 
 
 def test_cli_single_framework_writes_its_result(tmp_path):
-    need("jax")
+    need_framework("jax")
     done = nanlab("scenario=sparse_ce_bad_labels", "framework=jax", f"hydra.run.dir={tmp_path}")
     assert done.returncode == 0, done.stderr
     assert "first op: not traced on jax" in done.stdout
     saved = json.loads((tmp_path / "jax" / "result.json").read_text())
     assert saved["config"]["framework"] == "jax" and saved["reproduced"] is True
+
+
+# ---------------------------------------------------------------- claims x framework
+
+def _row(verdict, framework, claim="c", scenario="s", evidence="e"):
+    from nanlab.result import ClaimResult, Verdict
+
+    return ClaimResult(scenario, claim, Verdict(verdict), evidence, "", framework)
+
+
+def test_a_claim_that_differs_by_framework_says_so_and_one_that_agrees_does_not():
+    from nanlab.claims import note_differences
+
+    rows = note_differences([_row("refuted", "torch"), _row("refuted", "keras-jax"), _row("confirmed", "jax"),
+                             _row("not decided", "keras-torch"),
+                             _row("confirmed", "torch", claim="d"), _row("confirmed", "jax", claim="d")])
+    note = " [differs by framework: refuted on torch, keras-jax; confirmed on jax]"
+    assert [r.evidence for r in rows[:3]] == ["e" + note] * 3
+    assert rows[3].evidence == "e"  # not decided: takes no part
+    assert [r.evidence for r in rows[4:]] == ["e", "e"]
+
+
+def test_claims_table_has_a_column_per_framework_and_a_dash_where_no_builder():
+    from nanlab.claims import note_differences, render_framework_table
+
+    rows = note_differences([_row("refuted", "torch"), _row("confirmed", "jax"),
+                             _row("confirmed", "torch", scenario="t", claim="other")])
+    table = render_framework_table(rows, ["torch", "jax"]).splitlines()
+    assert table[0].split() == ["scenario", "torch", "jax", "claim"]
+    assert table[2].split() == ["s", "refuted", "confirmed", "c"]
+    assert table[3].split() == ["t", "confirmed", "-", "other"]
+    assert "Where the frameworks disagree:" in table and "    jax [confirmed]: e" in table
+    assert "torch: 2 claims: 1 confirmed, 1 refuted" in table and "jax: 1 claims: 1 confirmed" in table
+
+
+def test_claim_rows_carry_their_framework_through_json():
+    from nanlab.result import ClaimResult
+
+    row = _row("partly", "keras-tensorflow")
+    assert ClaimResult.from_dict(row.to_dict()) == row
+    saved_before_frameworks = {k: v for k, v in row.to_dict().items() if k != "framework"}
+    assert ClaimResult.from_dict(saved_before_frameworks).framework == "torch"
+
+
+def test_claims_mode_measures_each_framework(tmp_path):
+    need_framework("jax")
+    from nanlab.frameworks import runs_on
+    from nanlab.registry import names
+
+    done = nanlab("mode=claims", "framework=jax", f"hydra.run.dir={tmp_path}")
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "claims.json").read_text())
+    with_jax = [n for n in names() if "jax" in runs_on(n)]
+    assert {r["framework"] for r in rows} == {"jax"} and sorted({r["scenario"] for r in rows}) == with_jax
+    assert all(r["verdict"] != "not decided" for r in rows)
+    assert done.stdout.splitlines()[0].split() == ["scenario", "jax", "claim"]
+
+
+def test_list_framework_shows_where_each_scenario_runs():
+    done = nanlab("mode=list", "framework=jax")
+    assert done.returncode == 0, done.stderr
+    listed = dict(line.split(None, 1) for line in done.stdout.splitlines())
+    assert "sparse_ce_bad_labels" in listed and "dying_relu" not in listed
+    assert listed["sparse_ce_bad_labels"] == "torch, keras-torch, keras-jax, keras-tensorflow, jax"

@@ -57,3 +57,11 @@ def chosen(framework: str) -> list[str]:
 
 def required() -> bool:
     return os.environ.get(REQUIRE_ENV, "") not in ("", "0")
+
+
+def runs_on(name: str) -> list[str]:
+    """The frameworks scenario ``name`` has builders for, torch first, installed or not."""
+    from nanlab.frameworks import source
+
+    families = {"torch", *source.declared(name)}
+    return [f for f, option in FRAMEWORKS.items() if option.family in families]

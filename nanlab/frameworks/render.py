@@ -33,7 +33,9 @@ def render(results: dict) -> str:
     c = any_result.config
     out = [f"{any_result.scenario}: {any_result.summary}",
            f"config: optimizer={c['optimizer']['name']} lr={_num(c['optimizer']['lr'])} clip={c['clip']['name']} "
-           f"dtype={c['dtype']} steps={c['steps']} seed={c['seed']}; frameworks: {', '.join(results)}", ""]
+           f"dtype={c['dtype']} steps={c['steps']} seed={c['seed']}; frameworks: {', '.join(results)}",
+           "Every framework trains on the same data; each draws its own initial weights from the seed, so the "
+           "start losses differ.", ""]
     header = f"  {'variant':<30} {'framework':<17} {'what happened':<26} {'exact loss start -> end':<24} verdict"
     out += [header, "  " + "-" * (len(header) - 2)]
     names = []
@@ -70,13 +72,16 @@ def render(results: dict) -> str:
                 out.append(f"    {framework:<17} {_num(value) if not isinstance(value, (list, dict)) else value}")
     claims = [(f, claim) for f, r in results.items() for claim in r.claims]
     if claims:
-        out += ["", "Claims by framework:"]
+        out += ["", "Claims by framework (frameworks that measured the same thing share a line):"]
         for text in dict.fromkeys(claim.claim for _, claim in claims):
             out.append(f"  {text}")
+            groups: dict = {}
             for framework, claim in claims:
                 if claim.claim == text:
-                    out.append(f"    {framework:<17} [{claim.verdict}]")
-                    out += textwrap.wrap(claim.evidence, 96, initial_indent=" " * 8, subsequent_indent=" " * 8)
+                    groups.setdefault((claim.verdict.value, claim.evidence), []).append(framework)
+            for (verdict, evidence), frameworks in groups.items():
+                out.append(f"    [{verdict}] {', '.join(frameworks)}")
+                out += textwrap.wrap(evidence, 96, initial_indent=" " * 8, subsequent_indent=" " * 8)
     out += ["", "Versions: " + "; ".join(f"{f}: {_versions(r)}" for f, r in results.items() if _versions(r))]
     return "\n".join(out)
 

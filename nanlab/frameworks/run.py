@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,7 +206,8 @@ def decide_framework_claims(scenario, result, all_run: bool, framework: str) -> 
         except KeyError as err:
             row = ClaimResult(scenario.name, claim.text, Verdict.not_decided,
                               f"not measured on {framework}: the claim reads {err.args[0] if err.args else err}, "
-                              f"which the {FRAMEWORKS[framework].family} recipe does not measure", claim.source)
+                              f"which the {FRAMEWORKS[framework].family} recipe does not measure", claim.source,
+                              framework)
         claims.append(row)
     return claims
 
@@ -229,19 +231,18 @@ def build_result(job: Job, framework: str, measured: dict, outputs: dict, versio
     return result
 
 
-def measure(cfgs: list, frameworks: list[str], on_error=None) -> dict:
-    """Run each config's scenario in each framework: {framework: {scenario: ScenarioReport}}.
-
-    Non-torch frameworks run in their workers, all started at once; torch runs here
-    meanwhile. A scenario without a builder for a framework is left out of that
-    framework's runs. ``on_error(framework, scenario, error)`` takes a scenario that
-    failed in a worker (the default raises FrameworkError)."""
+@contextmanager
+def workers(cfgs: list, frameworks: list[str], on_error=None):
+    """Start one worker per non-torch framework in ``frameworks``, each with every
+    scenario of ``cfgs`` that has its builder; yield a function that waits for them and
+    returns {framework: {scenario: ScenarioReport}}. The caller runs its torch work
+    inside the block, meanwhile. ``on_error(framework, scenario, error)`` takes a
+    scenario that failed in a worker (the default raises FrameworkError)."""
     others = [f for f in frameworks if FRAMEWORKS[f].family != "torch"]
     for f in others:
         for cfg in cfgs:
             check_settings(cfg, f)
     jobs = {cfg.scenario.name: prepare_job(cfg) for cfg in cfgs if any(supported(cfg.scenario.name, f) for f in others)}
-    results: dict = {f: {} for f in frameworks}
     with tempfile.TemporaryDirectory(prefix="nanlab-frameworks-") as tmp:
         folder = Path(tmp)
         procs = {}
@@ -251,12 +252,9 @@ def measure(cfgs: list, frameworks: list[str], on_error=None) -> dict:
                 sub = folder / f"request-{f}"
                 sub.mkdir()
                 procs[f] = (start_worker(f, _request(wanted, sub), folder), wanted)
-        try:
-            if "torch" in frameworks:
-                for cfg in cfgs:
-                    report = run_scenario(cfg)
-                    report.config["framework"] = "torch"
-                    results["torch"][cfg.scenario.name] = report
+
+        def collect() -> dict:
+            results: dict = {f: {} for f in others}
             for f, (proc, wanted) in procs.items():
                 response, outputs = finish_worker(f, proc, folder)
                 by_name = {j["scenario"]: j for j in response["jobs"]}
@@ -270,12 +268,37 @@ def measure(cfgs: list, frameworks: list[str], on_error=None) -> dict:
                         continue
                     report.seconds = response["seconds"]
                     results[f][job.scenario.name] = report
+            return results
+
+        try:
+            yield collect
         finally:
             for proc, _ in procs.values():
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
-    return results
+
+
+def as_torch(cfg):
+    """``cfg`` for nanlab's own run, whatever framework= named: the result (and the
+    framework of its claims) then says torch, not ``all``."""
+    if cfg.framework == "torch":
+        return cfg
+    cfg = cfg.copy()
+    cfg.framework = "torch"
+    return cfg
+
+
+def measure(cfgs: list, frameworks: list[str], on_error=None) -> dict:
+    """Run each config's scenario in each framework: {framework: {scenario: ScenarioReport}}.
+    Torch runs here while the other frameworks' workers run; a scenario without a
+    builder for a framework is left out of that framework's runs."""
+    results: dict = {}
+    with workers(cfgs, frameworks, on_error) as collect:
+        if "torch" in frameworks:
+            results["torch"] = {cfg.scenario.name: run_scenario(as_torch(cfg)) for cfg in cfgs}
+        results.update(collect())
+    return {f: results[f] for f in frameworks}
 
 
 def run_frameworks(cfg) -> dict:

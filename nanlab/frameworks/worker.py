@@ -111,10 +111,16 @@ class KerasTrainer:
         return model
 
     def _fit(self, model, x, y, epochs: int):
+        """Keras' fit, stopped at the first non-finite loss. Returns the losses and the
+        weights from before the last epoch: by the time a callback sees an epoch's loss,
+        Keras has already applied that epoch's update."""
         keras = self.keras
-        losses = []
+        losses, before = [], {}
 
         class Watch(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                before["weights"] = self.model.get_weights()  # tiny models: a copy costs microseconds
+
             def on_epoch_end(self, epoch, logs=None):
                 losses.append(float(logs["loss"]))
                 if not math.isfinite(losses[-1]):
@@ -122,7 +128,7 @@ class KerasTrainer:
 
         if epochs > 0:
             model.fit(x, y, batch_size=len(x), epochs=epochs, shuffle=False, verbose=0, callbacks=[Watch()])
-        return losses
+        return losses, before.get("weights")
 
     def _output(self, model, x) -> np.ndarray:
         return np.asarray(self.keras.ops.convert_to_numpy(model(x, training=False)), dtype=np.float64)
@@ -133,19 +139,16 @@ class KerasTrainer:
         model = self._build(recipe, variant, data, settings)
         start = self._output(model, x)
         fit_started = time.perf_counter()
-        losses = self._fit(model, x, y, int(settings["steps"]))
+        losses, weights_before_last = self._fit(model, x, y, int(settings["steps"]))
         fit_seconds = time.perf_counter() - fit_started
         first, event = None, None
         if losses and not _finite(losses[-1]):
-            step = len(losses) - 1
-            # Rebuild and refit to the state before the failing step (Keras has updated the
-            # weights by the time a callback sees the loss): the end state nanlab's own loop
+            # Back to the weights before the failing step: the end state nanlab's own loop
             # reports, and on keras-torch the state to trace the failing step from.
-            model = self._build(recipe, variant, data, settings)
-            self._fit(model, x, y, step)
+            model.set_weights(weights_before_last)
             if self.backend == "torch":
                 event = self._trace(model, variant.loss, x, y)
-            first = {"step": step, "quantity": "loss", "loss": losses[-1], "event": event}
+            first = {"step": len(losses) - 1, "quantity": "loss", "loss": losses[-1], "event": event}
         return {"losses": losses, "first_nonfinite": first, "output_start": start,
                 "output_end": self._output(model, x), "fit_seconds": fit_seconds}
 
