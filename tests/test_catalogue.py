@@ -106,7 +106,7 @@ def test_claims_table_counts(tmp_path):
     table = render_table(rows)
     assert "23 claims: 12 confirmed, 5 partly, 6 refuted" in table
     saved = json.loads(write_claims(rows, tmp_path).read_text())
-    assert [set(r) for r in saved] == [{"scenario", "claim", "verdict", "evidence"}] * 23
+    assert [set(r) for r in saved] == [{"scenario", "claim", "verdict", "evidence", "framework"}] * 23
     assert [r["verdict"] for r in saved] == [r.verdict.value for r in rows]
 
 

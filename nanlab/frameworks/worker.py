@@ -126,7 +126,17 @@ class KerasTrainer:
                 if not math.isfinite(losses[-1]):
                     self.model.stop_training = True
 
-        if epochs > 0:
+        if epochs <= 0:
+            return losses, None
+        if self.backend == "tensorflow":
+            # From numpy arrays, Keras on TensorFlow builds a new input pipeline every
+            # epoch (about 35 ms, 200 epochs in 7 s); one repeated full batch gives the
+            # same losses, bit for bit, in 0.4 s.
+            import tensorflow as tf
+
+            batches = tf.data.Dataset.from_tensors((x, y)).repeat()
+            model.fit(batches, steps_per_epoch=1, epochs=epochs, verbose=0, callbacks=[Watch()])
+        else:
             model.fit(x, y, batch_size=len(x), epochs=epochs, shuffle=False, verbose=0, callbacks=[Watch()])
         return losses, before.get("weights")
 
