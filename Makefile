@@ -24,18 +24,20 @@ demo: install
 
 # Every framework is installed above, so a missing one fails its tests rather than skipping.
 test: install
-	NANLAB_REQUIRE_FRAMEWORKS=1 $(PY) -m pytest -q -n 2 --dist loadgroup
+	NANLAB_REQUIRE_FRAMEWORKS=1 $(PY) -m pytest -q -n 2
 
 claims: install
 	$(PY) -m nanlab mode=claims
 
 docs: install
 	$(PY) docs/make_scenario_docs.py
+	$(PY) docs/make_framework_table.py
 
 bench: install
 	$(PY) benchmarks/startup.py
 	$(PY) benchmarks/tracer_overhead.py
 	$(PY) benchmarks/kernel_check.py
+	$(PY) benchmarks/frameworks.py
 
 clean:
 	rm -rf $(VENV) outputs multirun build dist *.egg-info .pytest_cache

@@ -23,19 +23,29 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 _STDLIB_DIR = os.path.dirname(os.__file__)
 _NANLAB_DIR = os.path.dirname(os.path.abspath(__file__))
 _SCENARIOS_DIR = os.path.join(_NANLAB_DIR, "scenarios") + os.sep  # where a wheel installs them
+# Libraries that call torch ops on a user's behalf: a Keras model on the torch backend
+# runs its ops from keras' own files, and the line to show is the user's call into it.
+# Looked up only once imported: a process without them has no such frames.
+_WRAPPING_LIBRARIES = ("keras",)
 # The tracer's own frames stand between every traced op and the code that called it.
 _TRACER_FILES = frozenset(os.path.join(os.path.dirname(__file__), f"{name}.py")
                           for name in ("tracer", "attribution", "deferred"))
 
 
+def _library_dirs() -> tuple:
+    wrapping = [sys.modules[name].__file__ for name in _WRAPPING_LIBRARIES if name in sys.modules]
+    return (_TORCH_DIR, _STDLIB_DIR, *(os.path.dirname(f) for f in wrapping if f))
+
+
 def _user_frame(depth: int = 1) -> Optional[str]:
-    """``file:line`` of the innermost frame outside torch and the standard library.
+    """``file:line`` of the innermost frame outside torch, Keras and the standard library.
     None when that frame is nanlab's own machinery (the loop calling a torch loss
     directly): there is no user line to show. nanlab's scenarios count as user code."""
     frame = sys._getframe(depth)
+    libraries = _library_dirs()
     while frame is not None:
         fn = frame.f_code.co_filename
-        if not (fn in _TRACER_FILES or fn.startswith(_TORCH_DIR) or fn.startswith(_STDLIB_DIR) or fn.startswith("<")):
+        if not (fn in _TRACER_FILES or fn.startswith(libraries) or fn.startswith("<")):
             if fn.startswith(_NANLAB_DIR) and not fn.startswith(_SCENARIOS_DIR):
                 return None
             return f"{os.path.basename(fn)}:{frame.f_lineno}"

@@ -39,6 +39,16 @@ def numbers(values: list) -> list:
     return [number(v) for v in values]
 
 
+def decoded(obj: Any) -> Any:
+    """:func:`jsonable`'s output read back, nested lists and dicts included (a probe
+    that holds a row of probabilities with a NaN in it)."""
+    if isinstance(obj, dict):
+        return {k: decoded(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [decoded(v) for v in obj]
+    return number(obj)
+
+
 def dumps(obj: Any) -> str:
     return json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n"
 

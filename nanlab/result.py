@@ -233,7 +233,7 @@ class ScenarioResult:
         result = cls(**{k: v for k, v in d.items() if k in known})
         result.variants = [VariantResult.from_dict(v) for v in d["variants"]]
         result.claims = [ClaimResult.from_dict(c) for c in d.get("claims", [])]
-        result.probes = {k: jsonio.number(v) for k, v in result.probes.items()}
+        result.probes = jsonio.decoded(result.probes)
         return result
 
     @classmethod

@@ -70,11 +70,30 @@ pytest_plugins = ["pytester"]
 
 # Every framework test reads one measurement: each scenario that declares framework
 # builders, at its defaults, in every installed framework, one worker per framework.
-# Tests that use it carry @pytest.mark.xdist_group("frameworks") so that `make test`
-# (pytest -n 2 --dist loadgroup) runs them on one worker and measures once.
-@lru_cache(maxsize=None)
-def framework_measurement(*overrides):
-    """{framework: {scenario: ScenarioResult}} for every scenario with builders."""
+# It is taken once per test session, whichever pytest-xdist worker asks first: the
+# others wait on a file lock and load the saved results (ScenarioResult.from_dict,
+# which the tests check round-trips).
+def framework_measurement(shared: Path, *overrides, only=None) -> dict:
+    """{framework: {scenario: ScenarioResult}} for every scenario with builders (or the
+    scenarios named in the tuple ``only``), saved under ``shared``."""
+    import hashlib
+
+    from filelock import FileLock
+
+    from nanlab.result import ScenarioResult
+
+    key = hashlib.sha1(repr((overrides, only)).encode()).hexdigest()[:12]
+    saved = shared / f"framework-runs-{key}.json"
+    with FileLock(str(saved) + ".lock"):
+        if not saved.exists():
+            measured = _measure_frameworks(overrides, only)
+            data = {f: {n: json.loads(r.to_json()) for n, r in by.items()} for f, by in measured.items()}
+            saved.write_text(json.dumps(data))
+    data = json.loads(saved.read_text())
+    return {f: {n: ScenarioResult.from_dict(d) for n, d in by.items()} for f, by in data.items()}
+
+
+def _measure_frameworks(overrides, only):
     from nanlab import frameworks, registry
     from nanlab.config import compose
     from nanlab.frameworks import source
@@ -82,13 +101,27 @@ def framework_measurement(*overrides):
     from nanlab.options import FRAMEWORKS
 
     others = [f for f in FRAMEWORKS if f != "torch" and frameworks.installed(f)]
-    names = [n for n in registry.names() if source.declared(n)]
+    names = [n for n in registry.names() if source.declared(n) and (only is None or n in only)]
     return measure([compose([f"scenario={n}", *overrides]) for n in names], others)
 
 
-@pytest.fixture
-def framework_runs():
-    return framework_measurement()
+@pytest.fixture(scope="session")
+def framework_shared_dir(tmp_path_factory):
+    """A folder every xdist worker of this session sees (the parent of their temp dirs)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def framework_runs(framework_shared_dir):
+    return framework_measurement(framework_shared_dir)
+
+
+@pytest.fixture(scope="session")
+def short_framework_runs(framework_shared_dir):
+    """sparse_ce_bad_labels again, in fresh worker processes, at 3 steps: its losses must
+    be the first three of the full run's (determinism)."""
+    return framework_measurement(framework_shared_dir, "steps=3", only=("sparse_ce_bad_labels",))
 
 
 def need_framework(framework):

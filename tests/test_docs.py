@@ -26,6 +26,8 @@ EXPECTED = {
     "python -m nanlab scenario=masked_softmax variant=guard_empty_rows": [
         "guard_empty_rows", "reproduced: not measured", "fixed: every exact fix stayed finite and learned"],
     "python -m nanlab mode=list": ["softmax_overflow", "zero_variance_features"],
+    "python -m nanlab mode=list framework=all": [
+        "sparse_ce_bad_labels     torch, keras-torch, keras-jax, keras-tensorflow, jax", "dying_relu               torch"],
     "python -m nanlab scenario=sparse_ce_bad_labels framework=all": [
         "NaN first in forward: aten.div (sparse_ce_bad_labels.py:", "first op: not traced on keras-jax",
         "first op: not traced on jax", "keras-tensorflow  reproduced: the broken variant went non-finite at step 0.",

@@ -11,29 +11,19 @@ import pytest
 from nanlab import frameworks
 from nanlab.errors import ConfigError
 from nanlab.options import FRAMEWORKS
-from conftest import framework_measurement, need_framework
+from conftest import need_framework
 
 OTHERS = [f for f in FRAMEWORKS if f != "torch"]
-
-
-pytestmark = pytest.mark.xdist_group("frameworks")
 
 
 def nanlab(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "nanlab", *args], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture
-def runs():
-    """Every framework scenario at its defaults, and again at 3 steps (the second run's
-    losses must be the first run's first three: determinism)."""
-    return framework_measurement(), framework_measurement("steps=3")
-
-
 @pytest.mark.parametrize("framework", OTHERS)
-def test_sparse_ce_reproduced_and_fixed_in_each_framework(runs, framework):
+def test_sparse_ce_reproduced_and_fixed_in_each_framework(framework_runs, framework):
     need_framework(framework)
-    result = runs[0][framework]["sparse_ce_bad_labels"]
+    result = framework_runs[framework]["sparse_ce_bad_labels"]
     assert result.config["framework"] == framework
     assert result.reproduced is True and result.fixed is True
     broken = result.variant("per_sequence_mean")
@@ -46,34 +36,36 @@ def test_sparse_ce_reproduced_and_fixed_in_each_framework(runs, framework):
 
 
 @pytest.mark.parametrize("framework", OTHERS)
-def test_each_framework_is_deterministic(runs, framework):
+def test_each_framework_is_deterministic(framework_runs, short_framework_runs, framework):
     need_framework(framework)
-    full, short = (r[framework]["sparse_ce_bad_labels"] for r in runs)
+    full, short = (r[framework]["sparse_ce_bad_labels"] for r in (framework_runs, short_framework_runs))
     for name in ("validate_then_drop", "safe_reduction"):
         assert short.variant(name).losses == full.variant(name).losses[:3]
     assert short.variant("safe_reduction").exact_loss_start == full.variant("safe_reduction").exact_loss_start
 
 
 @pytest.mark.parametrize("framework", OTHERS)
-def test_only_keras_torch_is_traced(runs, framework):
+def test_only_keras_torch_is_traced(framework_runs, framework):
     need_framework(framework)
     from nanlab.frameworks.render import first_op
 
-    result = runs[0][framework]["sparse_ce_bad_labels"]
+    result = framework_runs[framework]["sparse_ce_bad_labels"]
     broken = result.variant("per_sequence_mean")
     if framework == "keras-torch":  # its model is a torch module: the tracer names the 0/0
         assert broken.first_nonfinite.event.op == "aten.div" and broken.first_nonfinite.event.kind == "nan"
+        # the builder's line, not the Keras op that ran the division for it
+        assert "(sparse_ce_bad_labels.py:" in broken.first_nonfinite.event.describe()
     else:
         assert broken.first_nonfinite.event is None
         assert first_op(result, broken) == f"first op: not traced on {framework}"
 
 
-def test_out_of_range_labels_differ_by_framework(runs):
+def test_out_of_range_labels_differ_by_framework(framework_runs):
     """The claim is decided from each framework's own probes, not a note."""
     for framework in OTHERS:
         need_framework(framework)
-    claim = {f: runs[0][f]["sparse_ce_bad_labels"].claims[0] for f in OTHERS}
-    probes = {f: runs[0][f]["sparse_ce_bad_labels"].probes for f in OTHERS}
+    claim = {f: framework_runs[f]["sparse_ce_bad_labels"].claims[0] for f in OTHERS}
+    probes = {f: framework_runs[f]["sparse_ce_bad_labels"].probes for f in OTHERS}
     assert probes["keras-torch"]["cross_entropy_label_3_of_3_classes_raises"] is True
     assert probes["keras-tensorflow"]["cross_entropy_label_3_of_3_classes_raises"] is True
     assert probes["keras-jax"]["cross_entropy_label_3_of_3_classes_raises"] is False  # silent on JAX
@@ -82,10 +74,10 @@ def test_out_of_range_labels_differ_by_framework(runs):
     assert all("Not measurable here: Keras" not in c.evidence for c in claim.values())
 
 
-def test_results_round_trip_through_json(runs):
+def test_results_round_trip_through_json(framework_runs):
     from nanlab.result import ScenarioResult
 
-    for framework, by_scenario in runs[0].items():
+    for framework, by_scenario in framework_runs.items():
         result = by_scenario["sparse_ce_bad_labels"]
         again = ScenarioResult.from_dict(json.loads(result.to_json()))
         assert again.to_dict() == result.to_dict()
@@ -195,3 +187,48 @@ def test_list_framework_shows_where_each_scenario_runs():
     listed = dict(line.split(None, 1) for line in done.stdout.splitlines())
     assert "sparse_ce_bad_labels" in listed and "dying_relu" not in listed
     assert listed["sparse_ce_bad_labels"] == "torch, keras-torch, keras-jax, keras-tensorflow, jax"
+
+
+def test_the_docs_framework_table_is_what_a_fresh_run_measures(framework_runs, result_of):
+    """README.md and docs/frameworks.md show, per scenario and variant, what happened in
+    each framework; `make docs` writes that table, and it must match today's numbers."""
+    from pathlib import Path
+
+    from nanlab.frameworks import runs_on
+    from nanlab.frameworks.render import framework_matrix
+    from nanlab.registry import builtin_names
+
+    for framework in OTHERS:
+        need_framework(framework)
+    with_builders = [n for n in builtin_names() if len(runs_on(n)) > 1]
+    results = {"torch": {n: result_of(n) for n in with_builders}, **framework_runs}
+    table = framework_matrix(results, list(FRAMEWORKS))
+    root = Path(__file__).resolve().parents[1]
+    for doc in (root / "README.md", root / "docs" / "frameworks.md"):
+        text = doc.read_text()
+        assert f"<!-- framework-table:start -->\n{table}<!-- framework-table:end -->" in text, (
+            f"{doc.name}'s framework table is stale; run `make docs`. Measured now:\n{table}")
+
+
+def test_framework_matrix_cells_follow_the_results():
+    from nanlab.frameworks.render import framework_matrix
+    from nanlab.result import FirstNonFinite, ScenarioResult, VariantResult
+
+    def variant(name, role, step=None, loss=float("nan"), verdict=""):
+        first = FirstNonFinite(step, "loss", loss) if step is not None else None
+        v = VariantResult(name, role, "", False, {}, first is None, first, [], [], [], None, 1.0, 0.5,
+                          None, None, None)
+        v.verdict = verdict
+        return v
+
+    def result(*variants):
+        return ScenarioResult("s", "", "", "", {}, None, None, list(variants))
+
+    table = framework_matrix({"torch": {"s": result(variant("b", "broken", 3), variant("f", "fix", verdict="fixed"))},
+                              "jax": {"s": result(variant("b", "broken", 0, loss=float("inf")),
+                                                  variant("f", "fix", verdict="finite, did not learn"),
+                                                  variant("own", "myth", verdict="myth: finite but wrong"))}},
+                             ["torch", "jax"])
+    assert table.splitlines()[2:] == ["| s | b (broken) | NaN at step 3 | Inf at step 0 |",
+                                      "|  | f (fix) | fixed | finite, did not learn |",
+                                      "|  | own (myth) | - | myth: finite but wrong |"]

@@ -12,7 +12,6 @@ from conftest import need_framework
 from nanlab.options import FRAMEWORKS
 from nanlab.result import ScenarioResult, Verdict
 
-pytestmark = pytest.mark.xdist_group("frameworks")
 
 OTHERS = [f for f in FRAMEWORKS if f != "torch"]
 

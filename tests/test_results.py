@@ -38,6 +38,9 @@ def test_load_rebuilds_types_and_non_finite_numbers(result_of, tmp_path):
     assert first.event == original.broken.first_nonfinite.event
     assert math.isnan(first.loss) or math.isinf(first.loss)  # a float again, not the string "nan"
     assert all(isinstance(c.verdict, Verdict) for c in loaded.claims)
+    # a probe that is a row of numbers with a NaN in it reads back as floats too
+    row = loaded.probes["hand_softmax_of_[200,0,-200]"]
+    assert math.isnan(row[0]) and row[1:] == original.probes["hand_softmax_of_[200,0,-200]"][1:]
     assert "nan" in json.dumps(json.loads(path.read_text())["variants"][0]["losses"])  # strict JSON on disk
 
 

@@ -97,3 +97,30 @@ def _differing_probes(results: dict) -> dict:
         if len(values) > 1 and len(set(map(str, values.values()))) > 1:
             table[key] = values
     return table
+
+
+def _cell(variant) -> str:
+    """What one variant did in one framework: where it went non-finite, or its verdict."""
+    first = variant.first_nonfinite
+    if first is not None:
+        return f"{first.kind_word} at step {first.step}"
+    return variant.verdict
+
+
+def framework_matrix(results: dict, frameworks: list[str]) -> str:
+    """A Markdown table: per scenario and variant, what happened in each framework.
+    ``results``: {framework: {scenario: ScenarioResult}}; '-' where a framework has no
+    such variant (its recipe leaves it out, or adds one of its own)."""
+    scenarios = list(dict.fromkeys(name for f in frameworks for name in results.get(f, {})))
+    lines = ["| scenario | variant | " + " | ".join(frameworks) + " |", "|---|---|" + "---|" * len(frameworks)]
+    for scenario in sorted(scenarios):
+        by_framework = {f: results.get(f, {}).get(scenario) for f in frameworks}
+        names = list(dict.fromkeys(v.name for r in by_framework.values() if r for v in r.variants))
+        for i, name in enumerate(names):
+            role = next(v.role for r in by_framework.values() if r for v in r.variants if v.name == name)
+            cells = []
+            for f in frameworks:
+                found = [v for v in by_framework[f].variants if v.name == name] if by_framework[f] else []
+                cells.append(_cell(found[0]) if found else "-")
+            lines.append(f"| {scenario if i == 0 else ''} | {name} ({role}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
