@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 from nanlab import registry
+from nanlab.frameworks import runs_on
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,8 +24,11 @@ def main():
         roles = ", ".join(f"`{v.name}` ({v.role}{', lossy' if v.lossy else ''})" for v in s.variants)
         settings = " ".join(f"{k}={v['name'] if isinstance(v, dict) else v}" for k, v in decl.defaults.items())
         knobs = ", ".join(f"`{k}={v}`" for k, v in decl.data.items())
+        where = ", ".join(runs_on(name))
         parts.append(f"## {name}\n\n{s.summary}\n\nRuns at: `{settings}`. Data knobs (`scenario.data.*`): {knobs}.\n\n"
-                     f"Variants: {roles}.\n\n{s.explanation}\n")
+                     f"Variants: {roles}.\n\nFrameworks (`framework=`): {where}"
+                     + (" (what each did: [frameworks.md](frameworks.md))" if len(runs_on(name)) > 1 else "")
+                     + f".\n\n{s.explanation}\n")
     (ROOT / "docs" / "scenarios.md").write_text("\n".join(parts))
 
 
