@@ -9,15 +9,15 @@ install: $(STAMP)
 
 # torch is pinned first: 2.13.0 resolves to the local CPU wheel, while an unpinned
 # torch would pull a multi-GB CUDA build. The venv keeps Hydra's antlr pin away
-# from the machine's own packages. --no-compile: pip would byte-compile every file of
-# torch, TensorFlow and JAX (half the install's 50 s); Python compiles the modules
-# actually imported, once.
+# from the machine's own packages. Keep pip's byte-compiling: with
+# PYTHONDONTWRITEBYTECODE set (as on these machines), a venv without .pyc files
+# recompiles torch and TensorFlow in every test process.
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --no-compile torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0
 	# The launchers and every framework (framework=keras-*|jax) are optional extras for
 	# users; the tests cover each one, so they all go in here.
-	$(PY) -m pip install -q --no-compile -e '.[test,parallel,cluster,keras,jax,tensorflow]'
+	$(PY) -m pip install -q -e '.[test,parallel,cluster,keras,jax,tensorflow]'
 	touch $(STAMP)
 
 demo: install

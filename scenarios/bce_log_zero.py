@@ -205,8 +205,8 @@ def keras_recipe(kit, data, knobs):
         "clamp_eps_1e-7": kit.Variant(clamped),
         "bce_with_logits": kit.Variant(with_logits),
         KERAS_OWN: kit.Variant(keras_on_probs, role="fix", lossy=True,
-                               summary="sigmoid output fed to keras.losses.binary_crossentropy, which clips p to "
-                                       "[1e-7, 1 - 1e-7]"),
+                               summary="sigmoid output fed to keras.losses.binary_crossentropy, the pairing "
+                                       "Keras tutorials write"),
     }
     return kit.Recipe(model, variants, probes)
 

@@ -167,18 +167,30 @@ def test_claim_rows_carry_their_framework_through_json():
     assert ClaimResult.from_dict(saved_before_frameworks).framework == "torch"
 
 
-def test_claims_mode_measures_each_framework(tmp_path):
+def test_claims_mode_tabulates_each_framework(framework_runs, tmp_path, monkeypatch, capsys):
+    """mode=claims framework=jax, in process: the workers' part is the shared
+    measurement (what measure() ran), the rest is the mode's own."""
     need_framework("jax")
-    from nanlab.frameworks import runs_on
+    from contextlib import contextmanager
+
+    from nanlab.claims import run_claims
+    from nanlab.config import compose
+    from nanlab.frameworks import run, runs_on
     from nanlab.registry import names
 
-    done = nanlab("mode=claims", "framework=jax", f"hydra.run.dir={tmp_path}")
-    assert done.returncode == 0, done.stderr
+    @contextmanager
+    def measured_workers(cfgs, frameworks, on_error=None):
+        assert frameworks == ["jax"] and sorted(c.scenario.name for c in cfgs) == with_jax
+        yield lambda: {"jax": framework_runs["jax"]}
+
+    with_jax = sorted(n for n in names() if "jax" in runs_on(n))
+    monkeypatch.setattr(run, "workers", measured_workers)
+    assert run_claims(compose(["mode=claims", "framework=jax"]), tmp_path) == 0
     rows = json.loads((tmp_path / "claims.json").read_text())
-    with_jax = [n for n in names() if "jax" in runs_on(n)]
     assert {r["framework"] for r in rows} == {"jax"} and sorted({r["scenario"] for r in rows}) == with_jax
-    assert all(r["verdict"] != "not decided" for r in rows)
-    assert done.stdout.splitlines()[0].split() == ["scenario", "jax", "claim"]
+    expected = [c.verdict.value for n in with_jax for c in framework_runs["jax"][n].claims]
+    assert sorted(r["verdict"] for r in rows) == sorted(expected) and "not decided" not in expected
+    assert capsys.readouterr().out.splitlines()[0].split() == ["scenario", "jax", "claim"]
 
 
 def test_list_framework_shows_where_each_scenario_runs():
@@ -232,3 +244,9 @@ def test_framework_matrix_cells_follow_the_results():
     assert table.splitlines()[2:] == ["| s | b (broken) | NaN at step 3 | Inf at step 0 |",
                                       "|  | f (fix) | fixed | finite, did not learn |",
                                       "|  | own (myth) | - | myth: finite but wrong |"]
+
+
+def test_framework_in_a_mode_that_has_none_is_one_line():
+    done = nanlab("mode=sweep", "scenario=tanh_explosion", "framework=jax")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == "nanlab: error: framework=jax: applies to mode=run and mode=claims, not mode=sweep\n"

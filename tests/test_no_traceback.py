@@ -1,6 +1,7 @@
 """Bad input, interruptions and failed writes end as one line and a status, never a
 traceback, and never destroy an earlier result."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -64,12 +65,17 @@ def test_a_closed_pipe_ends_quietly():
 def test_ctrl_c_is_one_line_and_exit_130_and_a_long_run_shows_progress(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "nanlab", "scenario=tanh_explosion", "steps=100000000",
                              f"hydra.run.dir={tmp_path}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(7)  # start-up, then the bar appears once a variant has run for two seconds
+    # Interrupt once the bar shows (a variant has run for two seconds), however long
+    # start-up took on a busy machine.
+    seen, deadline = "", time.monotonic() + 120
+    while "/100000000" not in seen and time.monotonic() < deadline and proc.poll() is None:
+        seen += os.read(proc.stderr.fileno(), 4096).decode(errors="replace")
+    assert "/100000000" in seen, seen  # the progress bar: steps done out of steps asked
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
+    err = seen + err
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert err.rstrip().endswith("nanlab: interrupted")
-    assert "/100000000" in err  # the progress bar: steps done out of steps asked
 
 
 @pytest.mark.parametrize("launcher,extra", [("joblib", "parallel"), ("submitit_local", "cluster")])
