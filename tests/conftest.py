@@ -117,13 +117,6 @@ def framework_runs(framework_shared_dir):
     return framework_measurement(framework_shared_dir)
 
 
-@pytest.fixture(scope="session")
-def short_framework_runs(framework_shared_dir):
-    """sparse_ce_bad_labels again, in fresh worker processes, at 3 steps: its losses must
-    be the first three of the full run's (determinism)."""
-    return framework_measurement(framework_shared_dir, "steps=3", only=("sparse_ce_bad_labels",))
-
-
 def need_framework(framework):
     """Skip a test of a framework that is not installed; fail it where `make test`
     (NANLAB_REQUIRE_FRAMEWORKS=1) installed every framework."""
