@@ -85,7 +85,7 @@ def main():
     missing = [f for f in BACKENDS if not frameworks.installed(f)]
     if missing:
         sys.exit(f"benchmarks/frameworks.py: {', '.join(missing)} not installed: "
-                 + frameworks.install_hint("keras-tensorflow"))
+                 + "; ".join(frameworks.install_hint(f) for f in missing))
     job = prepare_job(compose([f"scenario={SCENARIO}"]))
     raw = job.raw
     standardized = next(prepared for variant, prepared, _, _ in job.specs if variant.name == "standardized")

@@ -135,7 +135,13 @@ def run_claims(cfg, run_dir) -> int:
         rows = collect_claims(int(cfg.seed), str(cfg.device))
         table = render_table(rows)
     else:
-        rows, frameworks = collect_framework_claims(cfg)
+        from nanlab.frameworks.run import FrameworkError
+
+        try:
+            rows, frameworks = collect_framework_claims(cfg)
+        except FrameworkError as err:  # a worker that could not run at all: one line, as for a run
+            print(f"nanlab: error: {err}", file=sys.stderr)
+            return 1
         table = render_framework_table(rows, frameworks)
     path = write_claims(rows, run_dir)
     print(table)

@@ -133,10 +133,13 @@ def _out_of_range_is_nan(r):
     if r.config.get("framework", "torch") == "torch":
         evidence += ". Not measurable here: CUDA's device-side assert (no GPU in this run)"
     raises = p[ce_key("label_3_of_3_classes", "raises")]
-    out_of_range_nan = not raises and math.isnan(p[ce_key("label_3_of_3_classes", "loss")])
+    nan_labels = [case for case in ("label_3_of_3_classes", "label_-1")
+                  if not p[ce_key(case, "raises")] and math.isnan(p[ce_key(case, "loss")])]
     nan_path = not p[ce_key("all_ignored", "raises")] and math.isnan(p[ce_key("all_ignored", "loss")])
-    if out_of_range_nan:
+    if len(nan_labels) == 2:
         return Verdict.confirmed, evidence
+    if nan_labels:  # plain JAX: a label past the end reads NaN, a negative one wraps to a real class
+        return Verdict.partly, evidence + " -> only the label past the last class gives NaN; the other gives a finite, wrong loss"
     if raises and nan_path:
         return Verdict.refuted, evidence + " -> out-of-range labels raise on CPU; the NaN comes from all-ignored targets"
     said = "raise" if raises else "give a finite, wrong loss with no error"

@@ -37,9 +37,10 @@ from nanlab.result import ClaimResult, Event, FirstNonFinite, VariantResult, Ver
 from nanlab.runner import chosen_variants, decide_claims, run_scenario
 from nanlab.scenario import Context
 
-# dtypes a worker trains in: the low-precision ones need autocast and loss scaling,
-# which are nanlab's torch loop's own.
-WORKER_DTYPES = ("float32", "float64")
+# dtypes a worker trains in. The low-precision ones need autocast and loss scaling,
+# which are nanlab's torch loop's own; float64 would need JAX's x64 mode and Keras'
+# floatx set per process, and without them both quietly train in float32.
+WORKER_DTYPES = ("float32",)
 
 
 class FrameworkError(RuntimeError):
@@ -78,6 +79,14 @@ def check_settings(cfg, framework: str) -> None:
     if cfg.device == "cuda":
         raise ConfigError("device", cfg.device, f"framework={framework} runs on the CPU here; device=cuda is "
                           "framework=torch only")
+    family = FRAMEWORKS[framework].family
+    if family == "keras" and cfg.optimizer.get("weight_decay"):
+        raise ConfigError("optimizer.weight_decay", cfg.optimizer.weight_decay, f"framework={framework}: Keras "
+                          "decays weights apart from the gradient (AdamW-style), torch.optim adds it to the "
+                          "gradient, so the runs would not compare; use weight_decay=0 or framework=torch")
+    if family == "jax" and cfg.optimizer.name == "rmsprop" and cfg.optimizer.get("momentum"):
+        raise ConfigError("optimizer.momentum", cfg.optimizer.momentum, f"framework={framework}: the JAX worker's "
+                          "RMSprop has no momentum; use momentum=0 or framework=torch")
 
 
 def supported(name: str, framework: str) -> bool:

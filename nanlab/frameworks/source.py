@@ -11,6 +11,7 @@ fails there, with a NameError that :func:`builder` turns into a contract error.
 """
 from __future__ import annotations
 
+import __future__
 import ast
 import builtins
 import importlib.util
@@ -69,7 +70,10 @@ def namespace(name: str) -> dict:
     for node in _tree(name).body:
         if not _kept(node):
             continue
-        code = compile(ast.Module(body=[node], type_ignores=[]), path, "exec")
+        # Annotations stay unevaluated (``-> Data`` names an import that is left out),
+        # whatever this module's own __future__ imports are.
+        code = compile(ast.Module(body=[node], type_ignores=[]), path, "exec",
+                       flags=__future__.annotations.compiler_flag, dont_inherit=True)
         try:
             exec(code, scope)  # noqa: S102 - the scenario's own source, less its imports
         except Exception:  # noqa: BLE001 - a value built from torch or nanlab: not for the framework side

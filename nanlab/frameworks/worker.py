@@ -86,7 +86,10 @@ class KerasTrainer:
         if opt["name"] == "adam":
             return keras.optimizers.Adam(epsilon=opt.get("eps", 1e-8), **common)
         if opt["name"] == "rmsprop":
-            return keras.optimizers.RMSprop(epsilon=opt.get("eps", 1e-8), momentum=opt.get("momentum", 0.0), **common)
+            # torch.optim.RMSprop's smoothing constant (Keras' default is 0.9); Keras still
+            # adds eps inside the square root, torch outside it.
+            return keras.optimizers.RMSprop(rho=0.99, epsilon=opt.get("eps", 1e-8), momentum=opt.get("momentum", 0.0),
+                                            **common)
         raise ValueError(f"optimizer {opt['name']} has no Keras counterpart here")
 
     def _loss(self, fn):
@@ -314,6 +317,8 @@ def _run_job(trainer, family: str, job: dict, arrays, outputs: dict) -> dict:
     for vname, variant in recipe.variants.items():
         if wanted is not None and vname not in wanted:
             continue
+        if variant.like is not None and variant.like not in torch_variants:
+            raise ValueError(f"{family} variant {vname!r} is like={variant.like!r}, which is not a variant of {name}")
         spec = torch_variants.get(vname) or torch_variants.get(variant.like or "")
         if vname not in torch_variants and (variant.role is None or variant.summary is None):
             raise ValueError(f"{family} variant {vname!r} is not a variant of {name}: give it a role and a summary")
