@@ -292,3 +292,25 @@ def test_jax_rmsprop_momentum_is_one_line_and_plain_rmsprop_passes():
         check_settings(compose(["scenario=tanh_explosion", "optimizer=rmsprop", "optimizer.momentum=0.9"]), "jax")
     check_settings(compose(["scenario=tanh_explosion", "optimizer=rmsprop"]), "jax")
     check_settings(compose(["scenario=tanh_explosion", "optimizer=rmsprop", "optimizer.momentum=0.9"]), "keras-jax")
+
+
+@pytest.mark.parametrize("framework", OTHERS)
+def test_masked_softmax_and_the_frameworks_own_masked_softmax(framework_runs, framework):
+    """A hand-written -inf fill is NaN at step 0 everywhere; Keras' Softmax(mask=) and
+    JAX's softmax(where=) give an empty row zero weights: the guard, built in."""
+    need_framework(framework)
+    import math
+
+    r = framework_runs[framework]["masked_softmax"]
+    assert r.reproduced is True and r.fixed is True
+    broken = r.variant("softmax_of_all_-inf")
+    assert broken.nonfinite_step == 0 and math.isnan(broken.first_nonfinite.loss)
+    guard = r.variant("guard_empty_rows")
+    own = r.variant("jax_softmax_where" if framework == "jax" else "keras_softmax_layer")
+    assert guard.finite and guard.learned and own.finite and own.learned and own.role == "fix"
+    assert own.losses == pytest.approx(guard.losses, rel=1e-5)  # the same weights, computed another way
+    assert r.variant("fill_-1e9").verdict == "fixed (lossy)"
+    assert r.probes["fully_masked_row_library_masked_softmax"] == [0.0] * 6
+    assert r.probes["fully_masked_row_plain_is_nan"] is True
+    (claim,) = r.claims
+    assert claim.verdict.value == "confirmed" and f"({own.name}) gives an empty row zero weights" in claim.evidence

@@ -132,8 +132,14 @@ def _request(jobs: list[Job], folder: Path) -> dict:
             variants.append({"name": variant.name, "role": variant.role, "summary": variant.summary,
                              "lossy": variant.lossy, "overrides": overrides, "settings": settings, "x": x, "y": y})
         all_chosen = len(job.chosen) == len(job.scenario.variants)
+        # The raw data's extra tensors (a padding mask, say) go along as data.extra.
+        extra = {}
+        for key, value in (job.raw.extra or {}).items():
+            extra[key] = f"{name}/raw/extra/{key}"
+            arrays[extra[key]] = _numpy(value)
         entries.append({"scenario": name, "knobs": OmegaConf.to_container(job.cfg.scenario.data),
-                        "raw": {"x": f"{name}/raw/x", "y": f"{name}/raw/y"}, "settings": _settings(job.cfg),
+                        "raw": {"x": f"{name}/raw/x", "y": f"{name}/raw/y", "extra": extra},
+                        "settings": _settings(job.cfg),
                         "variants": variants, "only": None if all_chosen else [v.name for v in job.chosen]})
     np.savez(folder / "arrays.npz", **arrays)
     return {"arrays": str(folder / "arrays.npz"), "jobs": entries}

@@ -309,7 +309,8 @@ def _trainer(framework: str):
 
 def _run_job(trainer, family: str, job: dict, arrays, outputs: dict) -> dict:
     name = job["scenario"]
-    raw = types.SimpleNamespace(x=arrays[job["raw"]["x"]], y=arrays[job["raw"]["y"]])
+    extra = {key: arrays[path] for key, path in job["raw"].get("extra", {}).items()}
+    raw = types.SimpleNamespace(x=arrays[job["raw"]["x"]], y=arrays[job["raw"]["y"]], extra=extra)
     recipe = source.builder(name, family)(trainer.kit(), raw, types.SimpleNamespace(**job["knobs"]))
     torch_variants = {v["name"]: v for v in job["variants"]}
     wanted = job.get("only")
@@ -325,7 +326,7 @@ def _run_job(trainer, family: str, job: dict, arrays, outputs: dict) -> dict:
         spec = spec or {"name": vname, "x": job["raw"]["x"], "y": job["raw"]["y"], "settings": job["settings"],
                         "role": None, "summary": None, "lossy": False, "overrides": {}}
         settings = _with_overrides(spec["settings"], dict(variant.overrides))
-        data = types.SimpleNamespace(x=arrays[spec["x"]], y=arrays[spec["y"]])
+        data = types.SimpleNamespace(x=arrays[spec["x"]], y=arrays[spec["y"]], extra=extra)
         started = time.perf_counter()
         measured = trainer.train(recipe, variant, data, settings)
         key = f"{name}/{vname}"
