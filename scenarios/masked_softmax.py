@@ -127,7 +127,7 @@ CLAIMS = [
 # variant there, because what it does with an empty row is the framework's choice.
 FRAMEWORKS = {"keras": "keras_recipe", "jax": "jax_recipe"}
 OWN_MASKED_SOFTMAX = {"keras": "keras_softmax_layer", "jax": "jax_softmax_where"}
-OWN_FULLY_MASKED_ROW = "fully_masked_row_library_masked_softmax"
+OWN_FULLY_MASKED_ROW = "fully_masked_row_library_softmax"
 PROBE_MASK = [[True] * 6, [True, True, False, False, False, False],
               [False, True, False, True, False, False], [False] * 6]
 

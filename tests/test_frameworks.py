@@ -310,7 +310,7 @@ def test_masked_softmax_and_the_frameworks_own_masked_softmax(framework_runs, fr
     assert guard.finite and guard.learned and own.finite and own.learned and own.role == "fix"
     assert own.losses == pytest.approx(guard.losses, rel=1e-5)  # the same weights, computed another way
     assert r.variant("fill_-1e9").verdict == "fixed (lossy)"
-    assert r.probes["fully_masked_row_library_masked_softmax"] == [0.0] * 6
+    assert r.probes["fully_masked_row_library_softmax"] == [0.0] * 6
     assert r.probes["fully_masked_row_plain_is_nan"] is True
     (claim,) = r.claims
     assert claim.verdict.value == "confirmed" and f"({own.name}) gives an empty row zero weights" in claim.evidence
