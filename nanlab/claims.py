@@ -81,8 +81,7 @@ def render_framework_table(rows: list[ClaimResult], frameworks: list[str]) -> st
             for f in frameworks:
                 if (scenario, claim, f) in cell:
                     row = cell[(scenario, claim, f)]
-                    evidence = row.evidence.split(" [differs by framework:")[0]
-                    lines += textwrap.wrap(f"{f} [{row.verdict.value}]: {evidence}", 116, initial_indent="    ",
+                    lines += textwrap.wrap(f"{f} [{row.verdict.value}]: {row.evidence}", 116, initial_indent="    ",
                                            subsequent_indent="      ")
     lines.append("")
     for f in frameworks:
@@ -127,7 +126,7 @@ def collect_framework_claims(cfg) -> tuple[list[ClaimResult], list[str]]:
         claim_index.setdefault((row.scenario, row.claim), len(claim_index))
     rank = {f: i for i, f in enumerate(frameworks)}
     rows.sort(key=lambda r: (order.get(r.scenario, len(order)), claim_index[(r.scenario, r.claim)], rank[r.framework]))
-    return note_differences(rows), frameworks
+    return rows, frameworks
 
 
 def run_claims(cfg, run_dir) -> int:
@@ -143,6 +142,7 @@ def run_claims(cfg, run_dir) -> int:
             print(f"nanlab: error: {err}", file=sys.stderr)
             return 1
         table = render_framework_table(rows, frameworks)
+        rows = note_differences(rows)  # claims.json carries, in each row, where the verdicts differ
     path = write_claims(rows, run_dir)
     print(table)
     print(f"Wrote {path}")

@@ -168,6 +168,20 @@ CLAIMS = [
 FRAMEWORKS = {"keras": "keras_recipe", "jax": "jax_recipe"}
 
 
+def case_probes(case: str, said: str, raised: bool, loss: float) -> dict:
+    """One label case as the torch probes record it: what happened, whether it raised,
+    and the loss when it did not."""
+    return {ce_key(case): said, ce_key(case, "raises"): raised, **({} if raised else {ce_key(case, "loss"): loss})}
+
+
+def tagger_variants(kit, per_sequence_mean, safe_per_sequence_mean) -> dict:
+    """The torch variants by name; validate_then_drop trains on the data its prepare
+    cleaned, with the same loss as the broken variant."""
+    return {"per_sequence_mean": kit.Variant(per_sequence_mean),
+            "validate_then_drop": kit.Variant(per_sequence_mean),
+            "safe_reduction": kit.Variant(safe_per_sequence_mean)}
+
+
 def keras_recipe(kit, data, knobs):
     """The linear tagger in Keras 3, its token losses from Keras' own sparse
     cross-entropy with ignore_class, reduced per sequence as the torch variants do."""
@@ -201,16 +215,10 @@ def keras_recipe(kit, data, knobs):
             else:
                 fn = lambda labels=labels: ops.mean(keras.losses.sparse_categorical_crossentropy(  # noqa: E731
                     ops.convert_to_tensor(labels), zeros(len(labels)), from_logits=True))
-            said, raised, loss_value = kit.call_outcome(fn, lambda v: float(ops.convert_to_numpy(v)))
-            out[ce_key(case)], out[ce_key(case, "raises")] = said, raised
-            if not raised:
-                out[ce_key(case, "loss")] = loss_value
+            out.update(case_probes(case, *kit.call_outcome(fn, lambda v: float(ops.convert_to_numpy(v)))))
         return out
 
-    variants = {"per_sequence_mean": kit.Variant(per_sequence_mean),
-                "validate_then_drop": kit.Variant(per_sequence_mean),
-                "safe_reduction": kit.Variant(safe_per_sequence_mean)}
-    return kit.Recipe(model, variants, probes)
+    return kit.Recipe(model, tagger_variants(kit, per_sequence_mean, safe_per_sequence_mean), probes)
 
 
 def jax_recipe(kit, data, knobs):
@@ -249,13 +257,7 @@ def jax_recipe(kit, data, knobs):
                 fn = lambda: jnp.where(keep, token_losses(jnp.zeros((3, 3)), jnp.where(keep, y, 0)), 0.0).sum() / keep.sum()  # noqa: E731,E501
             else:
                 fn = lambda y=y: token_losses(jnp.zeros((len(labels), 3)), y).mean()  # noqa: E731
-            said, raised, loss_value = kit.call_outcome(fn)
-            out[ce_key(case)], out[ce_key(case, "raises")] = said, raised
-            if not raised:
-                out[ce_key(case, "loss")] = loss_value
+            out.update(case_probes(case, *kit.call_outcome(fn)))
         return out
 
-    variants = {"per_sequence_mean": kit.Variant(per_sequence_mean),
-                "validate_then_drop": kit.Variant(per_sequence_mean),
-                "safe_reduction": kit.Variant(safe_per_sequence_mean)}
-    return kit.Recipe(model, variants, probes)
+    return kit.Recipe(model, tagger_variants(kit, per_sequence_mean, safe_per_sequence_mean), probes)

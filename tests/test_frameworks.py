@@ -163,10 +163,9 @@ def test_a_claim_that_differs_by_framework_says_so_and_one_that_agrees_does_not(
 
 
 def test_claims_table_has_a_column_per_framework_and_a_dash_where_no_builder():
-    from nanlab.claims import note_differences, render_framework_table
+    from nanlab.claims import render_framework_table
 
-    rows = note_differences([_row("refuted", "torch"), _row("confirmed", "jax"),
-                             _row("confirmed", "torch", scenario="t", claim="other")])
+    rows = [_row("refuted", "torch"), _row("confirmed", "jax"), _row("confirmed", "torch", scenario="t", claim="other")]
     table = render_framework_table(rows, ["torch", "jax"]).splitlines()
     assert table[0].split() == ["scenario", "torch", "jax", "claim"]
     assert table[2].split() == ["s", "refuted", "confirmed", "c"]
@@ -314,3 +313,22 @@ def test_masked_softmax_and_the_frameworks_own_masked_softmax(framework_runs, fr
     assert r.probes["fully_masked_row_plain_is_nan"] is True
     (claim,) = r.claims
     assert claim.verdict.value == "confirmed" and f"({own.name}) gives an empty row zero weights" in claim.evidence
+
+
+def test_claims_json_says_where_a_claim_differs(tmp_path, monkeypatch, capsys):
+    from nanlab import claims
+    from nanlab.config import compose
+
+    rows = [_row("refuted", "torch"), _row("confirmed", "jax")]
+    monkeypatch.setattr(claims, "collect_framework_claims", lambda cfg: (rows, ["torch", "jax"]))
+    assert claims.run_claims(compose(["mode=claims", "framework=jax"]), tmp_path) == 0
+    saved = json.loads((tmp_path / "claims.json").read_text())
+    assert [r["evidence"] for r in saved] == ["e [differs by framework: refuted on torch; confirmed on jax]"] * 2
+    assert "    jax [confirmed]: e\n" in capsys.readouterr().out  # the table shows the evidence itself
+
+
+def test_each_scenario_reports_its_own_share_of_the_worker(framework_runs):
+    for framework in OTHERS:
+        need_framework(framework)
+        seconds = [r.seconds for r in framework_runs[framework].values()]
+        assert all(s > 0 for s in seconds) and len(set(seconds)) == len(seconds), (framework, seconds)

@@ -281,7 +281,7 @@ def workers(cfgs: list, frameworks: list[str], on_error=None):
                             raise
                         on_error(f, job.scenario.name, err)
                         continue
-                    report.seconds = response["seconds"]
+                    report.seconds = by_name[job.scenario.name]["seconds"]  # its own share of the worker
                     results[f][job.scenario.name] = report
             return results
 

@@ -308,7 +308,7 @@ def _trainer(framework: str):
 
 
 def _run_job(trainer, family: str, job: dict, arrays, outputs: dict) -> dict:
-    name = job["scenario"]
+    name, started_job = job["scenario"], time.perf_counter()
     extra = {key: arrays[path] for key, path in job["raw"].get("extra", {}).items()}
     raw = types.SimpleNamespace(x=arrays[job["raw"]["x"]], y=arrays[job["raw"]["y"]], extra=extra)
     recipe = source.builder(name, family)(trainer.kit(), raw, types.SimpleNamespace(**job["knobs"]))
@@ -340,7 +340,7 @@ def _run_job(trainer, family: str, job: dict, arrays, outputs: dict) -> dict:
             "target": spec["y"], "output": key, "seconds": time.perf_counter() - started, **measured,
         })
     probes = recipe.probes() if recipe.probes and job.get("probes", True) else {}
-    return {"scenario": name, "variants": results, "probes": probes}
+    return {"scenario": name, "variants": results, "probes": probes, "seconds": time.perf_counter() - started_job}
 
 
 def main(argv=None) -> int:
