@@ -342,6 +342,7 @@ class PointConfigs:
         self.cfg = cfg
         self.base = [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]
         self._composed: dict = {}
+        self._plain: dict = {}
 
     def _combo(self, point: dict):
         from nanlab.config import compose
@@ -361,17 +362,27 @@ class PointConfigs:
         return self._composed[choices]
 
     def __call__(self, point: dict):
+        import copy
+
         from omegaconf import OmegaConf
 
-        cfg = OmegaConf.create(OmegaConf.to_container(self._combo(point)))
+        combo = self._combo(point)
+        if id(combo) not in self._plain:
+            plain = OmegaConf.to_container(combo)
+            # A point is one run, as a multirun job is: the grid's axes are not part of
+            # its config (and a 64-value list in each of 64 configs cost more to build
+            # than the runs' training).
+            plain["sweep"] = {**plain["sweep"], **{axis: None for axis in AXES}}
+            self._plain[id(combo)] = plain
+        plain = copy.deepcopy(self._plain[id(combo)])
         for name, value in point.items():
             if name == "lr":
-                cfg.optimizer.lr = float(value)
+                plain["optimizer"]["lr"] = float(value)
             elif name == "clip_threshold":
-                cfg.clip.threshold = float(value)
+                plain["clip"]["threshold"] = float(value)
             elif name in ("dtype", "seed"):
-                cfg[name] = value
-        return cfg
+                plain[name] = value
+        return OmegaConf.create(plain)
 
 
 def run_sweep(cfg, run_dir) -> int:
@@ -412,7 +423,9 @@ def sweep(cfg, run_dir, overrides: Sequence[str] = (), out: Callable[[str], None
     failed, described = 0, set()
     with _progress(len(chunks)) as bar, open(run_dir / SUMMARY_CSV, "a", encoding="utf-8") as csv_file:
         for number, chunk in enumerate(chunks):
-            runs = [Run(v, configs(point)) for point in chunk for v in variants]
+            # One config per point, shared by its variants: composing it costs more than a
+            # short run's training, and the engine keys its per-config work on the object.
+            runs = [Run(v, cfg) for cfg in map(configs, chunk) for v in variants]
             try:
                 schedule = engine.schedule(runs)
                 bar.plan(number, schedule.total_steps)
