@@ -33,3 +33,14 @@ def test_tracer_overhead_rejects_a_bad_count_in_one_line():
     rc, out = run("tracer_overhead.py", "--rounds", "0")
     assert rc == 2 and "Traceback" not in out
     assert "error: argument --rounds: '0' is not a whole number >= 1" in out
+
+
+def test_sweep_benchmark_prints_both_ratios_and_the_bound():
+    rc, out = run("sweep.py", "--points", "2", "--steps", "2", "--rounds", "1")
+    assert rc == 0, out
+    assert re.search(r"multirun / mode=sweep = \d+\.\d\dx \(target >= 8x\): (met|MISSED)", out), out
+    assert re.search(r"engine / hand-written = \d+\.\d\dx \(target <= 2x\): (met|MISSED)", out), out
+    # at most 5 variants x 2 lrs x 2 steps, fewer where a copy stops early or trains once
+    bound = re.search(r"the most mode=sweep could gain: (\d+) copy-steps .* = (\d+\.\d\d)x", out)
+    assert bound and 0 < int(bound.group(1)) <= 5 * 2 * 2, out
+    assert "summaries: same columns and row count: True" in out, out
