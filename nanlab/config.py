@@ -10,7 +10,7 @@ from functools import lru_cache
 from typing import Optional, Sequence
 
 from nanlab import options, registry, schema
-from nanlab.errors import ConfigError
+from nanlab.errors import ConfigError, install_hint
 
 CONFIG_MODULE = "nanlab.conf"
 DEFAULT_SCENARIO = "softmax_overflow"  # conf/config.yaml's default
@@ -204,7 +204,7 @@ def explain(exc: BaseException, overrides: Sequence[str]) -> Optional[Exception]
         group, _, value = exc.missing_cfg_file.rpartition("/")
         if group == "hydra/launcher" and value in LAUNCHER_EXTRAS:
             return ConfigError(group, value, f"Hydra's {value} launcher is not installed; install the "
-                               f"{LAUNCHER_EXTRAS[value]} extra: pip install 'nanlab[{LAUNCHER_EXTRAS[value]}]'")
+                               f"{LAUNCHER_EXTRAS[value]} extra: {install_hint(LAUNCHER_EXTRAS[value])}")
         if group == "scenario":
             broken = registry.contract_error(value)
             if broken is not None:

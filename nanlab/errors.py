@@ -1,4 +1,29 @@
 """Exceptions nanlab raises on purpose. Kept free of torch so the CLI can import them cheaply."""
+from __future__ import annotations
+
+
+def install_hint(extras: str) -> str:
+    """The pip command that adds these extras to the nanlab this process runs: from
+    its source folder when it was installed editable (a clone, as the README sets it
+    up), from the package index otherwise."""
+    import json
+    import os
+    from importlib import metadata
+    from urllib.parse import unquote, urlparse
+
+    # Every copy on the path: a build's nanlab.egg-info in the source folder comes
+    # first from there, and only the installed one records how it was installed.
+    records = (d.read_text("direct_url.json") for d in metadata.distributions(name="nanlab"))
+    try:
+        direct = json.loads(next((r for r in records if r), "{}"))
+    except ValueError:
+        direct = {}
+    url = urlparse(direct.get("url", ""))
+    if direct.get("dir_info", {}).get("editable") and url.scheme == "file":
+        folder = unquote(url.path)
+        where = "." if os.path.realpath(folder) == os.path.realpath(os.getcwd()) else folder
+        return f"pip install -e '{where}[{extras}]'"
+    return f"pip install 'nanlab[{extras}]'"
 
 
 class ConfigError(ValueError):

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from nanlab import frameworks
-from nanlab.errors import ConfigError
+from nanlab.errors import ConfigError, install_hint
 from nanlab.options import FRAMEWORKS
 from conftest import need_framework
 
@@ -107,7 +107,7 @@ def test_missing_extra_is_one_line_naming_it(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorflow" else real(name, *a))
     with pytest.raises(ConfigError) as err:
         frameworks.require("keras-tensorflow")
-    assert "nanlab[keras,tensorflow]" in str(err.value) and "\n" not in str(err.value)
+    assert str(err.value).endswith(f": {install_hint('keras,tensorflow')}") and "\n" not in str(err.value)
     assert "keras-tensorflow" not in frameworks.chosen("all")
 
 

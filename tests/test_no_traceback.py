@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from nanlab.errors import install_hint
+
 
 @pytest.mark.parametrize("args,expected", [
     (["seed=9223372036854775808"], "seed=9223372036854775808: must be an integer in [0, 9007199254740992)"),
@@ -93,4 +95,25 @@ def test_a_missing_launcher_plugin_names_its_extra(tmp_path, launcher, extra):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0] == (f"nanlab: error: hydra/launcher={launcher}: Hydra's {launcher} launcher is not installed; "
-                        f"install the {extra} extra: pip install 'nanlab[{extra}]'")
+                        f"install the {extra} extra: {install_hint(extra)}")
+
+
+def test_the_install_hint_fits_how_nanlab_was_installed(tmp_path, monkeypatch):
+    from importlib import metadata
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    records = [json.loads(d.read_text("direct_url.json") or "{}") for d in metadata.distributions(name="nanlab")]
+    if not any(r.get("dir_info", {}).get("editable") for r in records):
+        pytest.skip("nanlab is not installed editable here")
+    monkeypatch.chdir(repo)  # a clone, as the README sets it up: the command it gives
+    assert install_hint("keras") == "pip install -e '.[keras]'"
+    monkeypatch.chdir(tmp_path)  # elsewhere: the same folder, named
+    assert install_hint("keras,jax") == f"pip install -e '{repo}[keras,jax]'"
+
+    class FromTheIndex:
+        def read_text(self, name):
+            return None  # a wheel from the index has no direct_url.json
+
+    monkeypatch.setattr(metadata, "distributions", lambda name: [FromTheIndex()])
+    assert install_hint("keras") == "pip install 'nanlab[keras]'"
