@@ -1,7 +1,7 @@
 """Wall time of `python -m nanlab scenario=softmax_overflow` against the floor any
 torch training script pays: `import torch` plus one torch.optim step.
 
-Interleaved runs, median of RUNS each, measured side by side in this one process.
+Interleaved runs, median of --runs (default 7) each, measured side by side in this one process.
 Target (issue 9): nanlab / floor <= 1.10. torch.optim (and TorchDispatchMode,
 GradScaler, gradcheck) import torch._dynamo on first use, which `import torch`
 alone does not, so `import torch` alone is shown for reference only.
@@ -12,12 +12,13 @@ Hydra, composing its config twice, as Hydra 1.3 does, and creating the run dir).
 The rest, nanlab over the bare app, is nanlab's own: its config, its imports, and
 training five variants under the guard.
 """
+import argparse
 import statistics
-from pathlib import Path
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 RUNS = 7
 TARGET = 1.10
@@ -41,9 +42,14 @@ def wall(cmd, cwd):
     return time.perf_counter() - start
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=RUNS, help=f"runs of each command; the median is reported "
+                        f"(default {RUNS})")
+    args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error(f"argument --runs: '{args.runs}' is not a whole number >= 1")
     py = sys.executable
-    times = {}
     with tempfile.TemporaryDirectory() as tmp:
         bare_app = Path(tmp) / "bare_hydra_app.py"
         bare_app.write_text(BARE_HYDRA_APP)
@@ -56,14 +62,13 @@ def main():
         times = {name: [] for name in commands}
         for cmd in commands.values():  # warm the file cache once
             wall(cmd, tmp)
-        for _ in range(RUNS):
+        for _ in range(args.runs):
             for name, cmd in commands.items():
                 times[name].append(wall(cmd, tmp))
     med = {name: statistics.median(ts) for name, ts in times.items()}
-    base = med["import torch"]
-    for name, m in med.items():
-        print(f"{name:<36} median {m:6.2f} s   ratio {m / base:5.2f}x")
     floor = med["import torch + one optimizer step"]
+    for name, m in med.items():
+        print(f"{name:<36} median {m:6.2f} s   {m / floor:5.2f}x the floor")
     nanlab, bare = med["nanlab scenario=softmax_overflow"], med["bare Hydra app, task = the floor"]
     ratio = nanlab / floor
     print(f"\nnanlab / (import torch + one optimizer step) = {ratio:.2f}x (target <= {TARGET}x): "

@@ -1,4 +1,4 @@
-"""A 64-point lr grid of tanh_explosion (200 steps), timed four ways side by side:
+"""A 64-point lr grid of tanh_explosion (200 steps), timed five ways side by side:
 
 1. Hydra's basic launcher: ``python -m nanlab -m scenario=tanh_explosion optimizer.lr=...``
    (one job per lr, every variant, in one process), wall time of the command;
@@ -7,14 +7,15 @@
 3. the batched engine on the broken variant alone (what a stability map needs), in
    this process;
 4. a hand-written batched loop over the same model and copies: stacked weights,
-   baddbmm, tanh, per-copy lr, a finiteness check per step, no bookkeeping.
+   baddbmm, tanh, per-copy lr, a finiteness check per step, no bookkeeping;
+5. the batched engine on every variant, in this process: (2)'s training alone.
 
 Targets (the sweep issue): (1) / (2) >= 8, and (3) / (4) <= 2. The in-process
 measurements run interleaved, median of --rounds; the commands once per round.
 
-It also prints the most (2) could gain at all: the batched engine's work on every
-variant (steps summed over the copies it trained) priced at the hand-written loop's
-cost per copy-step, plus what the mode=sweep command spends outside training. The
+It also prints the most (2) could gain at all: (5)'s work (steps summed over the
+copies it trained) priced at (4)'s cost per copy-step, plus what the mode=sweep
+command spends outside training ((2) minus (5)). The
 runs must give a single run's numbers, so this arithmetic cannot be skipped; where
 the bound is under 8x, no engine of batched torch ops meets the target.
 

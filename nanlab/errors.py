@@ -5,11 +5,19 @@ from __future__ import annotations
 def install_hint(extras: str) -> str:
     """The pip command that adds these extras to the nanlab this process runs: from
     its source folder when it was installed editable (a clone, as the README sets it
-    up), from the package index otherwise."""
+    up), from the package index otherwise. It names this interpreter unless ``python``
+    already is it (an activated venv): a bare ``pip`` could install elsewhere."""
     import json
     import os
+    import shlex
+    import shutil
+    import sys
     from importlib import metadata
     from urllib.parse import unquote, urlparse
+
+    on_path = shutil.which("python")
+    same = on_path is not None and os.path.abspath(on_path) == os.path.abspath(sys.executable)
+    pip = "python -m pip" if same else f"{shlex.quote(sys.executable)} -m pip"
 
     # Every copy on the path: a build's nanlab.egg-info in the source folder comes
     # first from there, and only the installed one records how it was installed.
@@ -22,8 +30,8 @@ def install_hint(extras: str) -> str:
     if direct.get("dir_info", {}).get("editable") and url.scheme == "file":
         folder = unquote(url.path)
         where = "." if os.path.realpath(folder) == os.path.realpath(os.getcwd()) else folder
-        return f"pip install -e '{where}[{extras}]'"
-    return f"pip install 'nanlab[{extras}]'"
+        return f"{pip} install -e '{where}[{extras}]'"
+    return f"{pip} install 'nanlab[{extras}]'"
 
 
 class ConfigError(ValueError):

@@ -99,6 +99,9 @@ def test_a_missing_launcher_plugin_names_its_extra(tmp_path, launcher, extra):
 
 
 def test_the_install_hint_fits_how_nanlab_was_installed(tmp_path, monkeypatch):
+    import json
+    import shlex
+    import shutil
     from importlib import metadata
     from pathlib import Path
 
@@ -106,14 +109,20 @@ def test_the_install_hint_fits_how_nanlab_was_installed(tmp_path, monkeypatch):
     records = [json.loads(d.read_text("direct_url.json") or "{}") for d in metadata.distributions(name="nanlab")]
     if not any(r.get("dir_info", {}).get("editable") for r in records):
         pytest.skip("nanlab is not installed editable here")
+    # python on PATH is another interpreter (a venv not activated): this one is named
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/python")
     monkeypatch.chdir(repo)  # a clone, as the README sets it up: the command it gives
-    assert install_hint("keras") == "pip install -e '.[keras]'"
+    this = shlex.quote(sys.executable)
+    assert install_hint("keras") == f"{this} -m pip install -e '.[keras]'"
     monkeypatch.chdir(tmp_path)  # elsewhere: the same folder, named
-    assert install_hint("keras,jax") == f"pip install -e '{repo}[keras,jax]'"
+    assert install_hint("keras,jax") == f"{this} -m pip install -e '{repo}[keras,jax]'"
+    # an activated venv: python is this interpreter
+    monkeypatch.setattr(shutil, "which", lambda name: sys.executable)
+    assert install_hint("keras") == f"python -m pip install -e '{repo}[keras]'"
 
     class FromTheIndex:
         def read_text(self, name):
             return None  # a wheel from the index has no direct_url.json
 
     monkeypatch.setattr(metadata, "distributions", lambda name: [FromTheIndex()])
-    assert install_hint("keras") == "pip install 'nanlab[keras]'"
+    assert install_hint("keras") == "python -m pip install 'nanlab[keras]'"
