@@ -120,9 +120,48 @@ def test_the_install_hint_fits_how_nanlab_was_installed(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: sys.executable)
     assert install_hint("keras") == f"python -m pip install -e '{repo}[keras]'"
 
-    class FromTheIndex:
-        def read_text(self, name):
-            return None  # a wheel from the index has no direct_url.json
 
-    monkeypatch.setattr(metadata, "distributions", lambda name: [FromTheIndex()])
+class _Installed:
+    """A nanlab distribution as importlib.metadata gives it: its direct_url.json and Requires-Dist."""
+
+    def __init__(self, direct_url, requires=()):
+        self.direct_url, self.requires = direct_url, list(requires)
+
+    def read_text(self, name):
+        return self.direct_url if name == "direct_url.json" else None
+
+
+REQUIRES = ["torch==2.13.0", 'keras<4,>=3.10; extra == "keras"', 'jax[cpu]>=0.4.30; extra == "jax"',
+            'pytest>=7; extra == "test"']
+
+
+@pytest.mark.parametrize("direct_url", [None, '{"url": "file:///wheels/nanlab-0.1.0-py3-none-any.whl", '
+                                        '"archive_info": {}}', '{"url": "https://example.org/nanlab.git", '
+                                        '"vcs_info": {"vcs": "git"}}'])
+def test_an_install_hint_without_a_clone_names_the_extras_requirements(monkeypatch, direct_url):
+    import shutil
+    from importlib import metadata
+
+    monkeypatch.setattr(shutil, "which", lambda name: sys.executable)
+    monkeypatch.setattr(metadata, "distributions", lambda name: [_Installed(direct_url, REQUIRES)])
+    assert install_hint("keras") == "python -m pip install 'keras<4,>=3.10'"
+    assert install_hint("keras,jax") == "python -m pip install 'keras<4,>=3.10' 'jax[cpu]>=0.4.30'"
+    monkeypatch.setattr(metadata, "distributions", lambda name: [])  # a source tree on PYTHONPATH
     assert install_hint("keras") == "python -m pip install 'nanlab[keras]'"
+
+
+@pytest.mark.parametrize("direct_url", ["null", '{"dir_info": null, "url": null}', "not json"])
+def test_the_install_hint_never_raises(monkeypatch, direct_url):
+    import os
+    from importlib import metadata
+
+    def gone():
+        raise FileNotFoundError("the current folder was deleted")
+
+    monkeypatch.setattr(metadata, "distributions", lambda name: [_Installed(direct_url)])
+    hint = install_hint("keras")
+    assert hint.endswith("install 'nanlab[keras]'"), hint
+    monkeypatch.setattr(metadata, "distributions",
+                        lambda name: [_Installed('{"dir_info": {"editable": true}, "url": "file:///src/nanlab"}')])
+    monkeypatch.setattr(os, "getcwd", gone)
+    assert install_hint("keras") == "pip install 'nanlab[keras]'"
