@@ -40,7 +40,21 @@ def test_sweep_benchmark_prints_both_ratios_and_the_bound():
     assert rc == 0, out
     assert re.search(r"multirun / mode=sweep = \d+\.\d\dx \(target >= 8x\): (met|MISSED)", out), out
     assert re.search(r"engine / hand-written = \d+\.\d\dx \(target <= 2x\): (met|MISSED)", out), out
-    # at most 5 variants x 2 lrs x 2 steps, fewer where a copy stops early or trains once
-    bound = re.search(r"the most mode=sweep could gain: (\d+) copy-steps .* = (\d+\.\d\d)x", out)
-    assert bound and 0 < int(bound.group(1)) <= 5 * 2 * 2, out
     assert "summaries: same columns and row count: True" in out, out
+    multirun = float(re.search(r"multirun \(basic launcher, all variants\)\s+(\d+\.\d+) s", out).group(1))
+    work = re.search(r"this sweep's arithmetic: (\d+) copy-steps .* x (\d+\.\d+) ms = ([\d.e+-]+) s", out)
+    assert work, out
+    copy_steps, per_step, arithmetic = int(work.group(1)), float(work.group(2)), float(work.group(3))
+    # 5 variants x 2 lrs x 2 steps at most; fewer where a copy stops early or trains once (adam pins its lr)
+    assert 0 < copy_steps < 5 * 2 * 2, out
+    assert abs(copy_steps * per_step / 1e3 - arithmetic) / arithmetic < 0.01, out
+    alone = float(re.search(r"multirun / arithmetic alone = (\d+\.\d+)x", out).group(1))
+    assert abs(alone - multirun / arithmetic) / alone < 0.05, out
+    outside, estimate = re.search(r"\+ the ([\d.e+-]+) s mode=sweep spends outside training\) = (\d+\.\d+)x", out).groups()
+    assert abs(float(estimate) - multirun / (arithmetic + float(outside))) / float(estimate) < 0.05, out
+    assert float(estimate) <= alone  # start-up only lowers what can be reached
+
+
+def test_sweep_benchmark_needs_two_points():
+    rc, out = run("sweep.py", "--points", "1")
+    assert rc == 2 and "argument --points: '1' is not a whole number >= 2" in out and "Traceback" not in out
