@@ -16,7 +16,8 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from nanlab.errors import ConfigError, install_hint as pip_install
+from nanlab import errors
+from nanlab.errors import ConfigError
 from nanlab.options import FRAMEWORKS
 
 # Set (to 1) where every framework is expected to be installed, as `make test` does:
@@ -34,7 +35,7 @@ def installed(name: str) -> bool:
 
 
 def install_hint(name: str) -> str:
-    return pip_install(",".join(FRAMEWORKS[name].extras))
+    return errors.install_hint(",".join(FRAMEWORKS[name].extras))
 
 
 def require(name: str) -> None:
