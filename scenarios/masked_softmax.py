@@ -184,14 +184,19 @@ def keras_recipe(kit, data, knobs):
         as_numpy = lambda fn: lambda s, m: ops.convert_to_numpy(fn(ops.convert_to_tensor(s), ops.convert_to_tensor(m)))  # noqa: E731,E501
         return _probe_rows(np, as_numpy(plain), as_numpy(guarded), as_numpy(keras_own))
 
-    variants = {
-        "softmax_of_all_-inf": kit.Variant(mse, model=pool(plain)),
-        "guard_empty_rows": kit.Variant(mse, model=pool(guarded)),
-        "fill_-1e9": kit.Variant(mse, model=pool(large_negative)),
-        OWN_MASKED_SOFTMAX["keras"]: kit.Variant(mse, model=pool(keras_own), role="fix",
-                                                 summary="keras.layers.Softmax given the mask"),
-    }
+    variants = _variants(kit, mse, pool, plain, guarded, large_negative,
+                         (OWN_MASKED_SOFTMAX["keras"], keras_own, "keras.layers.Softmax given the mask"))
     return kit.Recipe(pool(plain), variants, probes)
+
+
+def _variants(kit, loss, pool, plain, guarded, large_negative, own):
+    """The torch variants by name, each pooling with its framework's masked softmax, and
+    ``own`` = (name, softmax, summary): the framework's own masked softmax, as a fix."""
+    name, softmax, summary = own
+    return {"softmax_of_all_-inf": kit.Variant(loss, model=pool(plain)),
+            "guard_empty_rows": kit.Variant(loss, model=pool(guarded)),
+            "fill_-1e9": kit.Variant(loss, model=pool(large_negative)),
+            name: kit.Variant(loss, model=pool(softmax), role="fix", summary=summary)}
 
 
 def jax_recipe(kit, data, knobs):
@@ -233,11 +238,6 @@ def jax_recipe(kit, data, knobs):
         as_numpy = lambda fn: lambda s, m: kit.np.asarray(fn(jnp.asarray(s), jnp.asarray(m)))  # noqa: E731
         return _probe_rows(kit.np, as_numpy(plain), as_numpy(guarded), as_numpy(jax_own))
 
-    variants = {
-        "softmax_of_all_-inf": kit.Variant(mse, model=pool(plain)),
-        "guard_empty_rows": kit.Variant(mse, model=pool(guarded)),
-        "fill_-1e9": kit.Variant(mse, model=pool(large_negative)),
-        OWN_MASKED_SOFTMAX["jax"]: kit.Variant(mse, model=pool(jax_own), role="fix",
-                                               summary="jax.nn.softmax given the mask as where="),
-    }
+    variants = _variants(kit, mse, pool, plain, guarded, large_negative,
+                         (OWN_MASKED_SOFTMAX["jax"], jax_own, "jax.nn.softmax given the mask as where="))
     return kit.Recipe(pool(plain), variants, probes)
