@@ -79,7 +79,7 @@ def main():
     import numpy as np
 
     from nanlab import frameworks
-    from nanlab.config import compose
+    from nanlab.config.compose import compose
     from nanlab.frameworks.run import _request, prepare_job, worker_env
 
     missing = [f for f in BACKENDS if not frameworks.installed(f)]

@@ -69,9 +69,9 @@ def wall(cmd: list, cwd: str, threads: int) -> float:
 def engine_runs(lrs: list, steps: int, every_variant: bool = False):
     """The batched engine on the broken variant (or every variant) at each lr:
     (seconds, the broken variant's first non-finite steps, copy-steps trained)."""
-    from nanlab import registry
-    from nanlab.batched import Engine, Run
-    from nanlab.config import compose
+    from nanlab.lab import registry
+    from nanlab.sweeps.engine import Engine, Run
+    from nanlab.config.compose import compose
     from omegaconf import OmegaConf
 
     scenario = registry.load(SCENARIO)
@@ -94,10 +94,10 @@ def hand_written(lrs: list, steps: int, batch: int = 0):
     once): (seconds, first non-finite steps, copy-steps computed)."""
     import torch
 
-    from nanlab import registry
-    from nanlab.build import DTYPES, resolve_device
-    from nanlab.config import compose
-    from nanlab.scenario import Context
+    from nanlab.lab import registry
+    from nanlab.lab.build import DTYPES, resolve_device
+    from nanlab.config.compose import compose
+    from nanlab.lab.scenario import Context
 
     scenario = registry.load(SCENARIO)
     cfg = compose([f"scenario={SCENARIO}", f"steps={steps}"])

@@ -6,12 +6,13 @@ import re
 import sys
 from pathlib import Path
 
-from nanlab import frameworks, registry
-from nanlab.config import compose
+from nanlab import frameworks
+from nanlab.lab import registry
+from nanlab.config.compose import compose
 from nanlab.frameworks import source
 from nanlab.frameworks.render import framework_matrix
 from nanlab.frameworks.run import measure
-from nanlab.options import FRAMEWORKS
+from nanlab.config.options import FRAMEWORKS
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKERS = ("<!-- framework-table:start -->\n", "<!-- framework-table:end -->")

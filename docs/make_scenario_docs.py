@@ -3,7 +3,7 @@ modules (run by `make docs`; tests/test_catalogue.py checks they are in sync).""
 import re
 from pathlib import Path
 
-from nanlab import registry
+from nanlab.lab import registry
 from nanlab.frameworks import runs_on
 
 ROOT = Path(__file__).resolve().parents[1]

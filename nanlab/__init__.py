@@ -15,13 +15,13 @@ from nanlab.errors import ConfigError, NonFiniteError
 __version__ = "0.1.0"
 
 _LAZY = {
-    "run": ("nanlab.runner", "run"),
-    "trace": ("nanlab.tracer", "trace"),
-    "Event": ("nanlab.result", "Event"),
-    "ScenarioResult": ("nanlab.result", "ScenarioResult"),
-    "guard": ("nanlab.sentinel", "guard"),
-    "validate_labels": ("nanlab.validate", "validate_labels"),
-    "validate_data": ("nanlab.validate", "validate_data"),
+    "run": ("nanlab.lab.runner", "run"),
+    "trace": ("nanlab.debug.tracer", "trace"),
+    "Event": ("nanlab.lab.result", "Event"),
+    "ScenarioResult": ("nanlab.lab.result", "ScenarioResult"),
+    "guard": ("nanlab.debug.sentinel", "guard"),
+    "validate_labels": ("nanlab.debug.validate", "validate_labels"),
+    "validate_data": ("nanlab.debug.validate", "validate_data"),
 }
 
 __all__ = ["ConfigError", "NonFiniteError", "kernels", *_LAZY]

@@ -11,9 +11,10 @@ import sys
 
 import hydra
 
-from nanlab import config, registry
+from nanlab.config import compose as config
+from nanlab.lab import registry
 from nanlab.errors import ConfigError
-from nanlab.scenario import ContractError
+from nanlab.lab.scenario import ContractError
 
 EXIT_BAD_INPUT = 2
 
@@ -66,11 +67,11 @@ def app(cfg) -> int:
 # Modes other than run and list: module and function, imported only when chosen.
 # Each takes the finalized config and the run dir and returns the exit status.
 MODE_RUNNERS = {
-    "claims": ("nanlab.claims", "run_claims"),
+    "claims": ("nanlab.lab.claims", "run_claims"),
     "check": ("nanlab.kernels.cli", "run_check"),
-    "report": ("nanlab.handout", "run_report"),
-    "sweep": ("nanlab.sweep", "run_sweep"),
-    "boundary": ("nanlab.boundary", "run_boundary"),
+    "report": ("nanlab.reports.handout", "run_report"),
+    "sweep": ("nanlab.sweeps.grid", "run_sweep"),
+    "boundary": ("nanlab.sweeps.boundary", "run_boundary"),
 }
 
 
@@ -108,13 +109,13 @@ def _run_mode(cfg) -> int:
         return getattr(importlib.import_module(module), function)(cfg, run_dir)
     from pathlib import Path
 
-    from nanlab import report
-    from nanlab.runner import run_scenario
+    from nanlab.reports import scenario_report as report
+    from nanlab.lab.runner import run_scenario
 
     result = run_scenario(cfg, list(hydra_cfg.overrides.task))
     files = report.write(result, Path(run_dir), cfg.plot)
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        # One line per job; the sweep's summary table comes at the end (nanlab.sweep).
+        # One line per job; the sweep's summary table comes at the end (nanlab.sweeps.summary).
         print(f"[{hydra_cfg.job.num}] {' '.join(hydra_cfg.overrides.task)}: {report.one_line(result)}")
     else:
         print(report.render(result, files))

@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanlab.result import Verdict
-from nanlab.scenario import Claim, Data, Learn, Variant
+from nanlab.lab.result import Verdict
+from nanlab.lab.scenario import Claim, Data, Learn, Variant
 
 SUMMARY = "Hand-written BCE on sigmoid outputs that saturate to exactly 0 or 1: log(0) and 0*(-inf) = NaN."
 EXPLANATION = """

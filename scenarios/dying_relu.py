@@ -3,9 +3,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanlab.data import sine_regression
-from nanlab.result import Verdict
-from nanlab.scenario import Claim, Learn, Variant
+from nanlab.lab.data import sine_regression
+from nanlab.lab.result import Verdict
+from nanlab.lab.scenario import Claim, Learn, Variant
 
 FAILURE = "stall"
 SUMMARY = "SGD at lr 1.0 knocks a ReLU MLP's units into the negative region for good: no NaN, training just stops."

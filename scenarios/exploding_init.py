@@ -3,9 +3,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanlab.data import sine_regression
-from nanlab.result import Verdict
-from nanlab.scenario import Claim, Learn, Variant
+from nanlab.lab.data import sine_regression
+from nanlab.lab.result import Verdict
+from nanlab.lab.scenario import Claim, Learn, Variant
 
 SUMMARY = "A 6-layer ReLU MLP with N(0, 1) weights on 256-wide layers: outputs near 1e7, SGD overflows in 2 steps."
 EXPLANATION = """

@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanlab.result import Verdict
-from nanlab.scenario import Claim, Data, Learn, Variant
+from nanlab.lab.result import Verdict
+from nanlab.lab.scenario import Claim, Data, Learn, Variant
 
 SUMMARY = "Pure float16 training on targets in the hundreds: a squared error above 65504 is inf, then NaN."
 EXPLANATION = """

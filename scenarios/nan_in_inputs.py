@@ -3,9 +3,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanlab.result import Verdict
-from nanlab.scenario import Claim, Data, Learn, Variant
-from nanlab.validate import DataError, finite_rows, impute_column_mean, validate_data
+from nanlab.lab.result import Verdict
+from nanlab.lab.scenario import Claim, Data, Learn, Variant
+from nanlab.debug.validate import DataError, finite_rows, impute_column_mean, validate_data
 
 SUMMARY = "A few NaN and Inf cells in the features: one bad cell makes its row's prediction, and the mean loss, NaN."
 EXPLANATION = """

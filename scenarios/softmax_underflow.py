@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanlab.result import Verdict
-from nanlab.scenario import Claim, Data, Learn, Variant
+from nanlab.lab.result import Verdict
+from nanlab.lab.scenario import Claim, Data, Learn, Variant
 
 SUMMARY = "Soft targets with exact zeros against softmax probabilities that underflow to 0: 0*log(0) = NaN."
 EXPLANATION = """

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanlab.result import Verdict
-from nanlab.scenario import Claim, Data, Learn, Variant
-from nanlab.validate import DataError, label_problems, validate_labels
+from nanlab.lab.result import Verdict
+from nanlab.lab.scenario import Claim, Data, Learn, Variant
+from nanlab.debug.validate import DataError, label_problems, validate_labels
 
 SUMMARY = "A token-tagging batch whose padded sequences are all ignore_index: a per-sequence mean is 0/0 = NaN."
 EXPLANATION = """

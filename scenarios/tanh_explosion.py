@@ -3,9 +3,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanlab.data import standardize
-from nanlab.result import Verdict
-from nanlab.scenario import Claim, Data, Learn, Variant
+from nanlab.lab.data import standardize
+from nanlab.lab.result import Verdict
+from nanlab.lab.scenario import Claim, Data, Learn, Variant
 
 SUMMARY = "A tanh MLP on inputs scaled x100 diverges under SGD at lr 0.2; Adam at 1e-3 does not."
 EXPLANATION = """

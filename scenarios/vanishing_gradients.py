@@ -2,9 +2,9 @@
 import torch.nn.functional as F
 from torch import nn
 
-from nanlab.data import sine_regression
-from nanlab.result import Verdict
-from nanlab.scenario import Claim, Learn, Variant
+from nanlab.lab.data import sine_regression
+from nanlab.lab.result import Verdict
+from nanlab.lab.scenario import Claim, Learn, Variant
 
 FAILURE = "stall"
 SUMMARY = "A 20-layer sigmoid MLP: each layer scales the gradient by at most 0.25, so training stalls at the mean."

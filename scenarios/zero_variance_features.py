@@ -2,8 +2,8 @@
 import torch.nn.functional as F
 from torch import nn
 
-from nanlab.result import Verdict
-from nanlab.scenario import Claim, Data, Learn, Variant
+from nanlab.lab.result import Verdict
+from nanlab.lab.scenario import Claim, Data, Learn, Variant
 
 SUMMARY = "Standardizing a constant feature computes (x - mean) / std = 0 / 0 = NaN."
 EXPLANATION = """

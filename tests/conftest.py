@@ -80,7 +80,7 @@ def framework_measurement(shared: Path, *overrides, only=None) -> dict:
 
     from filelock import FileLock
 
-    from nanlab.result import ScenarioResult
+    from nanlab.lab.result import ScenarioResult
 
     key = hashlib.sha1(repr((overrides, only)).encode()).hexdigest()[:12]
     saved = shared / f"framework-runs-{key}.json"
@@ -94,11 +94,12 @@ def framework_measurement(shared: Path, *overrides, only=None) -> dict:
 
 
 def _measure_frameworks(overrides, only):
-    from nanlab import frameworks, registry
-    from nanlab.config import compose
+    from nanlab import frameworks
+    from nanlab.lab import registry
+    from nanlab.config.compose import compose
     from nanlab.frameworks import source
     from nanlab.frameworks.run import measure
-    from nanlab.options import FRAMEWORKS
+    from nanlab.config.options import FRAMEWORKS
 
     others = [f for f in FRAMEWORKS if f != "torch" and frameworks.installed(f)]
     names = [n for n in registry.names() if source.declared(n) and (only is None or n in only)]

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from nanlab import registry
-from nanlab.claims import collect_claims, render_table, write_claims
-from nanlab.result import Verdict
-from nanlab.validate import DataError, impute_column_mean, validate_data, validate_labels
+from nanlab.lab import registry
+from nanlab.lab.claims import collect_claims, render_table, write_claims
+from nanlab.lab.result import Verdict
+from nanlab.debug.validate import DataError, impute_column_mean, validate_data, validate_labels
 
 ALL = registry.builtin_names()
 STALLS = {"dying_relu", "vanishing_gradients"}
@@ -34,7 +34,7 @@ def test_reproduces_and_fixes(result_of, name):
             assert v.verdict.startswith("myth"), (v.name, v.verdict)  # measured not to work as claimed
     if name in STALLS:
         assert r.failure == "stall" and r.broken.finite and r.broken.verdict == "stalled"
-        assert "stalled" in __import__("nanlab.report", fromlist=["render"]).render(r)
+        assert "stalled" in __import__("nanlab.reports.scenario_report", fromlist=["render"]).render(r)
     else:
         assert r.broken.verdict == "reproduced"
 

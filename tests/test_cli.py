@@ -4,7 +4,7 @@ import sys
 
 from conftest import read_json
 
-from nanlab.result import strip_timing
+from nanlab.lab.result import strip_timing
 
 
 def test_run_writes_report_and_result(cli, tmp_path):
@@ -45,7 +45,7 @@ def test_list_prints_every_scenario_without_torch(cli):
     """Each listed line is the module's own SUMMARY, as importing the module gives it."""
     import importlib
 
-    from nanlab import registry
+    from nanlab.lab import registry
 
     proc = cli("mode=list")
     assert proc.returncode == 0
@@ -56,7 +56,7 @@ def test_list_prints_every_scenario_without_torch(cli):
 
 
 def test_cli_start_imports_no_torch_matplotlib_or_scenarios():
-    code = ("import sys, nanlab.cli, nanlab.config; nanlab.config.setup();"
+    code = ("import sys, nanlab.cli, nanlab.config.compose; nanlab.config.compose.setup();"
             "bad=[m for m in sys.modules if m.split('.')[0] in ('torch','matplotlib') or m.startswith('nanlab.scenarios.')];"
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -1,8 +1,9 @@
 """Every config option composes; bad input gets one line, exit 2, no traceback."""
 import pytest
 
-from nanlab import options, registry
-from nanlab.config import compose
+from nanlab.config import options
+from nanlab.lab import registry
+from nanlab.config.compose import compose
 
 GROUPS = {"scenario": registry.builtin_names(), "optimizer": list(options.OPTIMIZERS), "init": list(options.INITS),
           "clip": list(options.CLIPS)}

@@ -51,8 +51,8 @@ def test_unscaled_sgd_critical_lr_matches_the_run(result_of):
     """The analytic critical lr, from an independent eigen-solver, brackets the runs."""
     import numpy as np
 
-    from nanlab.config import compose
-    from nanlab.scenario import Context
+    from nanlab.config.compose import compose
+    from nanlab.lab.scenario import Context
     from nanlab.scenarios import unscaled_sgd
 
     p = result_of("unscaled_sgd").probes

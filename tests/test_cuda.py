@@ -36,7 +36,7 @@ def test_guard_on_cuda_finds_the_backward_division_by_zero(make_step):
 
 
 def test_sentinel_merges_flags_from_two_devices():
-    from nanlab.sentinel import Sentinel
+    from nanlab.debug.sentinel import Sentinel
 
     on_cpu, on_gpu = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3, device="cuda"))
     sentinel = Sentinel([on_cpu, on_gpu])

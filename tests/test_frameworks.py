@@ -10,7 +10,7 @@ import pytest
 
 from nanlab import frameworks
 from nanlab.errors import ConfigError, install_hint
-from nanlab.options import FRAMEWORKS
+from nanlab.config.options import FRAMEWORKS
 from conftest import need_framework
 
 OTHERS = [f for f in FRAMEWORKS if f != "torch"]
@@ -49,7 +49,7 @@ def test_the_readme_command_shows_every_framework_and_repeats_the_numbers(framew
     output = done.stdout + done.stderr
     assert done.returncode == 0 and "Traceback" not in output, output[-2000:]
     assert not [want for want in EXPECTED[README_FRAMEWORK_COMMAND] if want not in output], output[-3000:]
-    from nanlab.result import ScenarioResult
+    from nanlab.lab.result import ScenarioResult
 
     saved = {p.parent.name: ScenarioResult.load(p) for p in tmp_path.glob("outputs/sparse_ce_bad_labels/*/*/result.json")}
     assert sorted(saved) == sorted(FRAMEWORKS)
@@ -92,7 +92,7 @@ def test_out_of_range_labels_differ_by_framework(framework_runs):
 
 
 def test_results_round_trip_through_json(framework_runs):
-    from nanlab.result import ScenarioResult
+    from nanlab.lab.result import ScenarioResult
 
     for framework, by_scenario in framework_runs.items():
         result = by_scenario["sparse_ce_bad_labels"]
@@ -145,13 +145,13 @@ def test_cli_single_framework_writes_its_result(tmp_path):
 # ---------------------------------------------------------------- claims x framework
 
 def _row(verdict, framework, claim="c", scenario="s", evidence="e"):
-    from nanlab.result import ClaimResult, Verdict
+    from nanlab.lab.result import ClaimResult, Verdict
 
     return ClaimResult(scenario, claim, Verdict(verdict), evidence, "", framework)
 
 
 def test_a_claim_that_differs_by_framework_says_so_and_one_that_agrees_does_not():
-    from nanlab.claims import note_differences
+    from nanlab.lab.claims import note_differences
 
     rows = note_differences([_row("refuted", "torch"), _row("refuted", "keras-jax"), _row("confirmed", "jax"),
                              _row("not decided", "keras-torch"),
@@ -163,7 +163,7 @@ def test_a_claim_that_differs_by_framework_says_so_and_one_that_agrees_does_not(
 
 
 def test_claims_table_has_a_column_per_framework_and_a_dash_where_no_builder():
-    from nanlab.claims import render_framework_table
+    from nanlab.lab.claims import render_framework_table
 
     rows = [_row("refuted", "torch"), _row("confirmed", "jax"), _row("confirmed", "torch", scenario="t", claim="other")]
     table = render_framework_table(rows, ["torch", "jax"]).splitlines()
@@ -175,7 +175,7 @@ def test_claims_table_has_a_column_per_framework_and_a_dash_where_no_builder():
 
 
 def test_claim_rows_carry_their_framework_through_json():
-    from nanlab.result import ClaimResult
+    from nanlab.lab.result import ClaimResult
 
     row = _row("partly", "keras-tensorflow")
     assert ClaimResult.from_dict(row.to_dict()) == row
@@ -189,10 +189,10 @@ def test_claims_mode_tabulates_each_framework(framework_runs, tmp_path, monkeypa
     need_framework("jax")
     from contextlib import contextmanager
 
-    from nanlab.claims import run_claims
-    from nanlab.config import compose
+    from nanlab.lab.claims import run_claims
+    from nanlab.config.compose import compose
     from nanlab.frameworks import run, runs_on
-    from nanlab.registry import names
+    from nanlab.lab.registry import names
 
     @contextmanager
     def measured_workers(cfgs, frameworks, on_error=None):
@@ -224,7 +224,7 @@ def test_the_docs_framework_table_is_what_a_fresh_run_measures(framework_runs, r
 
     from nanlab.frameworks import runs_on
     from nanlab.frameworks.render import framework_matrix
-    from nanlab.registry import builtin_names
+    from nanlab.lab.registry import builtin_names
 
     for framework in OTHERS:
         need_framework(framework)
@@ -240,7 +240,7 @@ def test_the_docs_framework_table_is_what_a_fresh_run_measures(framework_runs, r
 
 def test_framework_matrix_cells_follow_the_results():
     from nanlab.frameworks.render import framework_matrix
-    from nanlab.result import FirstNonFinite, ScenarioResult, VariantResult
+    from nanlab.lab.result import FirstNonFinite, ScenarioResult, VariantResult
 
     def variant(name, role, step=None, loss=float("nan"), verdict=""):
         first = FirstNonFinite(step, "loss", loss) if step is not None else None
@@ -273,7 +273,7 @@ def test_framework_in_a_mode_that_has_none_is_one_line():
     (["optimizer.weight_decay=0.01"], "optimizer.weight_decay=0.01"),  # Keras decays apart from the gradient
 ])
 def test_settings_keras_cannot_match_are_one_line(overrides, key):
-    from nanlab.config import compose
+    from nanlab.config.compose import compose
     from nanlab.frameworks.run import check_settings
 
     cfg = compose(["scenario=tanh_explosion", *overrides])
@@ -284,7 +284,7 @@ def test_settings_keras_cannot_match_are_one_line(overrides, key):
 
 
 def test_jax_rmsprop_momentum_is_one_line_and_plain_rmsprop_passes():
-    from nanlab.config import compose
+    from nanlab.config.compose import compose
     from nanlab.frameworks.run import check_settings
 
     with pytest.raises(ConfigError, match="optimizer.momentum=0.9"):
@@ -316,8 +316,8 @@ def test_masked_softmax_and_the_frameworks_own_masked_softmax(framework_runs, fr
 
 
 def test_claims_json_says_where_a_claim_differs(tmp_path, monkeypatch, capsys):
-    from nanlab import claims
-    from nanlab.config import compose
+    from nanlab.lab import claims
+    from nanlab.config.compose import compose
 
     rows = [_row("refuted", "torch"), _row("confirmed", "jax")]
     monkeypatch.setattr(claims, "collect_framework_claims", lambda cfg: (rows, ["torch", "jax"]))

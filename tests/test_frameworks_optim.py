@@ -9,8 +9,8 @@ import math
 import pytest
 
 from conftest import need_framework
-from nanlab.options import FRAMEWORKS
-from nanlab.result import ScenarioResult, Verdict
+from nanlab.config.options import FRAMEWORKS
+from nanlab.lab.result import ScenarioResult, Verdict
 
 
 OTHERS = [f for f in FRAMEWORKS if f != "torch"]
@@ -46,8 +46,8 @@ def test_unscaled_sgd_diverges_and_its_fixes_learn(framework_runs, framework):
 def test_unscaled_sgd_runs_either_side_of_the_critical_lr(framework_runs, framework):
     """The torch probe's two runs, trained by the framework as variants of its own."""
     need_framework(framework)
-    from nanlab.config import compose
-    from nanlab.scenario import Context
+    from nanlab.config.compose import compose
+    from nanlab.lab.scenario import Context
     from nanlab.scenarios import unscaled_sgd
 
     r = framework_runs[framework]["unscaled_sgd"]
@@ -82,7 +82,7 @@ def test_unscaled_sgd_claim_without_the_run_is_not_decided(framework_runs):
     """A framework result lacking the run above the critical lr cannot decide the claim:
     it says what it lacks, rather than reading torch's probe."""
     need_framework("jax")
-    from nanlab import registry
+    from nanlab.lab import registry
     from nanlab.frameworks.run import decide_framework_claims
 
     r = framework_runs["jax"]["unscaled_sgd"]
@@ -152,11 +152,11 @@ def test_jax_step_clips_as_torch_does(monkeypatch):
     import torch
     import torch.nn.functional as F
 
-    from nanlab.config import compose
+    from nanlab.config.compose import compose
     from nanlab.frameworks import recipe, source
     from nanlab.frameworks.run import prepare_job
     from nanlab.frameworks.worker import JaxTrainer
-    from nanlab.scenario import Context
+    from nanlab.lab.scenario import Context
 
     steps = 10
     cfg = compose(["scenario=tanh_explosion", f"steps={steps}"])

@@ -51,8 +51,8 @@ def test_loop_names_activations_when_the_loss_is_finite_but_the_forward_was_not(
     into NaN gradients: the sentinel sees gradients, the tracer the forward exp."""
     from omegaconf import OmegaConf
 
-    from nanlab.loop import train
-    from nanlab.scenario import Context, Data, Learn, Scenario, Variant
+    from nanlab.lab.loop import train
+    from nanlab.lab.scenario import Context, Data, Learn, Scenario, Variant
 
     def hidden_overflow(out, y):
         return torch.exp(out * 1000).clamp(max=1.0).mean() + F.mse_loss(out, y)

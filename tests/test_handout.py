@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nanlab.result import FirstNonFinite, ScenarioResult, VariantResult
+from nanlab.lab.result import FirstNonFinite, ScenarioResult, VariantResult
 
 
 class Page(HTMLParser):
@@ -142,7 +142,7 @@ def _variant(name, role, losses, step=None):
 
 
 def test_the_figure_draws_any_number_and_labels_its_axes():
-    from nanlab.figures import png_bytes, variant_figure
+    from nanlab.reports.figures import png_bytes, variant_figure
 
     extreme = [1.0, 1e300, math.inf, math.nan, -5.0, 0.0, 1e-320, 1.7e308]
     result = ScenarioResult("extreme", "every kind of number", "", "nonfinite", {}, True, True, [
@@ -176,7 +176,7 @@ def test_a_result_from_nanlab_run_shows_itself():
     """print(result) is the CLI's report, .plot() a matplotlib Figure with the two
     panels, and Jupyter's _repr_html_ the handout section."""
     import nanlab
-    from nanlab.report import render
+    from nanlab.reports.scenario_report import render
 
     r = nanlab.run("softmax_overflow", "variant=[hand_softmax,cross_entropy_on_logits]")
     assert str(r) == render(r) and str(r).startswith("softmax_overflow: ")
@@ -190,7 +190,7 @@ def test_a_result_from_nanlab_run_shows_itself():
 
 def test_sweep_maps_found_under_report_sweeps_are_embedded(handout, cli, tmp_path):
     """report.sweeps=DIR adds every stability.png and boundary.png found under DIR."""
-    from nanlab.figures import png_bytes, variant_figure
+    from nanlab.reports.figures import png_bytes, variant_figure
 
     figure = png_bytes(variant_figure(ScenarioResult.load(handout / "results" / "unscaled_sgd" / "result.json")))
     sweeps = tmp_path / "sweeps"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanlab import options
+from nanlab.config import options
 from nanlab.kernels import KINDS, CaseResult, Report, cases, check
 from nanlab.kernels import examples as ex
 

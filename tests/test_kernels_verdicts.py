@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanlab import jsonio, options
+from nanlab import jsonio
+from nanlab.config import options
 from nanlab.errors import ConfigError
 from nanlab.kernels import Case, cases, check, load_report
 from nanlab.kernels import examples as ex

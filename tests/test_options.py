@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import nanlab
-from nanlab.config import compose
-from nanlab.scenario import Context
+from nanlab.config.compose import compose
+from nanlab.lab.scenario import Context
 from nanlab.scenarios import tanh_explosion
 
 STEPS = 15

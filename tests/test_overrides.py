@@ -3,7 +3,7 @@ claims about the scenario's own settings are not decided by another run."""
 import pytest
 
 import nanlab
-from nanlab.result import Verdict
+from nanlab.lab.result import Verdict
 
 
 def test_an_optimizer_override_that_keeps_it_finite_is_said_plainly():
@@ -66,7 +66,7 @@ def test_an_unknown_variant_is_one_line(cli, tmp_path, value, expected):
 ])
 def test_only_overrides_that_touch_the_lesson_are_compared(overrides, touches):
     """The shortcut that skips composing the scenario's own config agrees with the full comparison."""
-    from nanlab.config import changed_settings, compose, touches_lesson
+    from nanlab.config.compose import changed_settings, compose, touches_lesson
 
     assert touches_lesson(overrides) is touches
     if not touches:

@@ -9,7 +9,7 @@ PLUGIN_MODULE = textwrap.dedent('''
     import torch.nn.functional as F
     from torch import nn
 
-    from nanlab.scenario import Data, Learn, Variant
+    from nanlab.lab.scenario import Data, Learn, Variant
 
     SUMMARY = "A plugin scenario: log of a feature that can be exactly 0."
     EXPLANATION = """
@@ -110,7 +110,7 @@ BROKEN = {
 }
 RULES = {
     "two_broken": "breaks the contract: it needs exactly one broken variant, and has 2",
-    "no_exact_loss": "breaks the contract: it must define exact_loss (see nanlab.scenario)",
+    "no_exact_loss": "breaks the contract: it must define exact_loss (see nanlab.lab.scenario)",
     "import_fails": "breaks the contract: importing it raised ModuleNotFoundError",
     "defaults_not_literal": "breaks the contract: DEFAULTS must be a literal",
 }
@@ -141,8 +141,9 @@ def test_claims_skip_a_plugin_that_fails_on_import(tmp_path, monkeypatch, capsys
     by mode=claims with one warning line; every other scenario's claims still come."""
     from conftest import scenario_result
 
-    from nanlab import config, registry
-    from nanlab.claims import collect_claims
+    from nanlab.config import compose as config
+    from nanlab.lab import registry
+    from nanlab.lab.claims import collect_claims
 
     make_plugin(tmp_path / "site", {"two_broken": BROKEN["two_broken"]})
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
@@ -153,7 +154,7 @@ def test_claims_skip_a_plugin_that_fails_on_import(tmp_path, monkeypatch, capsys
         config.setup()
         builtin = set(registry.builtin_names())
         rows = collect_claims(run=lambda cfg, overrides: scenario_result(cfg.scenario.name) if cfg.scenario.name in builtin
-                              else __import__("nanlab.runner").runner.run_scenario(cfg))
+                              else __import__("nanlab.lab.runner").lab.runner.run_scenario(cfg))
     finally:
         monkeypatch.undo()
         for cached in (registry.plugin_entry_points, registry._declarations):

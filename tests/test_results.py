@@ -6,15 +6,15 @@ import sys
 
 import pytest
 
-from nanlab.result import Event, FirstNonFinite, ScenarioResult, Verdict
+from nanlab.lab.result import Event, FirstNonFinite, ScenarioResult, Verdict
 
 
 def test_loaded_result_renders_the_cli_report_without_torch(cli, tmp_path):
     proc = cli("scenario=custom_backward_div0", "steps=20", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     code = ("import sys\n"
-            "from nanlab.result import ScenarioResult\n"
-            "from nanlab.report import render\n"
+            "from nanlab.lab.result import ScenarioResult\n"
+            "from nanlab.reports.scenario_report import render\n"
             f"r = ScenarioResult.load({str(tmp_path / 'result.json')!r})\n"
             "text = render(r)\n"
             "heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'matplotlib')]\n"

@@ -2,7 +2,8 @@
 import ast
 from pathlib import Path
 
-from nanlab import options, schema
+from nanlab.config import options
+from nanlab.config import schema
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,7 @@ def import_graph() -> dict:
 
 def test_the_import_graph_has_no_cycle():
     graph = import_graph()
-    assert graph["nanlab.kernels.catalogue"] == {"nanlab.options"}
+    assert graph["nanlab.kernels.catalogue"] == {"nanlab.config.options"}
     state = {}
 
     def visit(m, path):
@@ -69,7 +70,7 @@ def test_every_enum_comes_from_the_one_table():
 def test_every_option_table_entry_builds_a_torch_object():
     import torch
 
-    from nanlab.build import DTYPES, apply_init, make_optimizer
+    from nanlab.lab.build import DTYPES, apply_init, make_optimizer
     from omegaconf import OmegaConf
 
     assert all(isinstance(DTYPES[name], torch.dtype) for name in options.DTYPES)

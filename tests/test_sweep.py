@@ -5,10 +5,11 @@ import math
 import pytest
 
 import nanlab
-from nanlab import batched
-from nanlab.boundary import run_boundary
-from nanlab.config import compose
-from nanlab.sweep import SUMMARY_CSV, Summary, draw_stability, read_csv_rows, sweep
+from nanlab.sweeps import engine as batched
+from nanlab.sweeps.boundary import run_boundary
+from nanlab.config.compose import compose
+from nanlab.sweeps.grid import sweep
+from nanlab.sweeps.summary import SUMMARY_CSV, Summary, draw_stability, read_csv_rows
 
 RESUME_GRID = ["scenario=tanh_explosion", "mode=sweep", "steps=20", "variant=[sgd_large_lr,clip_norm_1]",
                "sweep.lr=[0.05,0.1,0.2,0.5]", "sweep.max_batch=2"]  # 2 runs a batch: one point, one row at a time
@@ -119,7 +120,7 @@ def _awkward_summary():
 
 
 def test_stability_map_labels_its_axes_and_survives_nan_and_failed_rows(tmp_path):
-    from nanlab import maps
+    from nanlab.sweeps import maps
 
     summary = _awkward_summary()
     fig = maps.stability_figure(summary)
@@ -138,7 +139,7 @@ def test_stability_map_labels_its_axes_and_survives_nan_and_failed_rows(tmp_path
 
 
 def test_boundary_map_labels_its_axes_and_survives_unbounded_and_nan_entries(tmp_path):
-    from nanlab import maps
+    from nanlab.sweeps import maps
 
     entries = [{"init": "default", "clip": "none", "critical_lr": 0.12, "lo": 0.118, "hi": 0.121},
                {"init": "default", "clip": "norm", "critical_lr": None, "lo": 1000.0, "hi": None},

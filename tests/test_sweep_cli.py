@@ -115,7 +115,7 @@ def test_bad_sweep_input_is_one_line_and_exit_2(cli, override, message):
 
 
 def test_max_points_lets_a_large_grid_through_the_check():
-    from nanlab.config import compose
+    from nanlab.config.compose import compose
 
     axes = ["sweep.lr=[0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0,1.1]", "sweep.clip_threshold=[1,2,3,4,5,6,7,8,9,10,11]",
             "sweep.seed=[0,1,2,3,4,5,6,7,8,9,10]"]

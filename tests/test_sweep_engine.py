@@ -6,10 +6,10 @@ import torch
 from omegaconf import OmegaConf
 
 import nanlab
-from nanlab import registry
-from nanlab.batched import BatchedOptimizer, Engine, Run, clip, norms
-from nanlab.config import compose
-from nanlab.sweep import sweep
+from nanlab.lab import registry
+from nanlab.sweeps.engine import BatchedOptimizer, Engine, Run, clip, norms
+from nanlab.config.compose import compose
+from nanlab.sweeps.grid import sweep
 
 SHAPES = [(5, 3), (5,), (1, 5), (1,)]  # a weight, its bias, an output row, a lone bias
 
@@ -126,9 +126,9 @@ def test_every_variant_matches_its_single_run_and_retired_copies_stop_costing_wo
     assert {o.engine for o in outcomes} == {"batched"}
     # adam_1e-3 pins its own lr: one run answers all three points
     assert len(schedule.distinct) < len(runs)
-    from nanlab.loop import train
-    from nanlab.result import strip_timing
-    from nanlab.verdicts import judge_learning
+    from nanlab.lab.loop import train
+    from nanlab.lab.result import strip_timing
+    from nanlab.lab.verdicts import judge_learning
 
     expected_work = 0
     for run, outcome in zip(runs, outcomes):

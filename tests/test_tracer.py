@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import nanlab
-from nanlab.build import resolve_device
-from nanlab.scenario import Context
-from nanlab.config import compose
-from nanlab import registry
+from nanlab.lab.build import resolve_device
+from nanlab.lab.scenario import Context
+from nanlab.config.compose import compose
+from nanlab.lab import registry
 
 NEG_INF = float("-inf")
 
@@ -259,7 +259,7 @@ def test_guard_catches_a_bad_gradient_the_optimizer_never_applies(make_step):
 
 
 def test_sentinel_flags_bad_values_and_leaves_every_value_as_it_was():
-    from nanlab.sentinel import Sentinel
+    from nanlab.debug.sentinel import Sentinel
 
     weight = nn.Parameter(torch.tensor([1.0, -0.0, 1e-45, -3e38]))
     grads = torch.tensor([float("nan"), 2.0, -0.0, 1e-40])
@@ -280,7 +280,7 @@ def test_sentinel_flags_bad_values_and_leaves_every_value_as_it_was():
 
 
 def test_sentinel_reads_a_float64_loss_without_rounding_or_overflow():
-    from nanlab.sentinel import Sentinel
+    from nanlab.debug.sentinel import Sentinel
 
     weight = nn.Parameter(torch.ones(2, dtype=torch.float64))
     sentinel = Sentinel([weight])
@@ -289,7 +289,7 @@ def test_sentinel_reads_a_float64_loss_without_rounding_or_overflow():
 
 
 def test_sentinel_checks_sparse_gradients_one_by_one():
-    from nanlab.sentinel import Sentinel
+    from nanlab.debug.sentinel import Sentinel
 
     emb = nn.Embedding(5, 3, sparse=True)
     sentinel = Sentinel(list(emb.parameters()))
@@ -301,7 +301,7 @@ def test_sentinel_checks_sparse_gradients_one_by_one():
 
 
 def test_sentinel_checks_complex_parameters_one_by_one():
-    from nanlab.sentinel import Sentinel
+    from nanlab.debug.sentinel import Sentinel
 
     weight = nn.Parameter(torch.ones(3, dtype=torch.complex64))
     sentinel = Sentinel([weight])
@@ -312,7 +312,7 @@ def test_sentinel_checks_complex_parameters_one_by_one():
 
 
 def test_result_json_carries_the_origin_and_the_report_prints_it(result_of):
-    from nanlab.report import render
+    from nanlab.reports.scenario_report import render
 
     r = result_of("custom_backward_div0")
     origin = r.to_dict()["variants"][0]["first_nonfinite"]["origin"]
@@ -321,7 +321,7 @@ def test_result_json_carries_the_origin_and_the_report_prints_it(result_of):
 
 
 def test_total_norm_of_large_finite_float16_gradients_is_finite():
-    from nanlab.sentinel import total_norm
+    from nanlab.debug.sentinel import total_norm
 
     norm = total_norm([torch.full((4,), 60000.0, dtype=torch.float16)])
     assert norm.dtype == torch.float32 and norm.item() == 120000.0

@@ -3,9 +3,9 @@ import pytest
 
 import math
 
-from nanlab.result import FirstNonFinite, VariantResult
-from nanlab.scenario import Learn
-from nanlab.verdicts import judge_learning, learned, lossy_cost, scenario_verdicts, variant_verdict
+from nanlab.lab.result import FirstNonFinite, VariantResult
+from nanlab.lab.scenario import Learn
+from nanlab.lab.verdicts import judge_learning, learned, lossy_cost, scenario_verdicts, variant_verdict
 
 
 def variant(role="fix", finite=True, start=1.0, end=0.1, lossy=False, gap=0.0, acc=None, name="v"):

@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanlab.result import Verdict
-from nanlab.scenario import Claim, Data, Learn, Variant
+from nanlab.lab.result import Verdict
+from nanlab.lab.scenario import Claim, Data, Learn, Variant
 
 SUMMARY = "A log-transformed feature that is exactly 0 in some rows: log(0) = -inf, then inf - inf = NaN."
 EXPLANATION = """

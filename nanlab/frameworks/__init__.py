@@ -18,7 +18,7 @@ import os
 
 from nanlab import errors
 from nanlab.errors import ConfigError
-from nanlab.options import FRAMEWORKS
+from nanlab.config.options import FRAMEWORKS
 
 # Set (to 1) where every framework is expected to be installed, as `make test` does:
 # then a missing framework fails its tests instead of skipping them.

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import textwrap
 
-from nanlab.options import FRAMEWORKS
-from nanlab.report import _happened, _num, verdict_lines
-from nanlab.result import ScenarioResult
+from nanlab.config.options import FRAMEWORKS
+from nanlab.reports.scenario_report import _happened, _num, verdict_lines
+from nanlab.lab.result import ScenarioResult
 
 
 def first_op(result: ScenarioResult, variant) -> str:

@@ -25,17 +25,18 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from nanlab import registry, verdicts
-from nanlab.build import DTYPES
-from nanlab.config import changed_settings
+from nanlab.lab import registry
+from nanlab.lab import verdicts
+from nanlab.lab.build import DTYPES
+from nanlab.config.compose import changed_settings
 from nanlab.errors import ConfigError
 from nanlab.frameworks import chosen, source
-from nanlab.loop import overrides_of, variant_config
-from nanlab.options import FRAMEWORKS
-from nanlab.report import ScenarioReport
-from nanlab.result import ClaimResult, Event, FirstNonFinite, VariantResult, Verdict
-from nanlab.runner import chosen_variants, decide_claims, run_scenario
-from nanlab.scenario import Context
+from nanlab.lab.loop import overrides_of, variant_config
+from nanlab.config.options import FRAMEWORKS
+from nanlab.reports.scenario_report import ScenarioReport
+from nanlab.lab.result import ClaimResult, Event, FirstNonFinite, VariantResult, Verdict
+from nanlab.lab.runner import chosen_variants, decide_claims, run_scenario
+from nanlab.lab.scenario import Context
 
 # dtypes a worker trains in. The low-precision ones need autocast and loss scaling,
 # which are nanlab's torch loop's own; float64 would need JAX's x64 mode and Keras'

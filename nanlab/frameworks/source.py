@@ -18,8 +18,8 @@ import importlib.util
 import sys
 from typing import Callable
 
-from nanlab import registry
-from nanlab.scenario import ContractError
+from nanlab.lab import registry
+from nanlab.lab.scenario import ContractError
 
 # Imports the framework side may keep: they cost nothing and cannot pull torch in.
 _KEPT_IMPORTS = set(sys.stdlib_module_names) | {"numpy"}

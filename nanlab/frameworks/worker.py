@@ -25,7 +25,7 @@ import numpy as np
 
 from nanlab.frameworks import recipe as recipe_api
 from nanlab.frameworks import source
-from nanlab.options import FRAMEWORKS
+from nanlab.config.options import FRAMEWORKS
 
 
 def _set(settings: dict, dotted: str, value) -> None:
@@ -168,7 +168,7 @@ class KerasTrainer:
     def _trace(self, model, loss_fn, x, y):
         """The failing step's forward and backward under nanlab's tracer: a Keras model
         on the torch backend is a torch.nn.Module, and its ops are aten ops."""
-        from nanlab.tracer import replay
+        from nanlab.debug.tracer import replay
 
         ops = self.keras.ops
         xt, yt = ops.convert_to_tensor(x), ops.convert_to_tensor(y)

@@ -13,7 +13,7 @@ and return NumPy arrays, e.g. ``lambda z, t, **kw: np.asarray(jax_ce(jnp.asarray
 and pass ``grad_fn`` built the same way from ``jax.vjp`` (or ``tf.GradientTape``) to
 check gradients too. See docs/kernels.md.
 """
-from nanlab import options
+from nanlab.config import options
 from nanlab.kernels.catalogue import Case, KnownFailure, cases
 from nanlab.kernels.check import CaseResult, Report, check, load_report
 

@@ -35,7 +35,7 @@ from typing import Callable, Optional
 
 import torch
 
-from nanlab import options
+from nanlab.config import options
 
 NEG_INF = float("-inf")
 IGNORE = -100

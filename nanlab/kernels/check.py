@@ -39,10 +39,11 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 
-from nanlab import jsonio, options
-from nanlab.build import DTYPES
+from nanlab import jsonio
+from nanlab.config import options
+from nanlab.lab.build import DTYPES
 from nanlab.errors import ConfigError
-from nanlab.schema import KernelConf
+from nanlab.config.schema import KernelConf
 from nanlab.kernels.catalogue import REQUIRED_KEYWORDS, Case, reference
 from nanlab.kernels.catalogue import cases as catalogue_cases
 

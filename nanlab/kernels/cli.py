@@ -8,7 +8,8 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from nanlab import jsonio, options
+from nanlab import jsonio
+from nanlab.config import options
 from nanlab.errors import ConfigError
 
 EXIT_FAIL = 1

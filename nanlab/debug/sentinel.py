@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from nanlab.errors import NonFiniteError
-from nanlab.tracer import replay
+from nanlab.debug.tracer import replay
 
 
 def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -14,10 +14,11 @@ from collections import Counter
 from html import escape
 from pathlib import Path
 
-from nanlab import jsonio, registry
+from nanlab import jsonio
+from nanlab.lab import registry
 from nanlab.errors import ConfigError
-from nanlab.report import html_section, verdict_lines
-from nanlab.result import ScenarioResult, Verdict
+from nanlab.reports.scenario_report import html_section, verdict_lines
+from nanlab.lab.result import ScenarioResult, Verdict
 
 SWEEP_FIGURES = ("stability.png", "boundary.png")
 
@@ -105,8 +106,8 @@ def build_html(results: list[ScenarioResult], sweeps: Path | None = None) -> str
 
 
 def run_report(cfg, run_dir) -> int:
-    from nanlab.config import compose
-    from nanlab.runner import run_scenario
+    from nanlab.config.compose import compose
+    from nanlab.lab.runner import run_scenario
 
     report = cfg.report
     results_dir = Path(report.results) if report.results else Path(run_dir) / "results"

@@ -9,7 +9,7 @@
 
 Built from the summary rows and boundary entries alone (strings and floats), so a
 saved summary draws the same map. The lr axis is log10 on a linear scale, as in
-nanlab.figures. NaN, inf, empty cells and failed rows are drawn as "no result"
+nanlab.reports.figures. NaN, inf, empty cells and failed rows are drawn as "no result"
 rather than passed to matplotlib. Matplotlib is imported here only, when drawing.
 """
 from __future__ import annotations
@@ -61,7 +61,7 @@ def critical_between(lrs_and_steps: list) -> Optional[float]:
 
 
 def stability_map(summary, path: Path) -> str:
-    """Draw stability.png from a nanlab.sweep.Summary that swept the lr."""
+    """Draw stability.png from a nanlab.sweeps.summary.Summary that swept the lr."""
     return _save(stability_figure(summary), Path(path))
 
 

@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 from nanlab import jsonio
-from nanlab.result import ScenarioResult, VariantResult
+from nanlab.lab.result import ScenarioResult, VariantResult
 
 
 def _num(x) -> str:
@@ -139,7 +139,7 @@ def write(result: ScenarioResult, run_dir: Path, plot: bool) -> list[str]:
     path = jsonio.write_text(run_dir / "result.json", result.to_json() + "\n")
     files = [str(path)]
     if plot:
-        from nanlab import figures
+        from nanlab.reports import figures
 
         try:
             files.append(str(figures.write_png(figures.variant_figure(result), run_dir / "losses.png")))
@@ -174,7 +174,7 @@ def html_section(result: ScenarioResult, figure: bool = True) -> str:
     if figure:
         import base64
 
-        from nanlab import figures
+        from nanlab.reports import figures
 
         data = base64.b64encode(figures.png_bytes(figures.variant_figure(result))).decode("ascii")
         image = (f'<figure><img alt="{escape(result.scenario)}: exact loss and gradient norm per step" '
@@ -203,7 +203,7 @@ class ScenarioReport(ScenarioResult):
 
     def plot(self):
         """The exact loss and gradient norm per step, as a matplotlib Figure."""
-        from nanlab import figures
+        from nanlab.reports import figures
 
         return figures.variant_figure(self)
 

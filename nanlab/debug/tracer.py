@@ -46,8 +46,8 @@ Function's ``MyFnBackward``) and the forward op that created it, matched through
 autograd's sequence numbers, so that the module and source line point at the
 forward code the user wrote.
 
-Where an op ran, and the Event that names it, come from :mod:`nanlab.attribution`;
-the mode that checks with one host sync instead of one per op is :mod:`nanlab.deferred`.
+Where an op ran, and the Event that names it, come from :mod:`nanlab.debug.attribution`;
+the mode that checks with one host sync instead of one per op is :mod:`nanlab.debug.deferred`.
 """
 from __future__ import annotations
 
@@ -61,9 +61,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-from nanlab.attribution import OpLocator
-from nanlab.deferred import DeferredLog
-from nanlab.result import Event
+from nanlab.debug.attribution import OpLocator
+from nanlab.debug.deferred import DeferredLog
+from nanlab.lab.result import Event
 
 __all__ = ["Event", "Tracer", "Replay", "trace", "replay"]
 
@@ -429,7 +429,7 @@ class Tracer(TorchDispatchMode):
     Immediate mode (the CPU default) checks each op as it runs, since on the CPU
     reading a value back costs nothing. Deferred mode (the CUDA default, or
     ``defer=True``) reads everything back with one sync when the block ends: see
-    :mod:`nanlab.deferred`. ``watch``: modules and optimizers whose state counts as
+    :mod:`nanlab.debug.deferred`. ``watch``: modules and optimizers whose state counts as
     reached even if the block never ran them (the guard passes its model and optimizers).
     """
 

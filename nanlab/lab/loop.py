@@ -1,6 +1,6 @@
 """The one training loop every scenario variant runs through.
 
-Full-batch steps on the scenario's synthetic data, guarded by :class:`nanlab.sentinel.Guard`:
+Full-batch steps on the scenario's synthetic data, guarded by :class:`nanlab.debug.sentinel.Guard`:
 the loop never crashes on NaN or Inf; it records the first non-finite step, what
 went non-finite, and the tracer's account of the op, then stops that variant.
 """
@@ -16,11 +16,11 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from nanlab.build import DTYPES, apply_init, clip_gradients, make_optimizer
+from nanlab.lab.build import DTYPES, apply_init, clip_gradients, make_optimizer
 from nanlab.errors import NonFiniteError
-from nanlab.result import FirstNonFinite, VariantResult
-from nanlab.scenario import Context, Data, Scenario, Variant
-from nanlab.sentinel import Guard, total_norm
+from nanlab.lab.result import FirstNonFinite, VariantResult
+from nanlab.lab.scenario import Context, Data, Scenario, Variant
+from nanlab.debug.sentinel import Guard, total_norm
 
 
 def overrides_of(variant: Variant, data: Data, cfg) -> dict:
@@ -57,7 +57,7 @@ def evaluate(scenario: Scenario, model, data: Data) -> tuple[float, Optional[flo
 
 
 def train(scenario: Scenario, variant: Variant, cfg, raw: Data, ctx: Context) -> VariantResult:
-    """Train one variant and measure it. Verdicts are left to nanlab.verdicts."""
+    """Train one variant and measure it. Verdicts are left to nanlab.lab.verdicts."""
     started = time.perf_counter()
     prepared = variant.prepare(raw) if variant.prepare else raw
     overrides = overrides_of(variant, prepared, cfg)
@@ -113,9 +113,10 @@ def train(scenario: Scenario, variant: Variant, cfg, raw: Data, ctx: Context) ->
     guard = Guard(step, model, optimizer)
     losses, param_norms, first = [], [], None
     # A bar only for runs long enough to wonder about (steps=100000000): it appears
-    # after two seconds, on stderr, and is cleared when the variant ends.
-    progress = tqdm(total=int(vcfg.steps), desc=f"{scenario.name}: {variant.name}", unit="step", delay=2.0,
-                    mininterval=1.0, leave=False, file=sys.stderr)
+    # after five seconds, only when stderr is a terminal (disable=None), so logs stay
+    # clean, and it is cleared when the variant ends.
+    progress = tqdm(total=int(vcfg.steps), desc=f"{scenario.name}: {variant.name}", unit="step", delay=5.0,
+                    mininterval=1.0, leave=False, file=sys.stderr, disable=None)
     with progress:
         for _ in range(int(vcfg.steps)):
             try:

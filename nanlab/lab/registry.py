@@ -18,7 +18,7 @@ from functools import lru_cache
 from importlib import metadata, resources
 
 from nanlab.errors import ConfigError
-from nanlab.scenario import REQUIRED, ContractError
+from nanlab.lab.scenario import REQUIRED, ContractError
 
 BUILTIN_PACKAGE = "nanlab.scenarios"
 ENTRY_POINT_GROUP = "nanlab.scenarios"
@@ -91,7 +91,7 @@ def declare(name: str, module: str) -> Declaration:
     names = _top_level_names(tree)
     missing = [a for a in REQUIRED if a not in names]
     if missing:
-        raise ContractError(module, f"it must define {', '.join(missing)} (see nanlab.scenario)")
+        raise ContractError(module, f"it must define {', '.join(missing)} (see nanlab.lab.scenario)")
     values = {}
     for key in ("SUMMARY", "DEFAULTS", "DATA"):
         if names.get(key) is None:
@@ -187,8 +187,8 @@ def summary(name: str) -> str:
 
 
 def load(name: str):
-    """Import the scenario module and check it against the contract (nanlab.scenario)."""
-    from nanlab.scenario import Scenario
+    """Import the scenario module and check it against the contract (nanlab.lab.scenario)."""
+    from nanlab.lab.scenario import Scenario
 
     module = declaration(name).module
     try:

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from nanlab import jsonio
-from nanlab.result import ScenarioResult
+from nanlab.lab.result import ScenarioResult
 
 # Colour-blind-safe colours of different lightness, each with its own dash and
 # marker: any two variants differ in at least two of the three.

@@ -3,7 +3,7 @@ table is built from.
 
 Torch-free. ``ScenarioResult.load(path)`` rebuilds a result from its result.json,
 so reports can be rendered from saved runs without importing torch. The rules that
-turn these numbers into verdicts live in :mod:`nanlab.verdicts`.
+turn these numbers into verdicts live in :mod:`nanlab.lab.verdicts`.
 """
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ class VariantResult:
     loss_gap: Optional[float]  # training loss minus exact loss, both at the initial parameters
     metrics: dict = field(default_factory=dict)
     exact_losses: list = field(default_factory=list)  # the exact float64 loss of each step's outputs
-    # Set by nanlab.verdicts from the numbers above.
+    # Set by nanlab.lab.verdicts from the numbers above.
     learned: bool = False
     wrong: bool = False  # finite, yet its training loss is not the quantity it claims to be
     cost: Optional[dict] = None  # lossy fixes: exact loss and accuracy against the best exact fix
@@ -174,7 +174,7 @@ class ClaimResult:
     verdict: Verdict
     evidence: str
     source: str = ""
-    # Where it was measured (nanlab.options.FRAMEWORKS); results saved before frameworks were torch.
+    # Where it was measured (nanlab.config.options.FRAMEWORKS); results saved before frameworks were torch.
     framework: str = "torch"
 
     def to_dict(self) -> dict:

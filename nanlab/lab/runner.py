@@ -6,14 +6,15 @@ import time
 
 from omegaconf import OmegaConf
 
-from nanlab import registry, verdicts
-from nanlab.build import DTYPES, resolve_device
-from nanlab.config import changed_settings
+from nanlab.lab import registry
+from nanlab.lab import verdicts
+from nanlab.lab.build import DTYPES, resolve_device
+from nanlab.config.compose import changed_settings
 from nanlab.errors import ConfigError
-from nanlab.loop import train
-from nanlab.report import ScenarioReport
-from nanlab.result import ClaimResult, ScenarioResult, Verdict
-from nanlab.scenario import Context, ContractError
+from nanlab.lab.loop import train
+from nanlab.reports.scenario_report import ScenarioReport
+from nanlab.lab.result import ClaimResult, ScenarioResult, Verdict
+from nanlab.lab.scenario import Context, ContractError
 
 
 def chosen_variants(scenario, wanted) -> list:
@@ -62,14 +63,14 @@ def decide_claims(scenario, result: ScenarioResult, all_run: bool) -> list:
         else:
             verdict, evidence = claim.decide(result)
             if not isinstance(verdict, Verdict):
-                raise ContractError(scenario.name, f"a claim must decide with a nanlab.result.Verdict, not {verdict!r}")
+                raise ContractError(scenario.name, f"a claim must decide with a nanlab.lab.result.Verdict, not {verdict!r}")
         claims.append(ClaimResult(scenario.name, claim.text, verdict, evidence, claim.source,
                                   str(result.config.get("framework", "torch"))))
     return claims
 
 
 def run_scenario(cfg, overrides=None) -> "ScenarioReport":
-    """``cfg`` is a finalized config (see nanlab.config.finalize); ``overrides``, the
+    """``cfg`` is a finalized config (see nanlab.config.compose.finalize); ``overrides``, the
     command-line overrides it was composed from, when known."""
     started = time.perf_counter()
     scenario = registry.load(cfg.scenario.name)
@@ -102,7 +103,7 @@ def run(scenario: str, *overrides: str, **options) -> "ScenarioReport":
     Positional overrides use the CLI's syntax; keyword options become ``key=value``
     (use a dict for dotted keys: ``**{"optimizer.lr": 0.1}``).
     """
-    from nanlab.config import compose
+    from nanlab.config.compose import compose
 
     args = [f"scenario={scenario}", *overrides, *(f"{k}={v}" for k, v in options.items())]
     return run_scenario(compose(args), args)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from nanlab.result import VariantResult
+from nanlab.lab.result import VariantResult
 
 # A myth's loss counts as "wrong" when it differs from the exact loss by more than
 # this fraction of the exact loss (or of 1, for losses below 1).
@@ -18,7 +18,7 @@ GAP_TOLERANCE = 1e-3
 
 
 def learned(finite: bool, start: float, end: float, accuracy_end: Optional[float], learn) -> bool:
-    """``learn`` is the scenario's :class:`nanlab.scenario.Learn` bar."""
+    """``learn`` is the scenario's :class:`nanlab.lab.scenario.Learn` bar."""
     if not finite or not (math.isfinite(start) and math.isfinite(end)):
         return False
     if learn.accuracy is not None and accuracy_end is not None and accuracy_end >= learn.accuracy:

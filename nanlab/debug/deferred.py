@@ -3,7 +3,7 @@
 On CUDA, reading a value back after every op would stall the device at each one. So
 each op's finiteness statistics stay on the device and the op is recorded with the
 storages it read and wrote. When the traced block ends, one sync per device reads
-all the statistics, and the tracer's rules (:class:`nanlab.tracer.Provenance`) are
+all the statistics, and the tracer's rules (:class:`nanlab.debug.tracer.Provenance`) are
 fed the recorded ops in the order they ran, exactly as the immediate mode feeds them.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from nanlab.result import Event
+from nanlab.lab.result import Event
 
 
 def _stats(t: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ tried stayed finite (or none did), the next six decades up (or down), never past
 1 + ``boundary.precision``. Starting near the config's lr, rather than spreading the
 first round over all of [lr_min, lr_max], keeps the first bracket narrow: three
 rounds instead of four or five for the scenarios here. All combinations'
-candidates of a round train together on the batched engine (nanlab.batched).
+candidates of a round train together on the batched engine (nanlab.sweeps.engine).
 
 ``critical_lr`` is the bracket's geometric midpoint. A combination that stayed
 finite up to lr_max has lo = lr_max and no hi (critical_lr null); one that was
@@ -86,7 +86,7 @@ def search(engine, broken, configs: Callable, combos: list, boundary, start: flo
 
     ``configs(init, clip, lr)`` gives the finalized config of one candidate; ``start``
     is the lr the first round centres on."""
-    from nanlab.batched import Run
+    from nanlab.sweeps.engine import Run
 
     brackets = [Bracket(init, clip) for init, clip in combos]
     limits = (float(boundary.lr_min), float(boundary.lr_max), int(boundary.candidates), float(boundary.precision))
@@ -112,9 +112,9 @@ def search(engine, broken, configs: Callable, combos: list, boundary, start: flo
 def run_boundary(cfg, run_dir, overrides=None) -> int:
     """mode=boundary (nanlab.cli): write boundary.json (and boundary.png with plot=true).
     ``overrides`` are those cfg was composed from (by default, the running Hydra app's)."""
-    from nanlab import registry
-    from nanlab.batched import Engine
-    from nanlab.sweep import PointConfigs, _hydra_overrides
+    from nanlab.lab import registry
+    from nanlab.sweeps.engine import Engine
+    from nanlab.sweeps.grid import PointConfigs, _hydra_overrides
 
     scenario = registry.load(cfg.scenario.name)
     broken = scenario.broken
@@ -134,7 +134,7 @@ def run_boundary(cfg, run_dir, overrides=None) -> int:
     print(render(entries))
     files = [jsonio.write_json(Path(run_dir) / BOUNDARY_JSON, entries)]
     if bool(cfg.plot):
-        from nanlab import maps
+        from nanlab.sweeps import maps
 
         files.append(maps.boundary_map(entries, Path(run_dir) / "boundary.png", scenario.name))
     for path in files:

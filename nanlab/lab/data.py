@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from nanlab.scenario import Data
+from nanlab.lab.scenario import Data
 
 
 def sine_regression(ctx) -> Data:

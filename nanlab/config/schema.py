@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional, Union
 
-from nanlab import options
+from nanlab.config import options
 from nanlab.errors import ConfigError
 
 
@@ -94,7 +94,7 @@ class ReportConf:
 
 @dataclass
 class SweepConf:
-    """mode=sweep: the grid, run in one process (nanlab.sweep). Each axis left out
+    """mode=sweep: the grid, run in one process (nanlab.sweeps.grid). Each axis left out
     (None) takes the config's own value; the names of sweep.optimizer, clip, init and
     dtype are checked by :func:`validate`, so that the error names the choices."""
 
@@ -105,7 +105,7 @@ class SweepConf:
     init: Optional[List[str]] = None
     dtype: Optional[List[str]] = None
     seed: Optional[List[int]] = None
-    # A grid of more than 1024 points (nanlab.sweep.DEFAULT_MAX_POINTS) needs this set.
+    # A grid of more than 1024 points (nanlab.sweeps.summary.DEFAULT_MAX_POINTS) needs this set.
     max_points: Optional[int] = None
     # Runs trained together in one batch at most; rows are written after each batch.
     max_batch: int = 512
@@ -117,7 +117,7 @@ class SweepConf:
 @dataclass
 class BoundaryConf:
     """mode=boundary: the largest lr at which the broken variant stays finite, per
-    init and clip (nanlab.boundary). None takes the config's own init or clip."""
+    init and clip (nanlab.sweeps.boundary). None takes the config's own init or clip."""
 
     init: Optional[List[str]] = None
     clip: Optional[List[str]] = None
@@ -268,7 +268,7 @@ def validate(cfg) -> None:
         _validate_boundary(cfg.boundary)
 
 
-# A grid larger than this needs sweep.max_points set (nanlab.sweep.DEFAULT_MAX_POINTS).
+# A grid larger than this needs sweep.max_points set (nanlab.sweeps.summary.DEFAULT_MAX_POINTS).
 SWEEP_DEFAULT_MAX_POINTS = 1024
 SWEEP_NAME_AXES = {"optimizer": options.OPTIMIZERS, "clip": options.CLIPS, "init": options.INITS,
                    "dtype": options.DTYPES}

@@ -9,7 +9,9 @@ import math
 from functools import lru_cache
 from typing import Optional, Sequence
 
-from nanlab import options, registry, schema
+from nanlab.config import options
+from nanlab.lab import registry
+from nanlab.config import schema
 from nanlab.errors import ConfigError, install_hint
 
 CONFIG_MODULE = "nanlab.conf"

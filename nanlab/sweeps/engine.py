@@ -13,7 +13,7 @@ single-tensor updates op for op (:class:`BatchedOptimizer`), and every op of the
 model, the loss and the norms runs batched only where :class:`Exactness` found the
 batched kernel gives the single run's bits for that shape, copy by copy elsewhere.
 
-Per step, each copy is checked as :class:`nanlab.sentinel.Guard` checks a run:
+Per step, each copy is checked as :class:`nanlab.debug.sentinel.Guard` checks a run:
 loss, then gradients, then parameters after the update. A copy whose check fails
 is retired with the parameters it had before that step (what the guard restores)
 and dropped from the batch, so it stops costing work. The engine does not replay a
@@ -21,7 +21,7 @@ failed copy under the tracer: it records the step and the quantity, and leaves t
 op-level account to a single run of that config.
 
 Anything else (another layer type, autocast, loss scaling, a loss that vmap cannot
-batch) trains through the shared loop, :func:`nanlab.loop.train`, and the reason
+batch) trains through the shared loop, :func:`nanlab.lab.loop.train`, and the reason
 is returned with the result.
 """
 from __future__ import annotations
@@ -39,11 +39,11 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from nanlab import verdicts
-from nanlab.build import DTYPES, apply_init, resolve_device
-from nanlab.loop import _to, evaluate, overrides_of, train
-from nanlab.result import FirstNonFinite, VariantResult
-from nanlab.scenario import Context, Data, Scenario, Variant
+from nanlab.lab import verdicts
+from nanlab.lab.build import DTYPES, apply_init, resolve_device
+from nanlab.lab.loop import _to, evaluate, overrides_of, train
+from nanlab.lab.result import FirstNonFinite, VariantResult
+from nanlab.lab.scenario import Context, Data, Scenario, Variant
 
 # Modules that act on each element alone: they give the same numbers on a
 # [copies, n, features] tensor as on each copy's [n, features] slice.
@@ -315,7 +315,7 @@ class Exactness:
 
 
 def norms(tensors: list, dtype: torch.dtype, batched: bool = True) -> torch.Tensor:
-    """Each copy's global L2 norm over these tensors, as nanlab.sentinel.total_norm
+    """Each copy's global L2 norm over these tensors, as nanlab.debug.sentinel.total_norm
     computes one run's: a norm per tensor, then the norm of those. ``batched=False``
     is total_norm itself, copy by copy."""
     if batched:
@@ -520,7 +520,7 @@ UPDATES = {"sgd": sgd_update, "adam": adam_update, "rmsprop": rmsprop_update}
 
 
 class BatchedOptimizer:
-    """torch.optim.SGD, Adam or RMSprop, as nanlab builds them (nanlab.build.make_optimizer):
+    """torch.optim.SGD, Adam or RMSprop, as nanlab builds them (nanlab.lab.build.make_optimizer):
     torch's single-tensor update (the one it runs on CPU tensors), op for op, for every
     copy. ``hyper`` holds per-copy float64 tensors: lr, momentum, eps, weight_decay;
     each op casts them as torch casts the Python float. State is created at the first
@@ -572,7 +572,7 @@ class BatchedOptimizer:
 
 
 def clip(name: str, grads: list, thresholds: torch.Tensor, grad_norm: torch.Tensor, norm_of: Callable) -> tuple:
-    """nanlab.build.clip_gradients per copy: returns the clipped gradients and the norm
+    """nanlab.lab.build.clip_gradients per copy: returns the clipped gradients and the norm
     the sentinel checks (the pre-clip norm for norm clipping, as the loop reports it)."""
     if name == "norm":
         coef = torch.clamp(thresholds.to(grad_norm.dtype) / (grad_norm + CLIP_EPS), max=1.0)
@@ -790,7 +790,7 @@ class Settings(dict):
 
 
 def _with_overrides(plain: dict, overrides: dict) -> dict:
-    """``plain`` with dotted-key overrides set (as nanlab.loop.variant_config sets
+    """``plain`` with dotted-key overrides set (as nanlab.lab.loop.variant_config sets
     them), copying only the dicts on the way to each key."""
     out = dict(plain)
     for key, value in overrides.items():

@@ -7,11 +7,12 @@ import textwrap
 from collections import Counter
 from pathlib import Path
 
-from nanlab import jsonio, registry
-from nanlab.config import compose
-from nanlab.result import ClaimResult, Verdict
-from nanlab.runner import run_scenario
-from nanlab.scenario import ContractError
+from nanlab import jsonio
+from nanlab.lab import registry
+from nanlab.config.compose import compose
+from nanlab.lab.result import ClaimResult, Verdict
+from nanlab.lab.runner import run_scenario
+from nanlab.lab.scenario import ContractError
 
 CLAIM_KEYS = ("scenario", "claim", "verdict", "evidence", "framework")
 

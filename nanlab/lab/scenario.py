@@ -192,10 +192,10 @@ class Scenario:
         where = mod.__name__
         missing = [a for a in REQUIRED if not hasattr(mod, a)]
         if missing:
-            raise ContractError(where, f"it must define {', '.join(missing)} (see nanlab.scenario)")
+            raise ContractError(where, f"it must define {', '.join(missing)} (see nanlab.lab.scenario)")
         variants = list(mod.VARIANTS)
         if not all(isinstance(v, Variant) for v in variants):
-            raise ContractError(where, "VARIANTS must hold nanlab.scenario.Variant objects")
+            raise ContractError(where, "VARIANTS must hold nanlab.lab.scenario.Variant objects")
         roles = [v.role for v in variants]
         unknown = sorted({r for r in roles if r not in ROLES})
         if unknown:

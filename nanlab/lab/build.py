@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nanlab import options
+from nanlab.config import options
 from nanlab.errors import ConfigError
-from nanlab.sentinel import total_norm
+from nanlab.debug.sentinel import total_norm
 
 DTYPES = {name: getattr(torch, name) for name in options.DTYPES}
 
