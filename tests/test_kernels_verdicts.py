@@ -161,23 +161,58 @@ def test_the_deadline_puts_back_the_alarm_it_found():
         signal.signal(signal.SIGALRM, previous)
 
 
-def test_a_timeout_needs_the_main_thread_and_none_runs_anywhere():
+def test_the_default_check_runs_off_the_main_thread_and_an_explicit_timeout_there_is_refused():
+    # Issue 18: the library's default is no deadline, so check() works from any thread;
+    # asking for one where SIGALRM cannot be installed is refused, never silently dropped.
     outcome = {}
 
     def in_thread():
+        outcome["default"] = check(torch.softmax, kind="softmax", dtypes=["float32"]).passed
         try:
-            check(torch.softmax, kind="softmax", dtypes=["float32"])
+            check(torch.softmax, kind="softmax", dtypes=["float32"], timeout=5)
         except ValueError as err:
-            outcome["default"] = str(err)
-        outcome["none"] = check(torch.softmax, kind="softmax", dtypes=["float32"], timeout=None).passed
+            outcome["explicit"] = str(err)
 
     worker = threading.Thread(target=in_thread)
     worker.start()
     worker.join()
-    assert "main thread" in outcome["default"] and outcome["none"] is True
-    for bad in (0, -1, math.inf, "60"):
+    assert outcome["default"] is True and "main thread" in outcome["explicit"]
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # the default armed nothing
+    for bad in (0, -1, math.inf, "60", 1e308, 86400.5):
         with pytest.raises(ConfigError, match="timeout="):
             check(torch.softmax, kind="softmax", timeout=bad)
+    assert check(torch.softmax, kind="softmax", dtypes=["float32"], timeout=86400).passed  # the largest accepted
+
+
+def test_an_alarm_inside_the_deadlines_enter_leaves_no_timer_armed(monkeypatch):
+    # Issue 23: the alarm fires before __enter__ returns (forced here: the arming call
+    # waits for it). The first case is reported timed out, and afterwards no timer is
+    # set and the old handler is back, so nothing fires later in user code.
+    real = signal.setitimer
+
+    def arm_then_wait(which, seconds, interval=0.0):
+        previous = real(which, seconds, interval)
+        if seconds > 0:
+            time.sleep(5)  # interrupted by the alarm's CheckTimedOut
+        return previous
+
+    monkeypatch.setattr(signal, "setitimer", arm_then_wait)
+    before = signal.getsignal(signal.SIGALRM)
+    start = time.monotonic()
+    report = check(torch.softmax, kind="softmax", dtypes=["float32"], timeout=0.01)
+    monkeypatch.undo()
+    assert time.monotonic() - start < 4
+    assert not report.passed and report.cases[0].reason.startswith("timed out") and len(report.cases) == 1
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0) and signal.getsignal(signal.SIGALRM) is before
+    time.sleep(0.6)  # past two RETRY_S intervals: a timer left armed would raise CheckTimedOut here
+
+
+def test_a_tiny_timeout_fails_the_check_and_leaves_nothing_armed():
+    for tiny in (1e-9, 1e-6, 1e-3):
+        report = check(torch.softmax, kind="softmax", dtypes=["float32"], timeout=tiny)
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+        assert report.stopped.startswith("timed out") or report.passed  # either way, said so
+    time.sleep(0.6)
 
 
 def test_an_output_of_the_wrong_shape_fails_with_both_shapes():
@@ -566,7 +601,18 @@ def test_cli_xfail_baseline_and_show(cli, tmp_path):
     assert proc.returncode == 1 and "(regressed)" in proc.stdout
 
 
+def test_cli_tiny_timeout_exits_1_not_alarm_clock(cli, tmp_path, kernels_module):
+    # Issue 23: a timeout that fires while the deadline is being set must not leave a
+    # timer that later kills the process with SIGALRM (exit 142).
+    for i, tiny in enumerate(("1e-9", "1e-6", "0.001")):
+        proc = cli("mode=check", "kernel.fn=nanlab.kernels.examples:torch_softmax", "kernel.kind=softmax",
+                   "kernel.dtypes=[float32]", f"kernel.timeout={tiny}", f"hydra.run.dir={tmp_path / str(i)}")
+        assert proc.returncode in (0, 1), (proc.returncode, proc.stderr)
+        assert "Traceback" not in proc.stderr and "Alarm clock" not in proc.stderr
+
+
 @pytest.mark.parametrize("override,message", [
+    ("kernel.timeout=1e308", "kernel.timeout=1e+308: must be at most 86400 seconds (a day), or None for no limit"),
     ("kernel.dtypes=[]", "kernel.dtypes=[]: must list at least one of float32, float64, float16, bfloat16, each once"),
     ("kernel.dtypes=[float32,float32]", "kernel.dtypes=['float32', 'float32']: must list at least one of"),
     ("kernel.timeout=0", "kernel.timeout=0.0: must be a finite number of seconds > 0, or null for no limit"),

@@ -74,7 +74,13 @@ FRAMEWORK_MARGIN = 2.0
 NOISE_ULPS = 16.0
 # With a baseline, a case that still fails has regressed when an error grew by more than this factor.
 BASELINE_MARGIN = 2.0
-DEFAULT_TIMEOUT_S = KernelConf.timeout  # one default for check() and kernel.timeout
+# The CLI's default (kernel.timeout). check() itself has no deadline unless asked for
+# one: the deadline is a SIGALRM, which only the main thread can install, and a library
+# call may come from any thread (a worker, a notebook's executor).
+DEFAULT_TIMEOUT_S = KernelConf.timeout
+# The longest deadline accepted: setitimer overflows near 1e11 s on 64-bit Linux
+# (1e308 gave a traceback); a day is far beyond any check, and a clear line beats a crash.
+MAX_TIMEOUT_S = 86400.0
 
 STATUSES = ("pass", "fail", "unsupported", "xfail", "xpass")
 
@@ -506,12 +512,30 @@ class _Deadline:
 
     def __enter__(self):
         self.started = time.monotonic()
+        self.old_timer = signal.getitimer(signal.ITIMER_REAL)
         self.old_handler = signal.signal(signal.SIGALRM, self._alarm)
-        self.armed = True
-        self.old_timer = signal.setitimer(signal.ITIMER_REAL, self.seconds, self.RETRY_S)
+        # A tiny timeout can fire before __enter__ returns, and then the with-block never
+        # calls __exit__: put everything back here, or the timer stays armed and kills the
+        # process later ('Alarm clock', exit 142) or raises CheckTimedOut in user code.
+        try:
+            self.armed = True
+            signal.setitimer(signal.ITIMER_REAL, self.seconds, self.RETRY_S)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, *exc):
+        # An alarm can land before the first line below runs and raise here; then disarm again
+        # (armed is False by then, so no further alarm raises), never leaving the timer set.
+        while True:
+            try:
+                self._disarm()
+                return False
+            except CheckTimedOut:
+                continue
+
+    def _disarm(self):
         self.armed = False  # first: an alarm that lands from here on is ignored
         signal.setitimer(signal.ITIMER_REAL, 0)
         # None: the old handler was not installed from Python and cannot be put back as it was.
@@ -519,7 +543,6 @@ class _Deadline:
         delay, interval = self.old_timer
         if delay > 0:  # someone else's timer was running: resume it, less the time we took
             signal.setitimer(signal.ITIMER_REAL, max(delay - (time.monotonic() - self.started), 1e-3), interval)
-        return False
 
 
 def _check_timeout(timeout) -> Optional[float]:
@@ -527,9 +550,11 @@ def _check_timeout(timeout) -> Optional[float]:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (math.isfinite(timeout) and timeout > 0):
         raise ConfigError("timeout", timeout, "must be a finite number of seconds > 0, or None for no limit")
+    if timeout > MAX_TIMEOUT_S:
+        raise ConfigError("timeout", timeout, f"must be at most {MAX_TIMEOUT_S:g} seconds (a day), or None for no limit")
     if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
         raise ValueError("check() enforces timeout= with SIGALRM, which works in the main thread of a "
-                         "POSIX process only; pass timeout=None to check without a time limit")
+                         "POSIX process only; leave timeout=None (the default) to check without a time limit")
     return float(timeout)
 
 
@@ -707,7 +732,7 @@ def _dtypes(dtypes) -> list:
 
 def check(fn: Callable, kind: Union[str, Case, None] = None, framework: str = "torch", dtypes=None,
           grad_fn: Optional[Callable] = None, cases: Optional[list] = None, seed: int = 0,
-          timeout: Optional[float] = DEFAULT_TIMEOUT_S, xfail=(), baseline=None) -> Report:
+          timeout: Optional[float] = None, xfail=(), baseline=None) -> Report:
     """Check ``fn`` against every case of ``kind`` at each dtype; returns a Report.
 
     ``check(fn, case)`` checks one Case alone (for pytest.mark.parametrize), and
@@ -720,8 +745,9 @@ def check(fn: Callable, kind: Union[str, Case, None] = None, framework: str = "t
 
     A keyword the kernel's signature lacks makes that case "unsupported", except in
     a core case, which every kernel of the kind must run: there it fails.
-    ``timeout``: seconds for the whole check (None: no limit); past it, the case
-    running fails and the check stops. ``xfail``: case names (``name`` or
+    ``timeout``: seconds for the whole check (None, the default: no limit); past
+    it, the case running fails and the check stops. A timeout uses SIGALRM, so it
+    needs the main thread (ValueError elsewhere); the CLI sets one (kernel.timeout). ``xfail``: case names (``name`` or
     ``name@dtype``) expected to fail; one that passes fails the check (xpass).
     ``baseline``: a check.json path or a Report; a failure the baseline shares
     fails the check only if it got worse.

@@ -41,6 +41,8 @@ def run_check(cfg, run_dir) -> int:
     grad_fn = resolve(kernel.grad_fn, "kernel.grad_fn") if kernel.grad_fn else None
     from nanlab.kernels.check import check, load_report
 
+    # The CLI runs on the main thread, so it keeps the deadline that check() leaves off by default.
+
     baseline = load_report(kernel.baseline, key="kernel.baseline") if kernel.baseline else None
     if baseline is not None and baseline.kind != kernel.kind:
         raise ConfigError("kernel.baseline", kernel.baseline, f"is a check of kind {baseline.kind}, not {kernel.kind}")
