@@ -645,3 +645,61 @@ def test_cli_unparsable_baseline_is_one_line(cli, tmp_path):
 def test_check_rejects_an_empty_dtype_list():
     with pytest.raises(ConfigError, match="dtypes"):
         check(torch.softmax, kind="softmax", dtypes=[])
+
+
+# ---------------------------------------------------------------- issue 19: the floor, imprecise, named elements
+
+def test_textbook_max_subtracted_softmax_and_log_softmax_pass_and_the_naive_softmax_fails():
+    from nanlab.kernels import examples as ex
+
+    softmax = check(ex.max_subtracted_softmax, kind="softmax")
+    assert softmax.passed and softmax.counts()["fail"] == 0, softmax.table()
+    # Less precise than torch.softmax in float16/bfloat16: said, with its own word, never failed.
+    imprecise = [c for c in softmax.cases if c.status == "imprecise"]
+    assert imprecise and {c.dtype for c in imprecise} <= {"float16", "bfloat16"}
+    assert "9 imprecise" in softmax.summary() and "-> PASSED" in softmax.summary()
+    # The case is fully_neg_inf_row, but the value that was off sits on a finite row: the reason says which.
+    row = by_label(softmax)["fully_neg_inf_row", "float16"]
+    assert row.status == "imprecise" and "at [4, 3] (input 1.87305)" in row.reason
+    log_softmax = check(ex.max_subtracted_log_softmax, kind="log_softmax")
+    assert log_softmax.passed and log_softmax.counts()["fail"] == 0, log_softmax.table()
+    assert not check(ex.naive_softmax, kind="softmax").passed
+
+
+def test_a_wrong_value_just_beyond_the_floor_fails_and_just_within_passes():
+    # Floor at float16: 2 * (1e-5 + 1e-3 * scale); softmax outputs up to 1 (scale <= 1).
+    def scaled(factor):
+        def kernel(x, dim=-1):
+            y = torch.softmax(x.double(), dim)
+            return (y * factor).to(x.dtype) if x.dtype == torch.float16 else torch.softmax(x, dim)
+        return kernel
+
+    wrong = check(scaled(1.01), kind="softmax", dtypes=["float16"])  # 1% off: ~10 ulp
+    assert not wrong.passed and "beyond the floor" in wrong.failures[0].reason
+    assert "at [" in wrong.failures[0].reason and "(input " in wrong.failures[0].reason
+    assert check(scaled(1.001), kind="softmax", dtypes=["float16"]).passed  # 1 ulp: within
+
+
+def test_imprecise_counts_as_passing_for_xfail_and_baseline():
+    from nanlab.kernels import examples as ex
+
+    report = check(ex.max_subtracted_softmax, kind="softmax", dtypes=["float16"], xfail=["many_classes"])
+    assert not report.passed and by_label(report)["many_classes", "float16"].status == "xpass"
+
+
+def test_show_failures_on_a_passing_kernel_says_nothing_failed():
+    report = check(torch.softmax, kind="softmax", dtypes=["float32"])
+    table = report.table(failures_only=True)
+    assert table.splitlines()[0] == "nothing failed: every case that ran passed" and "fwd err" not in table
+    failing = check(naive_softmax, kind="softmax", dtypes=["float32"]).table(failures_only=True)
+    assert "fwd err" in failing and "nothing failed" not in failing
+
+
+def test_cli_max_subtracted_softmax_passes_and_naive_softmax_fails(cli, tmp_path):
+    for i, (name, kind, code) in enumerate([("max_subtracted_softmax", "softmax", 0),
+                                            ("max_subtracted_log_softmax", "log_softmax", 0),
+                                            ("naive_softmax", "softmax", 1)]):
+        proc = cli("mode=check", f"kernel.fn=nanlab.kernels.examples:{name}", f"kernel.kind={kind}",
+                   "kernel.show=failures", f"hydra.run.dir={tmp_path / str(i)}")
+        assert proc.returncode == code, proc.stdout + proc.stderr
+        assert ("nothing failed" in proc.stdout) == (code == 0)

@@ -168,6 +168,12 @@ class Report:
                          f"  {c.description}")
             if c.status != "pass" and c.reason:
                 lines.append(f"    {c.reason}")
+        if failures_only and len(lines) == 2 and self.ran:
+            # Nothing to list: say so, rather than print a header over no rows.
+            imprecise = self.counts()["imprecise"]
+            lines = [("nothing failed: every case that ran passed" if self.passed else "no failing case to list")
+                     + (f" ({imprecise} imprecise: within the floor, less precise than the framework's op)"
+                        if imprecise else "")]
         lines.append("")
         lines.append(self.summary())
         if self.baseline:
