@@ -285,17 +285,17 @@ def test_an_error_of_8_47e_5_against_the_frameworks_8_25e_5_is_noise_not_a_failu
     bump = torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=torch.float64)
     framework = ref + 8.25e-5 * bump
     measured = lambda: checker.compare(framework, ref, torch.float16)  # noqa: E731
-    ok, error, why = checker.judge(ref + 8.47e-5 * bump, ref, torch.float16, measured)
+    ok, error, why = checker.judge(ref + 8.47e-5 * bump, ref, torch.float16, measured, part="gradient")
     assert ok and error == pytest.approx(8.47e-5) and "within the floor" in why and not why.startswith("imprecise")
     # 3x the op's error, within the floor: passes, and says "imprecise" (not a failure).
-    ok, _, why = checker.judge(ref + 3 * 8.25e-5 * bump, ref, torch.float16, measured)
+    ok, _, why = checker.judge(ref + 3 * 8.25e-5 * bump, ref, torch.float16, measured, part="gradient")
     assert ok and why.startswith("imprecise") and "over 2x the framework's op" in why
     # Just past the floor fails, though the op would have vouched for less: flip at the floor.
-    ok, _, why = checker.judge(ref + 6.3e-4 * bump, ref, torch.float16, measured)
+    ok, _, why = checker.judge(ref + 6.3e-4 * bump, ref, torch.float16, measured, part="gradient")
     assert not ok and "beyond the floor of 0.00062" in why and "at [2] (" not in why
-    ok, _, why = checker.judge(ref + 6.1e-4 * bump, ref, torch.float16, measured)
+    ok, _, why = checker.judge(ref + 6.1e-4 * bump, ref, torch.float16, measured, part="gradient")
     assert ok
-    assert checker.judge(ref + 1e-6 * bump, ref, torch.float16, lambda: pytest.fail("not needed"))[0]
+    assert checker.judge(ref + 1e-6 * bump, ref, torch.float16, lambda: pytest.fail("not needed"), part="gradient")[0]
 
 
 def test_a_float32_upcast_attention_softmax_passes():
@@ -703,3 +703,21 @@ def test_cli_max_subtracted_softmax_passes_and_naive_softmax_fails(cli, tmp_path
                    "kernel.show=failures", f"hydra.run.dir={tmp_path / str(i)}")
         assert proc.returncode == code, proc.stdout + proc.stderr
         assert ("nothing failed" in proc.stdout) == (code == 0)
+
+
+def test_a_forward_floor_is_per_element_so_a_wrong_small_value_beside_a_large_one_fails():
+    # log_softmax giving -16 for 0 in a row reaching -2e4: the floor at the row's scale
+    # (2 * 1e-3 * 2e4 = 40 in float16) would hide it; each element's own floor does not.
+    ref = torch.tensor([[0.0, -2e4, -3.0]], dtype=torch.float64)
+    bump = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
+    x = torch.tensor([[2e4, 0.0, 2e4 - 3]], dtype=torch.float64)
+    ok, _, why = checker.judge(ref - 16 * bump, ref, torch.float16, lambda: None, inputs=[x])
+    assert not ok and "at [0, 0] (input 20000)" in why and "beyond the floor of 0.00202 there" in why
+    ok, _, why = checker.judge(ref - 2e-3 * bump, ref, torch.float16, lambda: None, inputs=[x])
+    assert ok and "within the floor" in why
+    ok, _, _ = checker.judge(ref - 2.1e-3 * bump, ref, torch.float16, lambda: None, inputs=[x])
+    assert not ok
+    # A gradient's floor is at its largest magnitude: the same bump on a gradient reaching 2 passes.
+    grad = torch.tensor([[0.0, 2.0, -1.0]], dtype=torch.float64)
+    assert checker.judge(grad - 3.9e-3 * bump, grad, torch.float16, lambda: None, part="gradient")[0]
+    assert not checker.judge(grad - 4.2e-3 * bump, grad, torch.float16, lambda: None, part="gradient")[0]
