@@ -19,8 +19,8 @@ keyword (targets holding ignore_index) passes it explicitly, so that rule is the
 same for every keyword.
 
 Known failures of the framework's own op (``Case.framework_failures``) are
-measurements, recorded where they were found: they keep that op from vouching for
-another kernel on that case (see the check module), and a test checks that torch
+measurements, recorded where they were found: they keep that op from being the
+benchmark that calls another kernel "imprecise" on that case (see the check module), and a test checks that torch
 fails exactly these.
 
 This module holds cases and references only. Comparing a kernel with them, and

@@ -14,12 +14,11 @@ How a value is judged (``judge``), always in the dtype the kernel returned it in
   where the reference is -inf) fails; where the reference is undefined (NaN) any
   value is accepted, for every kernel alike;
 - within torch.testing's default tolerance for the output's dtype passes;
-- beyond it, the value passes only if the framework's own op can vouch for the case
-  and the kernel's error is at most FRAMEWORK_MARGIN times the op's, each counted
-  in ulps of its own output dtype. The op can vouch when its own error is rounding
-  noise (at most NOISE_ULPS ulps at the reference's largest magnitude) and the
-  case records no failure of it at that dtype. So the op never vouches for a wrong
-  answer, its own included.
+- beyond it, within the floor (FLOOR_FACTOR times that tolerance, at each forward
+  element's own magnitude or 1, at a gradient's largest magnitude) passes, as
+  "imprecise" where the framework's op, itself rounding noise here and with no
+  recorded failure, is over FRAMEWORK_MARGIN times closer; beyond the floor fails,
+  whatever the framework's op does. So the op never vouches for a wrong answer.
 
 The comparison lives here; the cases and their references live in
 nanlab.kernels.catalogue, which never imports this module.
