@@ -721,3 +721,31 @@ def test_a_forward_floor_is_per_element_so_a_wrong_small_value_beside_a_large_on
     grad = torch.tensor([[0.0, 2.0, -1.0]], dtype=torch.float64)
     assert checker.judge(grad - 3.9e-3 * bump, grad, torch.float16, lambda: None, part="gradient")[0]
     assert not checker.judge(grad - 4.2e-3 * bump, grad, torch.float16, lambda: None, part="gradient")[0]
+
+
+class _UpstreamAsGradient(torch.autograd.Function):
+    """Correct forward; the backward passes the upstream gradient through unchanged."""
+
+    @staticmethod
+    def forward(ctx, x, dim):
+        y = torch.softmax(x, dim)
+        ctx.save_for_backward(y)
+        ctx.dim = dim
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def test_a_baseline_does_not_hide_a_gradient_bug_behind_a_forward_it_failed(tmp_path):
+    # Issue 23a: the baseline failed the forward, so it never measured the gradient. A
+    # kernel that fixes the forward and breaks the gradient must fail, not be "improved".
+    case = next(c for c in cases("softmax") if c.name == "large_positive")
+    baseline = check(naive_softmax, case, dtypes=["float32"])
+    assert baseline.cases[0].part == "forward" and baseline.cases[0].grad_error is None
+    broken = check(lambda x, dim=-1: _UpstreamAsGradient.apply(x, dim), case, dtypes=["float32"], baseline=baseline)
+    assert not broken.passed and broken.cases[0].change == "regressed"
+    assert "did not measure the gradient" in broken.cases[0].reason
+    fixed = check(torch.softmax, case, dtypes=["float32"], baseline=baseline)
+    assert fixed.passed and fixed.cases[0].change == "improved"

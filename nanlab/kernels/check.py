@@ -721,6 +721,15 @@ def _shrank(now: Optional[float], before: Optional[float]) -> bool:
     return _grew(before, now)
 
 
+def _unmeasured_before(now: CaseResult, before: CaseResult) -> bool:
+    """The part failing now has no error in the baseline (it was never reached there)."""
+    if now.part == "gradient":
+        return before.grad_error is None
+    if now.part == "forward":
+        return before.forward_error is None
+    return False
+
+
 def _apply_baseline(results: list, baseline: Report) -> None:
     """Mark each result regressed, improved, unchanged or new against the baseline.
 
@@ -741,6 +750,11 @@ def _apply_baseline(results: list, baseline: Report) -> None:
         elif c.status == "unsupported" and b.status in ("pass", "imprecise", "xpass"):
             c.change = "regressed"
             c.reason += " (the baseline: pass)"
+        elif is_failing and _unmeasured_before(c, b):
+            # The part failing now was not measured in the baseline (a gradient behind a failed
+            # forward): nothing to compare it with, so it is judged on its own and fails.
+            c.change = "regressed"
+            c.reason += f" (the baseline did not measure the {c.part}: judged on its own)"
         elif is_failing:
             grown = [(part, now, then) for part, now, then in (("forward", c.forward_error, b.forward_error),
                                                                ("gradient", c.grad_error, b.grad_error))
