@@ -749,3 +749,17 @@ def test_a_baseline_does_not_hide_a_gradient_bug_behind_a_forward_it_failed(tmp_
     assert "did not measure the gradient" in broken.cases[0].reason
     fixed = check(torch.softmax, case, dtypes=["float32"], baseline=baseline)
     assert fixed.passed and fixed.cases[0].change == "improved"
+
+
+def test_a_downcast_output_is_judged_at_the_dtype_asked_for():
+    # Issue 23c: bfloat16 returned from float64 inputs is held to float64's tolerance.
+    def softmax_in_bfloat16(x, dim=-1):
+        return torch.softmax(x.to(torch.bfloat16), dim)
+
+    report = check(softmax_in_bfloat16, kind="softmax", dtypes=["float64", "float32"])
+    assert not report.passed
+    assert {c.dtype for c in report.failures} == {"float64", "float32"}
+    assert "ulp of float64" in by_label(report)["random", "float64"].reason
+    # The same kernel on bfloat16 inputs returns the dtype asked for, and passes; upcasting still passes.
+    assert check(softmax_in_bfloat16, kind="softmax", dtypes=["bfloat16"]).passed
+    assert check(lambda x, dim=-1: torch.softmax(x.double(), dim), kind="softmax", dtypes=["float16"]).passed

@@ -523,7 +523,7 @@ def run_case(fn: Callable, case: Case, dtype, framework: str = "torch", grad_fn:
     bench = _FrameworkOp(case.kind, inputs, keywords, ref, upstream64)
     try:
         kernel = _Kernel(fn, grad_fn, framework, inputs, keywords)
-        ok, forward_error, why = judge(kernel.out.detach().double(), ref.out, kernel.dtype, bench.forward,
+        ok, forward_error, why = judge(kernel.out.detach().double(), ref.out, judged_in(kernel.dtype, dtype), bench.forward,
                                         case.known_failure(dname, "forward"), inputs)
         if not ok:
             return result("fail", forward_error, None, f"forward: {why}", "forward")
@@ -539,13 +539,23 @@ def run_case(fn: Callable, case: Case, dtype, framework: str = "torch", grad_fn:
     grad_dtype = grad.dtype if isinstance(grad, torch.Tensor) and grad.dtype in TOLERANCES else None
     if grad_dtype is None:
         return result("fail", forward_error, None, f"gradient: a {grad.dtype} gradient, not floating point", "gradient")
-    ok, grad_error, why_grad = judge(grad.double(), ref.gradient(upstream), grad_dtype, bench.gradient,
+    ok, grad_error, why_grad = judge(grad.double(), ref.gradient(upstream), judged_in(grad_dtype, dtype), bench.gradient,
                                       case.known_failure(dname, "gradient"), inputs, "gradient")
     if not ok:
         return result("fail", forward_error, grad_error, f"gradient: {why_grad}", "gradient")
     reasons = [f"{part}: {w}" for part, w in (("forward", why), ("gradient", why_grad)) if w]
     status = "imprecise" if "imprecise" in (_passing(why), _passing(why_grad)) else "pass"
     return result(status, forward_error, grad_error, "; ".join(reasons))
+
+
+def judged_in(returned, asked):
+    """The dtype a value is judged in: the one it was returned in, or the case's input
+    dtype where that is more precise. A kernel that upcasts is held to its output's
+    tolerance; one that downcasts (bfloat16 from float64 inputs) to the precision the
+    user asked for, so rounding to a coarser dtype is not excused by that dtype's tolerance."""
+    if asked not in TOLERANCES:
+        return returned
+    return asked if torch.finfo(asked).eps < torch.finfo(returned).eps else returned
 
 
 def _passing(why: str) -> str:
