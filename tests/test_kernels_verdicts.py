@@ -220,7 +220,7 @@ def test_an_output_of_the_wrong_shape_fails_with_both_shapes():
         return x.softmax(-1)[None]
 
     report = check(extra_axis, kind="softmax", dtypes=["float32", "float64", "float16"])
-    assert len(report.cases) == 33 and len(report.failures) == 33
+    assert len(report.cases) == 45 and len(report.failures) == 45  # 15 cases x 3 dtypes
     assert report.cases[0].reason == "forward: shape (1, 8, 5) where the reference has shape (8, 5)"
 
     def np_extra_axis(x, dim=-1):  # no gradient to trip over: the forward alone must catch it
@@ -228,8 +228,8 @@ def test_an_output_of_the_wrong_shape_fails_with_both_shapes():
         return (e / e.sum(dim, keepdims=True))[None]
 
     report = check(np_extra_axis, kind="softmax", framework="numpy", dtypes=["float32", "float64", "float16"])
-    assert len(report.failures) == 33 and all("shape (1, " in c.reason for c in report.failures)
-    assert check(lambda x, dim=-1: x.softmax(-1), kind="softmax", dtypes=["float32"]).passed
+    assert len(report.failures) == 45 and all("shape (1, " in c.reason for c in report.failures)
+    assert check(lambda x, dim=-1: x.softmax(dim), kind="softmax", dtypes=["float32"]).passed
 
 
 def test_a_numpy_gradient_of_the_wrong_shape_fails():
@@ -657,7 +657,7 @@ def test_textbook_max_subtracted_softmax_and_log_softmax_pass_and_the_naive_soft
     # Less precise than torch.softmax in float16/bfloat16: said, with its own word, never failed.
     imprecise = [c for c in softmax.cases if c.status == "imprecise"]
     assert imprecise and {c.dtype for c in imprecise} <= {"float16", "bfloat16"}
-    assert "9 imprecise" in softmax.summary() and "-> PASSED" in softmax.summary()
+    assert "15 imprecise" in softmax.summary() and "-> PASSED" in softmax.summary()
     # The case is fully_neg_inf_row, but the value that was off sits on a finite row: the reason says which.
     row = by_label(softmax)["fully_neg_inf_row", "float16"]
     assert row.status == "imprecise" and "at [4, 3] (input 1.87305)" in row.reason
@@ -763,3 +763,15 @@ def test_a_downcast_output_is_judged_at_the_dtype_asked_for():
     # The same kernel on bfloat16 inputs returns the dtype asked for, and passes; upcasting still passes.
     assert check(softmax_in_bfloat16, kind="softmax", dtypes=["bfloat16"]).passed
     assert check(lambda x, dim=-1: torch.softmax(x.double(), dim), kind="softmax", dtypes=["float16"]).passed
+
+
+@pytest.mark.parametrize("kind,op", [("softmax", torch.softmax), ("log_softmax", torch.log_softmax),
+                                     ("logsumexp", torch.logsumexp)])
+def test_a_kernel_that_ignores_dim_fails_and_one_that_honours_it_passes(kind, op):
+    # Issue 23b: cases vary dim over several axes and ranks (0, 1, -3; ranks 1 to 3).
+    dims = {c.name for c in cases(kind) if c.name.startswith("dim_")}
+    assert {"dim_0_rank2", "dim_1_rank3", "dim_neg3_rank3"} <= dims
+    ignores = check(lambda x, dim=-1: op(x, -1), kind=kind, cases=[c for c in cases(kind) if c.name in dims],
+                    dtypes=["float32"])
+    assert not ignores.passed and {"dim_0_rank2", "dim_1_rank3", "dim_neg3_rank3"} <= {c.name for c in ignores.failures}
+    assert check(op, kind=kind, cases=[c for c in cases(kind) if c.name in dims]).passed

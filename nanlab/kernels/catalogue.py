@@ -292,8 +292,8 @@ def _row_cases(kind: str) -> list[Case]:
     """Shared by softmax, log_softmax and logsumexp (x, dim=-1): dim is required, so all are core."""
     undefined = "" if kind == "logsumexp" else "an all -inf row has no softmax (0/0): any value accepted there"
 
-    def case(name, description, make, undef="", failures=()):
-        return Case(name, kind, description, lambda g: ([make(g)], {"dim": -1}), undef, framework_failures=failures)
+    def case(name, description, make, undef="", failures=(), dim=-1):
+        return Case(name, kind, description, lambda g: ([make(g)], {"dim": dim}), undef, framework_failures=failures)
 
     all_equal_failures = ()
     if kind == "logsumexp":
@@ -312,6 +312,11 @@ def _row_cases(kind: str) -> list[Case]:
         case("noncontiguous", "x [9, 6] as a transposed view", lambda g: _noncontiguous(g, 9, 6)),
         case("odd_sizes", "x [7, 13]", lambda g: _randn(g, 7, 13)),
         case("many_classes", "x [3, 32768] ~ N(0, 4)", lambda g: 2 * _randn(g, 3, 32768)),
+        # dim varies: a kernel that always reduces over the last axis fails these.
+        case("dim_0_rank2", "x [5, 3] ~ N(0, 1), dim=0", lambda g: _randn(g, 5, 3), dim=0),
+        case("dim_1_rank3", "x [2, 5, 3] ~ N(0, 1), dim=1", lambda g: _randn(g, 2, 5, 3), dim=1),
+        case("dim_neg3_rank3", "x [4, 2, 3] ~ N(0, 1), dim=-3", lambda g: _randn(g, 4, 2, 3), dim=-3),
+        case("dim_last_rank1", "x [6] ~ N(0, 1), dim=0", lambda g: _randn(g, 6), dim=0),
     ]
 
 
