@@ -98,3 +98,31 @@ def test_a_scenario_name_is_written_once():
                    and n is not docstring]
         assert not [text for text in strings if path.stem in text], path.name
     assert not list((ROOT / "conf").rglob("scenario/*.yaml"))
+
+
+def test_the_top_level_stays_small_and_every_part_is_a_subpackage():
+    top = sorted(p.name for p in (ROOT / "nanlab").glob("*.py"))
+    assert len(top) <= 8, top
+    for part in ("config", "lab", "debug", "sweeps", "reports", "kernels", "frameworks"):
+        assert (ROOT / "nanlab" / part / "__init__.py").is_file(), part
+
+
+def test_the_architecture_page_names_every_module_and_only_modules_that_exist():
+    import re
+
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    named = set(re.findall(r"`(nanlab/[\w/]+\.py)`", page))
+    assert named and all((ROOT / path).is_file() for path in named), sorted(p for p in named if not (ROOT / p).is_file())
+    for part in ("config", "lab", "debug", "sweeps", "reports"):
+        for module in (ROOT / "nanlab" / part).glob("*.py"):
+            if module.name != "__init__.py":
+                assert f"nanlab/{part}/{module.name}" in named, module
+
+
+def test_subpackage_inits_import_nothing():
+    """`import nanlab.lab.result` must not pay for the rest of lab/ (results load without torch)."""
+    for init in (ROOT / "nanlab").glob("*/__init__.py"):
+        if init.parent.name in ("kernels", "frameworks"):
+            continue
+        tree = ast.parse(init.read_text())
+        assert not [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], init
