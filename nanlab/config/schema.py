@@ -114,6 +114,11 @@ class SweepConf:
     engine: str = "auto"
 
 
+# float64 resolves an lr to about 2.2e-16 relative; a bracket of a few such steps is
+# where bisection stops telling lrs apart, so a finer precision is refused up front.
+MIN_BOUNDARY_PRECISION = 1e-9
+
+
 @dataclass
 class BoundaryConf:
     """mode=boundary: the largest lr at which the broken variant stays finite, per
@@ -178,7 +183,7 @@ ALLOWED = {
     "sweep.engine": "must be auto or loop",
     "boundary.init": "must list one or more of " + ", ".join(options.INITS) + ", each once",
     "boundary.clip": "must list one or more of " + ", ".join(options.CLIPS) + ", each once",
-    "boundary.precision": "must be a number in (0, 1]: the bracket's relative width to stop at",
+    "boundary.precision": "must be a number in [1e-9, 1]: the bracket's relative width to stop at (finer than float64 lrs resolve in a search is not reachable)",
     "boundary.lr_min": "must be a number > 0, below boundary.lr_max",
     "boundary.lr_max": "must be a number above boundary.lr_min and at most float32's largest, 3.4e38",
     "boundary.candidates": "must be an integer in [2, 1024]",
@@ -305,7 +310,7 @@ def _validate_boundary(boundary) -> None:
     for axis, choices in (("init", options.INITS), ("clip", options.CLIPS)):
         values = None if boundary[axis] is None else list(boundary[axis])
         _check(_listed_once(values, lambda v, c=choices: v in c), f"boundary.{axis}", values)
-    _check(0 < boundary.precision <= 1, "boundary.precision", boundary.precision)
+    _check(MIN_BOUNDARY_PRECISION <= boundary.precision <= 1, "boundary.precision", boundary.precision)
     _check(_float32_positive(boundary.lr_min) and boundary.lr_min < boundary.lr_max, "boundary.lr_min",
            boundary.lr_min)
     _check(_float32_positive(boundary.lr_max), "boundary.lr_max", boundary.lr_max)

@@ -33,8 +33,15 @@ def geometric(lo: float, hi: float, count: int) -> list:
     if count == 1:
         return [lo]
     step = (math.log(hi) - math.log(lo)) / (count - 1)
-    return [math.exp(math.log(lo) + i * step) for i in range(count - 1)] + [hi]
+    # The ends are lo and hi exactly: exp(log(x)) need not give x back, and a search
+    # that compares its next candidate with lr_min must be able to reach it.
+    return [lo] + [math.exp(math.log(lo) + i * step) for i in range(1, count - 1)] + [hi]
 
+
+# A search ends when no bracket has an lr left to try; this budget is the backstop
+# (a bracket narrows by (candidates + 1)x a round, so 200 rounds is far past any
+# precision float64 can resolve).
+MAX_ROUNDS = 200
 
 # How far a round looks: three decades either side of the config's lr at first,
 # then six more decades at a time in the direction the boundary must lie.
@@ -60,7 +67,10 @@ class Bracket:
         return max(good) if good else None
 
     def next_candidates(self, start: float, lr_min: float, lr_max: float, count: int, precision: float) -> list:
-        """The lrs to try next; empty when the search is done."""
+        """The lrs to try next, none of them tried before; empty when the search is done."""
+        return [lr for lr in self._next_span(start, lr_min, lr_max, count, precision) if lr not in self.tried]
+
+    def _next_span(self, start: float, lr_min: float, lr_max: float, count: int, precision: float) -> list:
         if not self.tried:
             return geometric(max(lr_min, start / FIRST_SPAN), min(lr_max, start * FIRST_SPAN), count)
         lo, hi = self.lo, self.hi
@@ -92,7 +102,7 @@ def search(engine, broken, configs: Callable, combos: list, boundary, start: flo
     limits = (float(boundary.lr_min), float(boundary.lr_max), int(boundary.candidates), float(boundary.precision))
     start = min(max(start, limits[0]), limits[1])
     round_number = 0
-    while True:
+    while round_number < MAX_ROUNDS:
         runs, owners = [], []
         for bracket in brackets:
             for lr in bracket.next_candidates(start, *limits):
@@ -107,6 +117,8 @@ def search(engine, broken, configs: Callable, combos: list, boundary, start: flo
             bracket.tried[lr] = outcome.result.first_nonfinite is None
         out(f"round {round_number}: {len(runs)} lrs from {min(lr for _, lr in owners):.3g} to "
             f"{max(lr for _, lr in owners):.3g} ({'; '.join(schedule.describe())})")
+    out(f"boundary: stopped after {MAX_ROUNDS} rounds; the brackets below are as far as they got")
+    return brackets
 
 
 def run_boundary(cfg, run_dir, overrides=None) -> int:
