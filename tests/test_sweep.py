@@ -157,3 +157,27 @@ def test_boundary_map_labels_its_axes_and_survives_unbounded_and_nan_entries(tmp
     plt.close(fig)
     path = maps.boundary_map([], tmp_path / "boundary.png")
     assert (tmp_path / "boundary.png").read_bytes()[:4] == b"\x89PNG" and path.endswith("boundary.png")
+
+
+@pytest.mark.parametrize("damage", ["garbled_quote", "not_utf8", "repeated", "bad_cell"])
+def test_resume_over_a_damaged_summary_loses_no_point_and_repeats_none(tmp_path, damage):
+    """One damaged line must not swallow the lines after it, nor make rows appear twice:
+    resume keeps each row it can prove whole, once, and trains the rest again."""
+    fresh = tmp_path / "fresh"
+    sweep(compose(RESUME_GRID), fresh, RESUME_GRID, out=lambda line: None)
+    good = (fresh / SUMMARY_CSV).read_bytes()
+    header, *rows = good.split(b"\n")[:-1]
+    broken = {"garbled_quote": b'0.1,"3,' + rows[1][6:],  # an open quote that a csv reader carries onwards
+              "not_utf8": b"\xff\xfe" + rows[1],
+              "repeated": rows[0],
+              "bad_cell": rows[1].replace(b"true", b"tru", 1).replace(b"false", b"fals", 1)}[damage]
+    damaged = [rows[0], broken, *rows[2:]] if damage != "repeated" else [*rows, broken]
+    run_dir = tmp_path / "damaged"
+    run_dir.mkdir()
+    (run_dir / SUMMARY_CSV).write_bytes(b"\n".join([header, *damaged]) + b"\n")
+    lines = []
+    summary, failed = sweep(compose([*RESUME_GRID, "sweep.resume=true"]), run_dir, RESUME_GRID, out=lines.append)
+    assert failed == 0 and "lines dropped" in lines[0]
+    text = (run_dir / SUMMARY_CSV).read_text()
+    assert sorted(text.splitlines()) == sorted(good.decode().splitlines())
+    assert [r["optimizer.lr"] for r in summary.rows] == ["0.05", "0.1", "0.2", "0.5"]
