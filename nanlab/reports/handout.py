@@ -69,8 +69,9 @@ def summary_table(results: list[ScenarioResult]) -> str:
         rows.append(
             f'<tr data-scenario="{escape(r.scenario)}"><td><a href="#{escape(r.scenario)}">{escape(r.scenario)}</a></td>'
             f"<td>{escape(r.summary)}</td>"
-            f'<td data-value="{r.reproduced}">{_yes_no(r.reproduced)}</td><td data-value="{r.fixed}">{_yes_no(r.fixed)}</td>'
-            f'<td class="num" data-value="{"" if step is None else step}">{"-" if step is None else step}</td>'
+            f'<td data-value="{escape(str(r.reproduced))}">{_yes_no(r.reproduced)}</td>'
+            f'<td data-value="{escape(str(r.fixed))}">{_yes_no(r.fixed)}</td>'
+            f'<td class="num" data-value="{"" if step is None else escape(str(step))}">{"-" if step is None else escape(str(step))}</td>'
             f"<td>{escape(event.op) if event else '-'}</td><td>{escape(claims)}</td></tr>")
     return ("<table class=\"summary\"><thead><tr><th>scenario</th><th>what fails</th><th>reproduced</th>"
             "<th>fixed</th><th>broken: first non-finite step</th><th>first bad op</th><th>claims</th></tr></thead>"
@@ -100,7 +101,7 @@ def build_html(results: list[ScenarioResult], sweeps: Path | None = None) -> str
             f"<title>nanlab handout</title><style>{STYLE}</style></head><body>"
             "<h1>Why training goes NaN: the nanlab handout</h1>"
             f"<p class=\"meta\">{len(results)} scenario{'s' if len(results) != 1 else ''}, each a failure reproduced beside its fixes and the "
-            f"folklore about it, measured. Seed {', '.join(seeds)}, device {', '.join(devices)}. Every verdict "
+            f"folklore about it, measured. Seed {escape(', '.join(seeds))}, device {escape(', '.join(devices))}. Every verdict "
             "below was computed from the run.</p>"
             f"{summary_table(results)}{sections}{sweep_part}</body></html>\n")
 

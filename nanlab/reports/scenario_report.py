@@ -162,9 +162,9 @@ def html_section(result: ScenarioResult, figure: bool = True) -> str:
         event = v.first_nonfinite.event if v.first_nonfinite and v.first_nonfinite.event else None
         step = v.nonfinite_step
         rows.append(
-            f'<tr class="role-{v.role}" data-variant="{escape(v.name)}"><td>{escape(v.name)}</td>'
+            f'<tr class="role-{escape(str(v.role))}" data-variant="{escape(v.name)}"><td>{escape(v.name)}</td>'
             f"<td>{escape(v.role)}{' (lossy)' if v.lossy else ''}</td><td>{escape(v.summary)}</td>"
-            f'<td class="num" data-value="{"" if step is None else step}">{"finite" if step is None else step}</td>'
+            f'<td class="num" data-value="{"" if step is None else escape(str(step))}">{"finite" if step is None else escape(str(step))}</td>'
             f"<td>{escape(event.describe()) if event else '-'}</td>"
             f"{number(v.exact_loss_start)}{number(v.exact_loss_end)}<td class=\"verdict\">{escape(v.verdict)}</td></tr>")
     claims = "".join(
