@@ -7,6 +7,7 @@ our own range checks, ends as one ``nanlab: error:`` line and exit status 2.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import hydra
@@ -75,6 +76,10 @@ MODE_RUNNERS = {
 }
 
 
+# The modes that run chosen variants of one scenario.
+VARIANT_MODES = ("run", "sweep")
+
+
 def _run_mode(cfg) -> int:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -82,6 +87,10 @@ def _run_mode(cfg) -> int:
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
     mode = cfg.mode.value if hasattr(cfg.mode, "value") else str(cfg.mode)
+    cfg = config.finalize(cfg)  # every mode range-checks every key, mode=list included
+    if cfg.get("variant") is not None and mode not in VARIANT_MODES:
+        raise ConfigError("variant", cfg.variant, f"applies to mode={' and mode='.join(VARIANT_MODES)}, "
+                          f"not mode={mode}")
     if mode == "list":
         framework = cfg.framework.value if hasattr(cfg.framework, "value") else str(cfg.framework)
         if framework != "torch":  # which scenarios run where: read from source, nothing imported
@@ -95,7 +104,6 @@ def _run_mode(cfg) -> int:
         for name in registry.names():
             print(f"{name:<24} {registry.summary(name)}")
         return 0
-    cfg = config.finalize(cfg)
     if cfg.framework != "torch" and mode not in ("run", "claims"):
         raise ConfigError("framework", cfg.framework, f"applies to mode=run and mode=claims, not mode={mode}")
     if cfg.framework != "torch" and mode == "run":  # Keras and JAX run in worker processes (nanlab.frameworks)
@@ -125,15 +133,17 @@ def _run_mode(cfg) -> int:
 def main() -> None:
     # Let Hydra's errors reach us as exceptions rather than printed tracebacks.
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    config.setup()
     try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, KeyboardInterrupt
+        config.setup()
+        config.check_command_line(sys.argv[1:])
         code = app()
     except KeyboardInterrupt:
         _interrupted()
     except BrokenPipeError:
         _quiet_broken_pipe()
     except Exception as exc:
-        err = config.explain(exc, sys.argv[1:])
+        err = config.explain(exc, config.command_overrides(sys.argv[1:]))
         if err is not None:
             fail(err)
         # Hydra's own missing-config errors are IOErrors too; they were explained above.

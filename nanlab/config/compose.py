@@ -235,3 +235,71 @@ def explain(exc: BaseException, overrides: Sequence[str]) -> Optional[Exception]
     if isinstance(exc, (HydraException, OmegaConfBaseException)):
         return ConfigError("config", " ".join(overrides), str(exc).splitlines()[0])
     return None
+
+
+# Config groups a user picks by name on the command line.
+NAMED_GROUPS = ("scenario", "optimizer", "init", "clip")
+
+
+def _group_choices(group: str) -> list:
+    return {"scenario": registry.names, "optimizer": lambda: list(options.OPTIMIZERS),
+            "init": lambda: list(options.INITS), "clip": lambda: list(options.CLIPS)}[group]()
+
+
+def command_overrides(argv: Sequence[str]) -> list:
+    """The overrides among the command line's arguments: Hydra's own flags (-m,
+    --multirun, --cfg job, ...) left out, so that they are never parsed as overrides."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.startswith("-"):
+            skip = arg in ("-c", "--cfg", "-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir",
+                           "-p", "--package", "--info", "-i")
+        else:
+            out.append(arg)
+    return out
+
+
+def check_command_line(argv: Sequence[str]) -> None:
+    """What Hydra would accept but misread, or fail on with a traceback, refused up
+    front in one line: a config group given something other than one name
+    (``scenario=1``, ``scenario=null``, ``clip=[norm,value]``, ``scenario=../x``), and
+    a multirun of more jobs than ``sweep.max_points`` allows."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    overrides = command_overrides(argv)
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException:
+        for text in overrides:  # name the one override that does not parse
+            try:
+                OverridesParser.create().parse_overrides([text])
+            except OverrideParseException:
+                raise ConfigError("override", text, "cannot be parsed: unquoted values take ASCII letters, digits "
+                                  "and ._-/:+@; quote anything else (key='value'), lists are [a,b]") from None
+        raise
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    jobs, max_points = 1, None
+    for ov in parsed:
+        if ov.key_or_group == "sweep.max_points" and not ov.is_sweep_override():
+            max_points = ov.value()
+        if ov.is_sweep_override():
+            values = list(ov.sweep_string_iterator())
+            jobs *= max(1, len(values))
+        else:
+            values = [ov.value()]
+        if ov.key_or_group in NAMED_GROUPS and not ov.is_delete():
+            given = ov.get_value_element_as_str() if not ov.is_sweep_override() else None
+            for value in (values if ov.is_sweep_override() else [ov.value()]):
+                if not isinstance(value, str) or not value or "/" in value or value.startswith("."):
+                    choices = ", ".join(_group_choices(ov.key_or_group))
+                    how = (f"; to try several, use -m {ov.key_or_group}=a,b or mode=sweep"
+                           if isinstance(value, list) else "")
+                    raise ConfigError(ov.key_or_group, given if given is not None else value,
+                                      f"takes one name: {choices}{how}")
+    limit = max_points if isinstance(max_points, int) and max_points >= 1 else schema.SWEEP_DEFAULT_MAX_POINTS
+    if multirun and jobs > limit:
+        raise ConfigError("multirun", f"{jobs} jobs", f"a multirun of more than {limit} jobs is refused; narrow the grid, "
+                          f"or allow it with sweep.max_points={jobs}")
