@@ -194,3 +194,29 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path, delay):
         return
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "nanlab: interrupted", err
     assert "Traceback" not in err
+
+
+BROKEN_RESULT_FILES = {
+    "empty": b"", "truncated": b'{"scenario": "softmax_overflow", "variants": [', "binary": b"\xff\xfe\x00\x01",
+    "a_list": b"[1, 2, 3]", "wrong_types": b'{"scenario": 3, "variants": "no", "claims": 7}',
+    "huge_number": b'{"scenario": "x", "seconds": 1e999, "variants": [{"name": 1e999}]}',
+    "deep": b"[" * 100000 + b"]" * 100000, "null": b"null",
+}
+
+
+@pytest.mark.parametrize("form", sorted(BROKEN_RESULT_FILES))
+def test_a_report_over_a_broken_result_json_is_one_line(cli, tmp_path, form):
+    (tmp_path / "results" / "softmax_overflow").mkdir(parents=True)
+    (tmp_path / "results" / "softmax_overflow" / "result.json").write_bytes(BROKEN_RESULT_FILES[form])
+    proc = cli("mode=report", "report.run=false", f"report.results={tmp_path / 'results'}",
+               f"hydra.run.dir={tmp_path / 'out'}")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "softmax_overflow/result.json: cannot be read as a nanlab result.json" in lines[0]
+
+
+def test_a_folder_named_result_json_is_a_read_problem(cli, tmp_path):
+    (tmp_path / "results" / "softmax_overflow" / "result.json").mkdir(parents=True)
+    proc = cli("mode=report", "report.run=false", f"report.results={tmp_path / 'results'}",
+               f"hydra.run.dir={tmp_path / 'out'}")
+    assert proc.returncode == 2 and "cannot be read as a nanlab result.json (IsADirectoryError" in proc.stderr

@@ -50,8 +50,21 @@ ul.claims { padding-left: 1.2em; } .scenario-verdict { font-weight: 600; }
 
 
 def load_results(folder: Path) -> list[ScenarioResult]:
-    """Every ``<scenario>/result.json`` in the folder, in scenario-name order."""
-    return sorted((ScenarioResult.load(p) for p in sorted(folder.glob("*/result.json"))), key=lambda r: r.scenario)
+    """Every ``<scenario>/result.json`` in the folder, in scenario-name order. Each is
+    rendered once without its figure as it is read, so a file that loads but holds
+    the wrong types is refused here, by name, rather than half-way through the page."""
+    results = []
+    for path in sorted(folder.glob("*/result.json")):
+        try:
+            result = ScenarioResult.load(path)
+            summary_table([result])
+            html_section(result, figure=False)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as err:
+            why = str(err).splitlines()[0][:200] if str(err) else ""
+            raise ConfigError("report.results", str(path), f"cannot be read as a nanlab result.json "
+                              f"({type(err).__name__}{': ' + why if why else ''})") from None
+        results.append(result)
+    return sorted(results, key=lambda r: r.scenario)
 
 
 def _yes_no(value) -> str:
