@@ -181,3 +181,16 @@ def test_resume_over_a_damaged_summary_loses_no_point_and_repeats_none(tmp_path,
     text = (run_dir / SUMMARY_CSV).read_text()
     assert sorted(text.splitlines()) == sorted(good.decode().splitlines())
     assert [r["optimizer.lr"] for r in summary.rows] == ["0.05", "0.1", "0.2", "0.5"]
+
+
+def test_summary_markdown_rounds_while_the_csv_keeps_every_digit():
+    import re
+
+    summary = Summary(["optimizer.lr"], ["v"])
+    summary.rows = [{"optimizer.lr": "0.41604548692703247", "v.first_nonfinite_step": "12",
+                     "v.final_loss": "6.271254893933397e+35", "v.learned": "false", "status": "ok"}]
+    md = summary.markdown()
+    assert "| 0.416 | 12 | 6.271e+35 | false | ok |" in md
+    digits = [len(re.sub(r"[^0-9]", "", m.split("e")[0]).lstrip("0")) for m in re.findall(r"[0-9.]+(?:e[+-]?\d+)?", md)]
+    assert max(digits) <= 6
+    assert "0.41604548692703247" in summary.csv_text() and "6.271254893933397e+35" in summary.csv_text()

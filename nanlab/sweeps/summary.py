@@ -114,7 +114,7 @@ class Summary:
 
     def markdown(self, notes: Sequence[str] = ()) -> str:
         def cell(text: str) -> str:
-            return text.replace("|", "\\|") if text else " "
+            return _readable(text).replace("|", "\\|") if text else " "
 
         lines = [*notes, *([""] if notes else []),
                  "| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
@@ -139,6 +139,18 @@ def read_csv_rows(path: Path) -> tuple:
         return [], []
     header = records[0]
     return header, [dict(zip(header, r)) for r in records[1:] if len(r) == len(header)]
+
+
+def _readable(text: str) -> str:
+    """A cell as a person reads it: a float to 4 significant digits (0.4160, 6.271e+35);
+    summary.csv keeps the full repr, so nothing is lost."""
+    if text.lstrip("-").isdigit() or text in ("true", "false", OK):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return f"{value:.4g}"
 
 
 def _cell_is_whole(column: str, text: str) -> bool:
