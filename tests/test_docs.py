@@ -72,9 +72,12 @@ EXPECTED = {
     "python -m nanlab -m scenario=tanh_explosion optimizer.lr=0.01,0.1,0.2,0.5": [
         "[0] scenario=tanh_explosion optimizer.lr=0.01: NOT reproduced",
         "[2] scenario=tanh_explosion optimizer.lr=0.2: reproduced"],
-    "python -m nanlab scenario=unscaled_sgd": ["probe critical_lr:", "probe loss_ratio_end_over_start_at_0.9x_critical"],
+    "python -m nanlab scenario=unscaled_sgd": [
+        Near(r"probe critical_lr: (\S+)", 1.028e-10), "probe loss_ratio_end_over_start_at_0.9x_critical",
+        "probe loss_ratio_end_over_start_at_1.1x_critical: inf"],
     "python -m nanlab -m scenario=unscaled_sgd optimizer.lr=5e-11,1e-10,2e-10": [
         "[0] scenario=unscaled_sgd optimizer.lr=5e-11: NOT reproduced",
+        "[1] scenario=unscaled_sgd optimizer.lr=1e-10: NOT reproduced",
         "[2] scenario=unscaled_sgd optimizer.lr=2e-10: reproduced"],
     "python -m nanlab -m scenario=tanh_explosion optimizer.lr=0.05,0.2,1.0 clip=none,norm": [
         "optimizer.lr=0.05 clip=none: NOT reproduced", "optimizer.lr=0.2 clip=none: reproduced",
