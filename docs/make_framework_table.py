@@ -1,6 +1,6 @@
 """Measure every scenario that has framework builders in torch and every installed
 framework, and write the result as the table between the framework-table markers in
-README.md and docs/frameworks.md (run by `make docs`; tests/test_frameworks.py checks
+docs/frameworks.md (run by `make docs`; tests/test_frameworks.py checks
 the table against a fresh measurement)."""
 import re
 import sys
@@ -29,12 +29,12 @@ def measured_table() -> str:
 
 def main():
     table = measured_table()
-    for path in (ROOT / "README.md", ROOT / "docs" / "frameworks.md"):
-        text = path.read_text()
-        if MARKERS[0] not in text:
-            sys.exit(f"{path} has no {MARKERS[0].strip()} marker")
-        pattern = re.escape(MARKERS[0]) + ".*?" + re.escape(MARKERS[1])
-        path.write_text(re.sub(pattern, lambda _: MARKERS[0] + table + MARKERS[1], text, flags=re.S))
+    path = ROOT / "docs" / "frameworks.md"
+    text = path.read_text()
+    if MARKERS[0] not in text:
+        sys.exit(f"{path} has no {MARKERS[0].strip()} marker")
+    pattern = re.escape(MARKERS[0]) + ".*?" + re.escape(MARKERS[1])
+    path.write_text(re.sub(pattern, lambda _: MARKERS[0] + table + MARKERS[1], text, flags=re.S))
 
 
 if __name__ == "__main__":

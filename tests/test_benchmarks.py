@@ -1,5 +1,5 @@
 """The benchmark scripts run and print the ratios they promise. Timings are not
-asserted here: this machine is shared and noisy (see the README for measured numbers)."""
+asserted here: this machine is shared and noisy (see docs/performance.md for measured numbers)."""
 import re
 import subprocess
 import sys

@@ -36,7 +36,7 @@ def test_sparse_ce_reproduced_and_fixed_in_each_framework(framework_runs, framew
 
 
 def test_the_readme_command_shows_every_framework_and_repeats_the_numbers(framework_runs, tmp_path):
-    """README's `python -m nanlab scenario=sparse_ce_bad_labels framework=all`, run as
+    """docs/frameworks.md's `python -m nanlab scenario=sparse_ce_bad_labels framework=all`, run as
     written (tests/test_docs.py leaves it to this test), prints what the docs promise;
     and every framework's numbers in its result.json equal the shared measurement's,
     taken in other processes: same seed, same numbers, in each framework."""
@@ -218,8 +218,9 @@ def test_list_framework_shows_where_each_scenario_runs():
 
 
 def test_the_docs_framework_table_is_what_a_fresh_run_measures(framework_runs, result_of):
-    """README.md and docs/frameworks.md show, per scenario and variant, what happened in
-    each framework; `make docs` writes that table, and it must match today's numbers."""
+    """docs/frameworks.md shows, per scenario and variant, what happened in each
+    framework; `make docs` writes that table, and it must match today's numbers.
+    The table lives on that page only: the README links to it."""
     from pathlib import Path
 
     from nanlab.frameworks import runs_on
@@ -232,10 +233,10 @@ def test_the_docs_framework_table_is_what_a_fresh_run_measures(framework_runs, r
     results = {"torch": {n: result_of(n) for n in with_builders}, **framework_runs}
     table = framework_matrix(results, list(FRAMEWORKS))
     root = Path(__file__).resolve().parents[1]
-    for doc in (root / "README.md", root / "docs" / "frameworks.md"):
-        text = doc.read_text()
-        assert f"<!-- framework-table:start -->\n{table}<!-- framework-table:end -->" in text, (
-            f"{doc.name}'s framework table is stale; run `make docs`. Measured now:\n{table}")
+    assert "framework-table" not in (root / "README.md").read_text()
+    text = (root / "docs" / "frameworks.md").read_text()
+    assert f"<!-- framework-table:start -->\n{table}<!-- framework-table:end -->" in text, (
+        f"frameworks.md's framework table is stale; run `make docs`. Measured now:\n{table}")
 
 
 def test_framework_matrix_cells_follow_the_results():

@@ -87,7 +87,7 @@ def test_boundary_brackets_hold_against_the_scenario_itself(tmp_path):
         assert _finite(0.8 * critical, entry["init"], "none", steps)
         assert not _finite(1.25 * critical, entry["init"], "none", steps)
     default, xavier = entries[0]["critical_lr"], entries[2]["critical_lr"]
-    assert xavier < default  # measured: about 0.04 against 0.12 (README, "The stability boundary")
+    assert xavier < default  # measured: about 0.04 against 0.12 (docs/sweeps.md, "The stability boundary")
     assert (tmp_path / "boundary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
