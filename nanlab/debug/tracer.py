@@ -285,39 +285,67 @@ class Provenance:
 
     def _judge(self, content, reads, writer: bool):
         """(earlier event carried or None, masks the output holds, origin of a new
-        event or None) for one non-finite output."""
-        carried, outside, masks = None, False, set()
+        event or None) for one non-finite output: the rules Carried, From outside and
+        Masks of the module docstring, in that order."""
+        unexplained, masks = self._unexplained_inputs(reads)
+        masks |= self._masks_from_inputs(unexplained, writer)
+        present = _signs(content[1], content[2])
+        carried = self._carried(unexplained)
+        if carried is not None:
+            # Only the masks that came in stay masks: the carried value is no constant.
+            return carried, masks & present, None
+        if self._from_outside(unexplained, writer):
+            return None, masks & present, "input"
+        if writer:
+            masks |= {"+", "-"}  # the infinities a constant writer writes are masks
+        return None, masks & present, ("op" if self._uncovered(content, masks) else None)
+
+    def _unexplained_inputs(self, reads) -> tuple[list, frozenset]:
+        """The inputs holding a non-finite value that their own masks do not explain, as
+        [(event held or None, nan, +inf, -inf)], and the signs of the masks the inputs
+        hold (unmeasured and finite inputs bring nothing)."""
+        unexplained, masks = [], frozenset()
         for key, c in reads:
             if c is None or c == FINITE:
                 continue
             nan, pos, neg = c
             held = self.held.get(key)
             held_masks = held.masks if held is not None else frozenset()
-            masks |= {s for s, present in (("+", pos), ("-", neg)) if present and s in held_masks}
+            masks |= _signs(pos, neg) & held_masks
             pos, neg = pos and "+" not in held_masks, neg and "-" not in held_masks
-            if not (nan or pos or neg):
-                continue
-            if held is not None and held.event is not None:
-                if carried is None or held.event < carried:
-                    carried = held.event
-            elif nan or (pos and not writer):
-                outside = True  # NaN or +inf that no traced op made
-            else:
-                # -inf from outside the trace is taken as a mask; so is an infinity a
-                # constant writer is handed (the constant it writes).
-                masks |= {s for s, present in (("+", pos), ("-", neg)) if present}
-        nan, pos, neg = content
-        present = frozenset(s for s, p in (("+", pos), ("-", neg)) if p)
-        if carried is not None:
-            # Only the masks that came in stay masks: the carried value is no constant.
-            return carried, frozenset(masks) & present, None
-        if outside:
-            return None, frozenset(masks) & present, "input"
-        if writer:
-            masks |= {"+", "-"}
-        if nan or (pos and "+" not in masks) or (neg and "-" not in masks):
-            return None, frozenset(masks) & present, "op"
-        return None, frozenset(masks) & present, None
+            if nan or pos or neg:
+                unexplained.append((held.event if held is not None else None, nan, pos, neg))
+        return unexplained, masks
+
+    @staticmethod
+    def _carried(unexplained) -> Optional[int]:
+        """Carried: the earliest event whose bad value an input holds."""
+        return min((event for event, *_ in unexplained if event is not None), default=None)
+
+    @staticmethod
+    def _is_outside_value(nan, pos, writer: bool) -> bool:
+        # A constant writer handed +inf writes it as a constant (the Masks rule).
+        return nan or (pos and not writer)
+
+    @classmethod
+    def _from_outside(cls, unexplained, writer: bool) -> bool:
+        """From outside: an input holds a NaN or +inf that no traced op made."""
+        return any(event is None and cls._is_outside_value(nan, pos, writer) for event, nan, pos, _ in unexplained)
+
+    @classmethod
+    def _masks_from_inputs(cls, unexplained, writer: bool) -> frozenset:
+        """Masks: a -inf that enters from outside the trace, and an infinity a constant
+        writer is handed (the constant it writes)."""
+        masks = frozenset()
+        for event, nan, pos, neg in unexplained:
+            if event is None and not cls._is_outside_value(nan, pos, writer):
+                masks |= _signs(pos, neg)
+        return masks
+
+
+def _signs(pos: bool, neg: bool) -> frozenset:
+    """The signs of infinity a (+inf, -inf) pair holds."""
+    return frozenset(s for s, present in (("+", pos), ("-", neg)) if present)
 
 
 @dataclass(frozen=True)
