@@ -289,3 +289,15 @@ def test_a_new_tensor_in_a_freed_masks_memory_is_not_taken_for_the_mask():
 
     ev = traced(run).first
     assert (ev.op, ev.kind, ev.origin) == ("aten.mul", "inf", "input")
+
+
+# -- Issue 18: the first harmful event, not the last --------------------------------
+
+def test_of_two_harmful_events_the_first_is_named():
+    def run():
+        # Both results are left unread, so both reach something; log ran first.
+        torch.log(torch.zeros(2))  # -inf
+        torch.sqrt(-torch.ones(2))  # NaN
+
+    tr = traced(run)
+    assert tr.first.op == "aten.log" and tr.transient == []
