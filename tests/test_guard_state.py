@@ -67,7 +67,7 @@ def test_guard_catches_a_running_variance_that_overflows_while_the_loss_stays_fi
     with pytest.raises(nanlab.NonFiniteError) as info:
         guarded(torch.tensor([[1e20, 1.0], [-1e20, 2.0], [3e19, 0.0]]))
     assert info.value.quantity == "buffers"
-    assert info.value.event.op == "aten.native_batch_norm" and info.value.event.module == "1"
+    assert info.value.event.op == "aten.native_batch_norm" and info.value.event.module == "1 (BatchNorm1d)"
     assert torch.equal(model[1].running_var, running_var)  # restored
 
 

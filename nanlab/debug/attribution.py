@@ -53,12 +53,14 @@ def _user_frame(depth: int = 1) -> Optional[str]:
     return None
 
 
-def _path_of(root, leaf) -> str:
-    """``layers.3`` for a submodule; the class name for the root itself."""
+def _module_name(root, leaf) -> str:
+    """What a report calls a module: its path in the model and its class,
+    ``layers.6 (Linear)``, since a bare path (``6``) says neither what the module is
+    nor where. The root has no path, so it is its class alone (``TinyAttention``)."""
     if leaf is not root:
-        for name, mod in root.named_modules():
+        for path, mod in root.named_modules():
             if mod is leaf:
-                return name
+                return f"{path} ({type(leaf).__name__})"
     return type(leaf).__name__
 
 
@@ -196,9 +198,9 @@ class OpLocator:
             if ctx.custom:
                 source = ctx.source or source  # the custom backward is user code
                 fwd_op = ctx.node_name.removesuffix("Backward")  # the Function class, not an op inside it
-            module = _path_of(*modules) if modules else None
+            module = _module_name(*modules) if modules else None
             return Event(op, "backward", kind, origin, module, source, absmax, ctx.node_name, fwd_op)
-        module = _path_of(*ctx.modules) if ctx.modules else None
+        module = _module_name(*ctx.modules) if ctx.modules else None
         return Event(op, ctx.phase, kind, origin, module, ctx.source, absmax)
 
     def persistent_tensors(self) -> list[torch.Tensor]:
