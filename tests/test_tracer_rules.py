@@ -301,3 +301,17 @@ def test_of_two_harmful_events_the_first_is_named():
 
     tr = traced(run)
     assert tr.first.op == "aten.log" and tr.transient == []
+
+
+# -- Issue 23: complex values and other threads -------------------------------------
+
+def test_a_complex_log_of_zero_is_placed_at_the_log_not_at_the_abs_after_it():
+    z = torch.tensor([1.0 + 1.0j, 0.0 + 0.0j])
+    ev = traced(lambda: torch.log(z).abs().sum()).first
+    assert (ev.op, ev.kind, ev.origin) == ("aten.log", "inf", "op")
+
+
+def test_a_complex_nan_that_comes_in_is_bad_input():
+    z = torch.tensor([1.0 + 1.0j, complex(0.0, float("nan"))])
+    ev = traced(lambda: (z * 2).real.sum()).first
+    assert (ev.op, ev.kind, ev.origin) == ("aten.mul", "nan", "input")

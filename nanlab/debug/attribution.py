@@ -205,7 +205,7 @@ class OpLocator:
 
     def persistent_tensors(self) -> list[torch.Tensor]:
         """What outlives the block in the modules and optimizers it ran: parameters,
-        buffers, gradients and optimizer state (floating point tensors only)."""
+        buffers, gradients and optimizer state (floating point and complex tensors)."""
         found: dict[int, torch.Tensor] = {}
         for m in self.modules_seen.values():
             for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)):
@@ -224,4 +224,4 @@ class OpLocator:
                     for t in values:
                         if isinstance(t, torch.Tensor):
                             found[id(t)] = t
-        return [t for t in found.values() if t.is_floating_point() and t.numel()]
+        return [t for t in found.values() if (t.is_floating_point() or t.is_complex()) and t.numel()]

@@ -15,12 +15,19 @@ import math
 import torch
 
 
+def stored_values(t: torch.Tensor) -> torch.Tensor:
+    """The values a tensor stores, as real numbers: a sparse tensor's nonzeros, and a
+    complex tensor's real and imaginary parts (so that its -inf has a sign, and its
+    largest |x| is its largest part). Both modes measure these."""
+    v = t._values() if t.is_sparse else t
+    return torch.view_as_real(v.resolve_conj()) if v.is_complex() else v
+
+
 def _stats(t: torch.Tensor) -> torch.Tensor:
     """[holds NaN, max, min], NaN ignored in the last two, computed on t's device
     without a host sync. An infinite max or min tells +inf or -inf; the larger
     magnitude of the two is the largest |x|."""
-    v = t._values() if t.is_sparse else t
-    v = v.detach()
+    v = stored_values(t).detach()
     low, high = torch.aminmax(v.nan_to_num(nan=0.0, posinf=math.inf, neginf=-math.inf))
     return torch.stack([v.isnan().any().double(), high.double(), low.double()])
 

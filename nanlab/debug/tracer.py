@@ -65,7 +65,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from nanlab.debug.attribution import OpLocator
-from nanlab.debug.deferred import DeferredMode
+from nanlab.debug.deferred import DeferredMode, stored_values
 from nanlab.lab.result import Event
 
 __all__ = ["Event", "Tracer", "Replay", "trace", "replay"]
@@ -106,25 +106,22 @@ _UNDECLARED_WRITES = {
 FINITE = (False, False, False)
 
 
-def _is_float(t) -> bool:
-    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() > 0
+def _is_inexact(t) -> bool:
+    """Whether the tracer checks a tensor: floating point or complex (``log`` of a
+    complex zero is -inf), and not empty."""
+    return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and t.numel() > 0
 
 
-def _float_tensors(tree) -> list[torch.Tensor]:
+def _inexact_tensors(tree) -> list[torch.Tensor]:
     if isinstance(tree, torch.Tensor):
-        return [tree] if _is_float(tree) else []
-    return [t for t in tree_leaves(tree) if _is_float(t)]
-
-
-def _values(t: torch.Tensor) -> torch.Tensor:
-    """The stored values (a sparse tensor's nonzeros)."""
-    return t._values() if t.is_sparse else t
+        return [tree] if _is_inexact(tree) else []
+    return [t for t in tree_leaves(tree) if _is_inexact(t)]
 
 
 def _is_finite_fast(t: torch.Tensor) -> bool:
     """One reduction on the common finite path; a sum that overflowed on finite values
     falls through to the exact check."""
-    v = _values(t)
+    v = stored_values(t)
     # Half types accumulate in float32 so that a sum of finite values rarely overflows.
     total = v.sum(dtype=torch.float32) if v.element_size() < 4 else v.sum()
     return math.isfinite(total.item()) or _content(t) == FINITE
@@ -137,13 +134,13 @@ def _measure(t: torch.Tensor) -> tuple:
 
 def _content(t: torch.Tensor) -> tuple:
     """(holds NaN, holds +inf, holds -inf), exactly."""
-    v = _values(t)
+    v = stored_values(t)
     return bool(v.isnan().any()), bool((v == math.inf).any()), bool((v == -math.inf).any())
 
 
 def _absmax(t: torch.Tensor) -> float:
     """Largest |x|, NaN ignored."""
-    return _values(t).detach().abs().nan_to_num(nan=0.0, posinf=math.inf).max().item()
+    return stored_values(t).detach().abs().nan_to_num(nan=0.0, posinf=math.inf).max().item()
 
 
 def _kind(content) -> str:
@@ -422,22 +419,22 @@ def _argument(args, kwargs, position: int, name: str):
 
 
 def _written_arguments(plan: _Plan, args, kwargs) -> list[tuple]:
-    """[(tensor, also read)] for each floating point tensor the op writes in place."""
+    """[(tensor, also read)] for each floating point or complex tensor the op writes in place."""
     if not plan.writes:
         return []
     if plan.training_flag is not None and not _argument(args, kwargs, plan.training_flag, "training"):
         return []
     found = []
     for position, name, read in plan.writes:
-        for t in _float_tensors(_argument(args, kwargs, position, name)):
+        for t in _inexact_tensors(_argument(args, kwargs, position, name)):
             found.append((t, read))
     return found
 
 
 def _written_tensors(written, out) -> list[torch.Tensor]:
-    """Every floating point tensor an op wrote: its in-place arguments, then its
+    """Every floating point or complex tensor an op wrote: its in-place arguments, then its
     outputs, each once (an in-place op returns the tensor it wrote)."""
-    return list({id(t): t for t in [t for t, _ in written] + _float_tensors(out)}.values())
+    return list({id(t): t for t in [t for t, _ in written] + _inexact_tensors(out)}.values())
 
 
 def _op_groups(plan: _Plan, args, kwargs, out, written) -> list[tuple]:
@@ -445,7 +442,7 @@ def _op_groups(plan: _Plan, args, kwargs, out, written) -> list[tuple]:
     ``_foreach_`` op, one per list position, so that a bad value in one parameter's
     update is traced to that parameter's own inputs."""
     write_only = {id(t) for t, read in written if not read}
-    reads = [] if plan.shape_only else [t for t in _float_tensors((args, kwargs)) if id(t) not in write_only]
+    reads = [] if plan.shape_only else [t for t in _inexact_tensors((args, kwargs)) if id(t) not in write_only]
     writes = _written_tensors(written, out)
     if not plan.foreach:
         return [(reads, writes)]
@@ -460,7 +457,7 @@ def _op_groups(plan: _Plan, args, kwargs, out, written) -> list[tuple]:
     written_ids = {id(t) for t in writes}
     groups = []
     for i in range(length):
-        column = [lst[i] for lst in lists if _is_float(lst[i])]
+        column = [lst[i] for lst in lists if _is_inexact(lst[i])]
         groups.append(([t for t in column if id(t) not in write_only] + shared,
                        [t for t in column if id(t) in written_ids]))
     return groups
@@ -505,7 +502,7 @@ class ImmediateMode:
     def measure_overwritten(self, t: torch.Tensor) -> tuple:
         """An input the op is about to overwrite. (max |x| is finite exactly when x
         is, and is the input's absmax as well: one reduction on the common path.)"""
-        top = _values(t).detach().abs().amax().item()
+        top = stored_values(t).detach().abs().amax().item()
         return (FINITE, top) if math.isfinite(top) else (_content(t), _absmax(t))
 
     def where(self, locate: Callable) -> Callable:
@@ -582,7 +579,7 @@ class Tracer(TorchDispatchMode):
         plan = _plan(func)
         if plan.kind == "view":  # a view shares its base's storage: nothing new to follow
             return func(*args, **kwargs)
-        mode = self._mode or self._pick_mode(_float_tensors((args, kwargs)))
+        mode = self._mode or self._pick_mode(_inexact_tensors((args, kwargs)))
         if plan.kind == "checked":
             return self._check(mode, func, plan, args, kwargs)
         out = func(*args, **kwargs)
@@ -594,7 +591,7 @@ class Tracer(TorchDispatchMode):
             if plan.kind == "finite":
                 mode.record(("finite", write_keys))
             else:
-                mode.record(("carried", [key(t) for t in _float_tensors((args, kwargs))], write_keys))
+                mode.record(("carried", [key(t) for t in _inexact_tensors((args, kwargs))], write_keys))
         return out
 
     def _check(self, mode, func, plan, args, kwargs):
@@ -611,7 +608,7 @@ class Tracer(TorchDispatchMode):
         writes = _written_tensors(written, out)
         if not writes:
             if plan.readout and mode.following():
-                for t in _float_tensors((args, kwargs)):
+                for t in _inexact_tensors((args, kwargs)):
                     mode.record(("read_out", key(t), mode.measure(t)))
             return out
         spoiled = mode.maybe_nonfinite(writes)
