@@ -45,7 +45,10 @@ update without declaring it.
 Backward events also carry the autograd node (``SqrtBackward0``, or a custom
 Function's ``MyFnBackward``) and the forward op that created it, matched through
 autograd's sequence numbers, so that the module and source line point at the
-forward code the user wrote.
+forward code the user wrote. The tracer sees only the ops of the thread that entered
+it: a backward whose forward it never saw names its forward op as ``? (forward ran
+before the block or on a thread the tracer does not trace)``, and a match made while
+another thread ran modules is marked unsure, since autograd numbers nodes per thread.
 
 Both modes run every op through one path, ``Tracer.__torch_dispatch__``, which
 records it for the rules (``Provenance.feed``); the mode decides only when values are
