@@ -49,10 +49,7 @@ class DeferredMode:
     is the index of an op's queued statistics.
 
     It cannot tell a finite write from a non-finite one before the sync, so it reports
-    every write as maybe non-finite and follows every op: the tracer then hands it
-    only its own readings."""
-
-    UNMEASURED = (None, None)  # never handed out: every write counts as maybe non-finite
+    every write as maybe non-finite and follows every op."""
 
     def __init__(self, rules):
         self._rules = rules
@@ -96,7 +93,9 @@ class DeferredMode:
         records, self._records, self._stats = self._records, [], []
 
         def resolve(reading):
-            return (_content(values[reading]), _absmax(values[reading])) if isinstance(reading, int) else reading
+            if isinstance(reading, int):
+                return _content(values[reading]), _absmax(values[reading])
+            return reading  # one the tracer knew without measuring: already (content, largest |x|)
 
         for record in records:
             self._rules.feed(record, resolve)

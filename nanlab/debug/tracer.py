@@ -107,6 +107,10 @@ _UNDECLARED_WRITES = {
 
 # An output's content: (holds NaN, holds +inf, holds -inf).
 FINITE = (False, False, False)
+# Readings, (content, largest |x|), that the tracer knows without measuring, in either
+# mode: a write its mode found finite, and an input whose content the rules do not need.
+FINITE_READING = (FINITE, None)
+UNMEASURED = (None, None)
 
 
 def _is_inexact(t) -> bool:
@@ -486,8 +490,6 @@ class ImmediateMode:
     """Checks each op on the host as it runs and feeds the rules at once: on the CPU
     reading a value back costs nothing. A reading is (content, largest |x|)."""
 
-    UNMEASURED = (None, None)
-
     def __init__(self, rules: Provenance):
         self._rules = rules
 
@@ -621,13 +623,13 @@ class Tracer(TorchDispatchMode):
 
         def read(t):
             if not spoiled:  # the rules only mark it read: its content is not needed
-                return key(t), mode.UNMEASURED
+                return key(t), UNMEASURED
             if id(t) not in readings:
                 readings[id(t)] = overwritten[id(t)] if id(t) in overwritten else mode.measure(t)
             return key(t), readings[id(t)]
 
         def wrote(t):
-            return key(t), (mode.measure(t) if id(t) in spoiled else (FINITE, None)), _is_partial(t)
+            return key(t), (mode.measure(t) if id(t) in spoiled else FINITE_READING), _is_partial(t)
 
         groups = [([read(t) for t in reads], [wrote(t) for t in ws])
                   for reads, ws in _op_groups(plan, args, kwargs, out, written)]
