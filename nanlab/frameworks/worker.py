@@ -4,7 +4,8 @@ The parent (:mod:`nanlab.frameworks.run`) writes a request: the framework, and p
 scenario the data each variant trains on (numpy arrays, already prepared the way
 the torch variant prepares them) and its settings. This process imports only that
 framework (KERAS_BACKEND is in its environment before keras is imported), builds
-each scenario's recipe from the scenario's source, trains every variant full-batch
+each scenario's recipe with the builder its ``FRAMEWORKS`` names (imported from a
+torch-free module; the scenario module itself is never imported here), trains every variant full-batch
 for ``steps`` steps, and writes back the training loss of every step, where it first
 went non-finite, and the model's outputs before training and at the end. The parent
 scores those outputs with the scenario's float64 exact loss.
@@ -23,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nanlab import frameworks
 from nanlab.frameworks import recipe as recipe_api
-from nanlab.frameworks import source
 from nanlab.config.options import FRAMEWORKS
 
 
@@ -311,7 +312,7 @@ def _run_job(trainer, family: str, job: dict, arrays, outputs: dict) -> dict:
     name, started_job = job["scenario"], time.perf_counter()
     extra = {key: arrays[path] for key, path in job["raw"].get("extra", {}).items()}
     raw = types.SimpleNamespace(x=arrays[job["raw"]["x"]], y=arrays[job["raw"]["y"]], extra=extra)
-    recipe = source.builder(name, family)(trainer.kit(), raw, types.SimpleNamespace(**job["knobs"]))
+    recipe = frameworks.builder(name, family)(trainer.kit(), raw, types.SimpleNamespace(**job["knobs"]))
     torch_variants = {v["name"]: v for v in job["variants"]}
     wanted = job.get("only")
     results = []
