@@ -76,7 +76,7 @@ def test_every_option_table_entry_builds_a_torch_object():
     assert all(isinstance(DTYPES[name], torch.dtype) for name in options.DTYPES)
     param = torch.nn.Parameter(torch.ones(2))
     for name, option in options.OPTIMIZERS.items():
-        cfg = OmegaConf.create({"name": name, "lr": 0.1, "weight_decay": 0.0, **option.settings})
+        cfg = OmegaConf.create({"name": name, "lr": 0.1, **options.OPTIMIZER_DEFAULTS})
         assert type(make_optimizer(cfg, [param])).__name__ == option.torch_class
     for name in options.INITS:
         torch.manual_seed(0)
