@@ -9,7 +9,6 @@ from pathlib import Path
 from nanlab import frameworks
 from nanlab.lab import registry
 from nanlab.config.compose import compose
-from nanlab.frameworks import source
 from nanlab.frameworks.render import framework_matrix
 from nanlab.frameworks.run import measure
 from nanlab.config.options import FRAMEWORKS
@@ -22,7 +21,7 @@ def measured_table() -> str:
     missing = [f for f in FRAMEWORKS if not frameworks.installed(f)]
     if missing:  # a table with a column left out would read as "not reproduced there"
         sys.exit(f"docs/make_framework_table.py needs every framework; missing: {', '.join(missing)}")
-    names = [n for n in registry.builtin_names() if source.declared(n)]
+    names = [n for n in registry.builtin_names() if frameworks.declared(n)]
     results = measure([compose([f"scenario={n}"]) for n in names], list(FRAMEWORKS))
     return framework_matrix(results, list(FRAMEWORKS))
 

@@ -97,12 +97,11 @@ def _measure_frameworks(overrides, only):
     from nanlab import frameworks
     from nanlab.lab import registry
     from nanlab.config.compose import compose
-    from nanlab.frameworks import source
     from nanlab.frameworks.run import measure
     from nanlab.config.options import FRAMEWORKS
 
     others = [f for f in FRAMEWORKS if f != "torch" and frameworks.installed(f)]
-    names = [n for n in registry.names() if source.declared(n) and (only is None or n in only)]
+    names = [n for n in registry.names() if frameworks.declared(n) and (only is None or n in only)]
     return measure([compose([f"scenario={n}", *overrides]) for n in names], others)
 
 

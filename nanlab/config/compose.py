@@ -31,7 +31,8 @@ def setup() -> None:
     store = ConfigStore.instance()
     for name, option in options.OPTIMIZERS.items():
         lr = f"${{oc.select:scenario.lr.{name},{option.lr}}}"  # the scenario's lr for this optimizer
-        store.store(group="optimizer", name=name, node={"name": name, "lr": lr, **option.settings})
+        settings = {key: options.OPTIMIZER_DEFAULTS[key] for key in option.settings}
+        store.store(group="optimizer", name=name, node={"name": name, "lr": lr, **settings})
     for name, option in options.INITS.items():
         store.store(group="init", name=name, node={"name": name})
     for name in options.CLIPS:

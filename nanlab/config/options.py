@@ -13,29 +13,51 @@ DTYPES = ("float32", "float64", "float16", "bfloat16")
 DEVICES = ("cpu", "cuda", "auto")
 MODES = ("run", "list", "claims", "check", "report", "sweep", "boundary")
 CLIPS = ("none", "norm", "value")
+# clip=norm scales by threshold / (norm + this): torch.nn.utils.clip_grads_with_norm_'s
+# own constant, which the batched engine and the JAX worker must add as torch does.
+CLIP_NORM_EPS = 1e-6
 KERNEL_KINDS = ("cross_entropy", "binary_cross_entropy", "binary_cross_entropy_with_logits", "softmax",
                 "log_softmax", "logsumexp")
 KERNEL_FRAMEWORKS = ("torch", "numpy")
 KERNEL_VIEWS = ("all", "failures")  # kernel.show: the whole table, or only what failed
 
 
+# Every ``optimizer.*`` setting besides name and lr, with its default (the schema's
+# OptimizerConf fields). Each optimizer reads the ones its option names.
+OPTIMIZER_DEFAULTS = {"momentum": 0.0, "eps": 1e-8, "weight_decay": 0.0}
+# Read by every optimizer on top of its own settings.
+OPTIMIZER_COMMON = ("weight_decay",)
+
+
 @dataclass(frozen=True)
 class OptimizerOption:
-    """A torch.optim class and the settings it reads from ``optimizer.*``. ``lr`` is
-    the default when the scenario names no learning rate for this optimizer."""
+    """One optimizer, as torch.optim defines it, for every backend that trains with it:
+    nanlab's loop (nanlab.lab.build), the batched engine (nanlab.sweeps.engine) and the
+    Keras and JAX workers (nanlab.frameworks.worker) all read this table.
+
+    ``torch_class`` is the torch.optim class (Keras names its own alike); ``lr`` the
+    default when the scenario names no learning rate for this optimizer; ``settings``
+    the ``optimizer.*`` keys it reads besides OPTIMIZER_COMMON; ``constants`` the
+    torch.optim arguments nanlab does not expose, at torch's defaults, written here so
+    that no backend writes them again."""
 
     torch_class: str
     lr: float
-    settings: dict = field(default_factory=dict)
+    settings: tuple = ()
+    constants: dict = field(default_factory=dict)
+
+    @property
+    def keys(self) -> tuple:
+        """Every ``optimizer.*`` key this optimizer reads, besides lr."""
+        return (*self.settings, *OPTIMIZER_COMMON)
 
 
 OPTIMIZERS = {
-    "sgd": OptimizerOption("SGD", 0.01, {"momentum": 0.0}),
-    "adam": OptimizerOption("Adam", 0.001, {"eps": 1e-8}),
-    "rmsprop": OptimizerOption("RMSprop", 0.001, {"eps": 1e-8, "momentum": 0.0}),
+    "sgd": OptimizerOption("SGD", 0.01, ("momentum",)),
+    "adam": OptimizerOption("Adam", 0.001, ("eps",), {"betas": (0.9, 0.999)}),
+    # alpha: RMSprop's smoothing constant (Keras calls it rho, and defaults it to 0.9).
+    "rmsprop": OptimizerOption("RMSprop", 0.001, ("eps", "momentum"), {"alpha": 0.99}),
 }
-# Read by every optimizer on top of its own settings.
-OPTIMIZER_COMMON = ("weight_decay",)
 
 
 @dataclass(frozen=True)

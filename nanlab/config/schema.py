@@ -36,9 +36,9 @@ RunFramework = _enum("RunFramework", options.FRAMEWORK_CHOICES)
 class OptimizerConf:
     name: OptimizerName = OptimizerName.sgd
     lr: float = 0.01
-    momentum: float = 0.0
-    eps: float = 1e-8
-    weight_decay: float = 0.0
+    momentum: float = options.OPTIMIZER_DEFAULTS["momentum"]
+    eps: float = options.OPTIMIZER_DEFAULTS["eps"]
+    weight_decay: float = options.OPTIMIZER_DEFAULTS["weight_decay"]
 
 
 @dataclass

@@ -30,7 +30,7 @@ from nanlab.lab import verdicts
 from nanlab.lab.build import DTYPES
 from nanlab.config.compose import changed_settings
 from nanlab.errors import ConfigError
-from nanlab.frameworks import chosen, source
+from nanlab.frameworks import chosen, declared
 from nanlab.lab.loop import overrides_of, variant_config
 from nanlab.config.options import FRAMEWORKS
 from nanlab.reports.scenario_report import ScenarioReport
@@ -91,13 +91,13 @@ def check_settings(cfg, framework: str) -> None:
 
 
 def supported(name: str, framework: str) -> bool:
-    return FRAMEWORKS[framework].family == "torch" or FRAMEWORKS[framework].family in source.declared(name)
+    return FRAMEWORKS[framework].family == "torch" or FRAMEWORKS[framework].family in declared(name)
 
 
 def require_builder(name: str, framework: str) -> None:
     if not supported(name, framework):
         family = FRAMEWORKS[framework].family
-        having = [n for n in registry.names() if family in source.declared(n)]
+        having = [n for n in registry.names() if family in declared(n)]
         raise ConfigError("framework", framework, f"scenario {name} has no {family} builder; scenarios with one: "
                           + ", ".join(having))
 

@@ -2,8 +2,8 @@
 ``nanlab.scenarios`` entry-point group, both read the same way.
 
 A scenario's name is its module's file name (built-in) or its entry-point name
-(plugin). Its SUMMARY, DEFAULTS and DATA are literals read from the module's source
-without importing it, so that composing a config, ``mode=list`` and error messages
+(plugin). Its SUMMARY, DEFAULTS, DATA and FRAMEWORKS are literals read from the
+module's source without importing it, so that composing a config, ``mode=list`` and error messages
 never import torch or a scenario module. A module whose source breaks the contract
 is left out with one warning line, so one broken plugin cannot stop the others.
 """
@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import ast
 import importlib
+import re
 import importlib.util
 import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import metadata, resources
 
+from nanlab.config.options import FRAMEWORKS as FRAMEWORK_OPTIONS
 from nanlab.errors import ConfigError
 from nanlab.lab.scenario import REQUIRED, ContractError
 
@@ -26,6 +28,8 @@ ENTRY_POINT_GROUP = "nanlab.scenarios"
 GROUP_KEYS = ("optimizer", "init", "clip")
 PLAIN_KEYS = ("lr", "steps", "dtype", "device", "seed")
 KNOB_TYPES = (bool, int, float, str)
+# FRAMEWORKS values: "package.module:function", the builder imported by framework workers.
+BUILDER_REFERENCE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,8 @@ class Declaration:
     summary: str = ""
     defaults: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
+    # {framework family: "module:function"}: its Keras and JAX builders (nanlab.frameworks).
+    frameworks: dict = field(default_factory=dict)
 
     def knob_type(self, key: str) -> type:
         value = self.data[key]
@@ -75,6 +81,18 @@ def _check_defaults(module: str, defaults: dict) -> None:
             raise ContractError(module, f"DEFAULTS key {key!r} is not one of {', '.join(GROUP_KEYS + PLAIN_KEYS)}")
 
 
+def _check_frameworks(module: str, frameworks) -> None:
+    families = sorted({option.family for option in FRAMEWORK_OPTIONS.values()} - {"torch"})
+    if not isinstance(frameworks, dict):
+        raise ContractError(module, "FRAMEWORKS must be a dict of framework family -> 'module:function'")
+    for family, reference in frameworks.items():
+        if family not in families:
+            raise ContractError(module, f"FRAMEWORKS key {family!r} is not a framework family; use {' or '.join(families)}")
+        if not (isinstance(reference, str) and BUILDER_REFERENCE.fullmatch(reference)):
+            raise ContractError(module, f"FRAMEWORKS[{family!r}] must be a 'package.module:function' string, "
+                                f"not {reference!r}")
+
+
 def declare(name: str, module: str) -> Declaration:
     """Read a scenario module's declaration from its source; ContractError if it breaks the contract."""
     try:
@@ -93,7 +111,7 @@ def declare(name: str, module: str) -> Declaration:
     if missing:
         raise ContractError(module, f"it must define {', '.join(missing)} (see nanlab.lab.scenario)")
     values = {}
-    for key in ("SUMMARY", "DEFAULTS", "DATA"):
+    for key in ("SUMMARY", "DEFAULTS", "DATA", "FRAMEWORKS"):
         if names.get(key) is None:
             continue
         try:
@@ -106,14 +124,18 @@ def declare(name: str, module: str) -> Declaration:
     if not isinstance(defaults, dict) or not isinstance(data, dict):
         raise ContractError(module, "DEFAULTS and DATA must be dicts")
     _check_defaults(module, defaults)
+    frameworks = values.get("FRAMEWORKS", {})
+    _check_frameworks(module, frameworks)
     bad = [k for k, v in data.items() if not isinstance(v, KNOB_TYPES)]
     if bad:
         raise ContractError(module, f"DATA[{bad[0]!r}] must be a number, string or boolean")
-    return Declaration(name, module, summary, defaults, data)
+    return Declaration(name, module, summary, defaults, data, frameworks)
 
 
 @lru_cache(maxsize=None)
 def builtin_names() -> tuple[str, ...]:
+    # Scenarios are the package's .py files; its subpackage of framework builders
+    # (nanlab.scenarios.frameworks) is a folder, so it is not one.
     files = resources.files(BUILTIN_PACKAGE).iterdir()
     return tuple(sorted(f.name[:-3] for f in files if f.name.endswith(".py") and not f.name.startswith("_")))
 
