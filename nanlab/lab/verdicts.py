@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from nanlab.config import options
 from nanlab.lab.result import VariantResult
 
 # A myth's loss counts as "wrong" when it differs from the exact loss by more than
@@ -101,11 +102,14 @@ def judge(variants: list, failure: str, learn, all_run: bool = True) -> tuple:
     return scenario_verdicts(variants, failure, all_run)
 
 
-# Claims are about the scenario's own training setup: a run that changed any of
-# these settings says nothing about them. Data knobs, steps and seed are part of
-# what a claim measures, so its verdict follows them.
-CLAIM_SETTINGS = ("optimizer.", "init.", "clip.", "dtype")
-
-
 def claim_settings_changed(changed: dict) -> dict:
-    return {k: v for k, v in changed.items() if k.startswith(CLAIM_SETTINGS)}
+    """The changed settings (``{"optimizer.name": [own, run], ...}``) that leave claims
+    "not decided": those of the scenario's training setup (options.TRAINING_SETUP).
+    Data knobs, steps and seed are part of what a claim measures, so its verdict
+    follows them."""
+    return {k: v for k, v in changed.items() if _under(k, options.TRAINING_SETUP)}
+
+
+def _under(key: str, settings: tuple) -> bool:
+    """Whether a dotted key is one of ``settings`` or inside one (optimizer.lr is in optimizer)."""
+    return any(key == s or key.startswith(s + ".") for s in settings)
