@@ -29,11 +29,13 @@ BOUNDARY_JSON = "boundary.json"
 
 
 def geometric(lo: float, hi: float, count: int) -> list:
-    """``count`` lrs from lo to hi inclusive, evenly spaced in log space."""
+    """``count`` lrs from lo to hi inclusive, evenly spaced in log space. The ends are
+    lo and hi themselves: exp(log(1e-12)) is 1.000000000000001e-12, and a search that
+    walks down to lr_min stops only when it has tried lr_min exactly."""
     if count == 1:
         return [lo]
     step = (math.log(hi) - math.log(lo)) / (count - 1)
-    return [math.exp(math.log(lo) + i * step) for i in range(count - 1)] + [hi]
+    return [lo] + [math.exp(math.log(lo) + i * step) for i in range(1, count - 1)] + [hi]
 
 
 # How far a round looks: three decades either side of the config's lr at first,
