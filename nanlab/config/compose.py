@@ -15,7 +15,6 @@ from nanlab.config import schema
 from nanlab.errors import ConfigError, install_hint
 
 CONFIG_MODULE = "nanlab.conf"
-DEFAULT_SCENARIO = "softmax_overflow"  # conf/config.yaml's default
 _ready = False
 
 
@@ -57,7 +56,7 @@ def scenario_node(decl) -> dict:
     defaults, node = [], {"scenario": {"name": decl.name, "lr": {}, "data": dict(decl.data)}}
     optimizer = "sgd"
     for key, value in decl.defaults.items():
-        if key in registry.GROUP_KEYS:
+        if key in options.CONFIG_GROUPS:
             settings = dict(value) if isinstance(value, dict) else {"name": value}
             choice = settings.pop("name")
             defaults.append({f"override /{key}": choice})
@@ -136,9 +135,6 @@ def compose(overrides: Sequence[str]):
 # Hydra launchers that nanlab ships an extra for (pyproject.toml).
 LAUNCHER_EXTRAS = {"joblib": "parallel", "submitit_local": "cluster", "submitit_slurm": "cluster", "slurm": "cluster"}
 
-# What a scenario's lesson depends on; seed, device, mode and plot do not change it.
-LESSON_KEYS = ("optimizer", "init", "clip", "dtype", "steps", "scenario.data")
-
 
 def _leaves(node, prefix: str) -> dict:
     if isinstance(node, dict):
@@ -156,7 +152,7 @@ def _own_settings(name: str) -> tuple:
 
 def _lesson_leaves(plain: dict) -> dict:
     out = {}
-    for key in LESSON_KEYS:
+    for key in options.LESSON_SETTINGS:
         node = plain
         for part in key.split("."):
             node = node.get(part, {}) if isinstance(node, dict) else {}
@@ -168,7 +164,7 @@ def touches_lesson(overrides: Sequence[str]) -> bool:
     """Whether any override may change a lesson setting (``optimizer=adam``,
     ``scenario.data.n=10``); ``scenario=...``, ``seed=`` or ``device=`` cannot."""
     keys = [o.lstrip("+~").split("=", 1)[0].replace("/", ".") for o in overrides]
-    return any(key == prefix or key.startswith(prefix + ".") for key in keys for prefix in LESSON_KEYS)
+    return any(key == prefix or key.startswith(prefix + ".") for key in keys for prefix in options.LESSON_SETTINGS)
 
 
 def changed_settings(cfg, overrides: Optional[Sequence[str]] = None) -> dict:
@@ -219,7 +215,7 @@ def explain(exc: BaseException, overrides: Sequence[str]) -> Optional[Exception]
         key = str(exc).split("'")[1]
         value = _override_value(key, overrides)
         if key.startswith("scenario.data."):
-            scenario = _override_value("scenario", overrides) or DEFAULT_SCENARIO
+            scenario = _override_value("scenario", overrides) or options.DEFAULT_SCENARIO
             if scenario in registry.names():
                 return ConfigError(key, value, "not a data knob; " + _knob_list(registry.declaration(scenario)))
         return ConfigError(key, value, schema.allowed(key))
@@ -239,7 +235,7 @@ def explain(exc: BaseException, overrides: Sequence[str]) -> Optional[Exception]
 
 
 # Config groups a user picks by name on the command line.
-NAMED_GROUPS = ("scenario", "optimizer", "init", "clip")
+NAMED_GROUPS = ("scenario", *options.CONFIG_GROUPS)
 
 
 def _group_choices(group: str) -> list:
@@ -300,7 +296,7 @@ def check_command_line(argv: Sequence[str]) -> None:
                            if isinstance(value, list) else "")
                     raise ConfigError(ov.key_or_group, given if given is not None else value,
                                       f"takes one name: {choices}{how}")
-    limit = max_points if isinstance(max_points, int) and max_points >= 1 else schema.SWEEP_DEFAULT_MAX_POINTS
+    limit = max_points if isinstance(max_points, int) and max_points >= 1 else options.SWEEP_DEFAULT_MAX_POINTS
     if multirun and jobs > limit:
         raise ConfigError("multirun", f"{jobs} jobs", f"a multirun of more than {limit} jobs is refused; narrow the grid, "
                           f"or allow it with sweep.max_points={jobs}")

@@ -100,3 +100,51 @@ FRAMEWORKS = {
 }
 # framework=all: torch and every other framework whose extras are installed.
 FRAMEWORK_CHOICES = (*FRAMEWORKS, "all")
+
+# The scenario a bare ``python -m nanlab`` runs. conf/config.yaml's defaults list must
+# name it too (Hydra reads the YAML, not this module); tests/test_decisions.py checks
+# that the two agree.
+DEFAULT_SCENARIO = "softmax_overflow"
+
+# Settings that pick a Hydra config group: a name brings its own set of defaults
+# (optimizer=adam brings Adam's lr and eps), so a scenario's DEFAULTS, a sweep and an
+# override set them by name rather than as single values.
+CONFIG_GROUPS = ("optimizer", "init", "clip")
+# The scenario's training setup. Claims are about this setup, so a run that changed
+# any of these settings leaves its claims "not decided".
+TRAINING_SETUP = (*CONFIG_GROUPS, "dtype")
+# What a scenario's lesson depends on: its training setup, plus the steps and data
+# knobs that a claim measures (its verdict follows them). Seed, device, mode and plot
+# do not change a lesson.
+LESSON_SETTINGS = (*TRAINING_SETUP, "steps", "scenario.data")
+
+
+@dataclass(frozen=True)
+class SweepAxis:
+    """One axis of a sweep grid (``sweep.<axis>`` in mode=sweep). ``override`` is the
+    key that sets it in a multirun, which also names its summary column; ``choices``
+    are the names it accepts, or None for an axis of numbers of type ``number``."""
+
+    override: str
+    number: type | None = None
+    choices: tuple | None = None
+
+    @property
+    def group(self) -> bool:
+        """Whether each value picks a config group, so that Hydra composes each choice."""
+        return self.override in CONFIG_GROUPS
+
+
+# In summary column order.
+SWEEP_AXES = {
+    "optimizer": SweepAxis("optimizer", choices=tuple(OPTIMIZERS)),
+    "lr": SweepAxis("optimizer.lr", number=float),
+    "clip": SweepAxis("clip", choices=CLIPS),
+    "clip_threshold": SweepAxis("clip.threshold", number=float),
+    "init": SweepAxis("init", choices=tuple(INITS)),
+    "dtype": SweepAxis("dtype", choices=DTYPES),
+    "seed": SweepAxis("seed", number=int),
+}
+# A grid of more points than this needs sweep.max_points set, so that a typo in a list
+# cannot start hours of training by accident.
+SWEEP_DEFAULT_MAX_POINTS = 1024

@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import metadata, resources
 
-from nanlab.config.options import FRAMEWORKS as FRAMEWORK_OPTIONS
+from nanlab.config import options
 from nanlab.errors import ConfigError
 from nanlab.lab.scenario import REQUIRED, ContractError
 
 BUILTIN_PACKAGE = "nanlab.scenarios"
 ENTRY_POINT_GROUP = "nanlab.scenarios"
-# Keys DEFAULTS may set. The groups take a name or a dict with "name" and settings.
-GROUP_KEYS = ("optimizer", "init", "clip")
+# Keys DEFAULTS may set: the config groups (options.CONFIG_GROUPS), each a name or a
+# dict with "name" and settings, and these plain values.
 PLAIN_KEYS = ("lr", "steps", "dtype", "device", "seed")
 KNOB_TYPES = (bool, int, float, str)
 # FRAMEWORKS values: "package.module:function", the builder imported by framework workers.
@@ -74,15 +74,16 @@ def _top_level_names(tree: ast.Module) -> dict:
 
 def _check_defaults(module: str, defaults: dict) -> None:
     for key, value in defaults.items():
-        if key in GROUP_KEYS:
+        if key in options.CONFIG_GROUPS:
             if not (isinstance(value, str) or (isinstance(value, dict) and isinstance(value.get("name"), str))):
                 raise ContractError(module, f"DEFAULTS[{key!r}] must be a name or a dict with a 'name'")
         elif key not in PLAIN_KEYS:
-            raise ContractError(module, f"DEFAULTS key {key!r} is not one of {', '.join(GROUP_KEYS + PLAIN_KEYS)}")
+            allowed = ", ".join(options.CONFIG_GROUPS + PLAIN_KEYS)
+            raise ContractError(module, f"DEFAULTS key {key!r} is not one of {allowed}")
 
 
 def _check_frameworks(module: str, frameworks) -> None:
-    families = sorted({option.family for option in FRAMEWORK_OPTIONS.values()} - {"torch"})
+    families = sorted({option.family for option in options.FRAMEWORKS.values()} - {"torch"})
     if not isinstance(frameworks, dict):
         raise ContractError(module, "FRAMEWORKS must be a dict of framework family -> 'module:function'")
     for family, reference in frameworks.items():

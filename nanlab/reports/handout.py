@@ -15,9 +15,9 @@ from html import escape
 from pathlib import Path
 
 from nanlab import jsonio
-from nanlab.lab import registry
+from nanlab.lab import registry, verdicts
 from nanlab.errors import ConfigError
-from nanlab.reports.scenario_report import html_section, verdict_lines
+from nanlab.reports.scenario_report import html_section, verdict_text
 from nanlab.lab.result import ScenarioResult, Verdict
 
 SWEEP_FIGURES = ("stability.png", "boundary.png")
@@ -137,7 +137,7 @@ def run_report(cfg, run_dir) -> int:
             overrides = [f"scenario={name}", f"seed={cfg.seed}", f"device={cfg.device}"]
             result = run_scenario(compose(overrides), overrides)
             jsonio.write_text(results_dir / name / "result.json", result.to_json() + "\n")
-            print(f"{name}: {verdict_lines(result)[0].removeprefix('Verdict: ')}", file=sys.stderr)
+            print(f"{name}: {verdict_text(verdicts.explain(result)[0])}.", file=sys.stderr)
     if not results_dir.is_dir():
         raise ConfigError("report.results", str(results_dir), "is not a folder of saved results")
     results = load_results(results_dir)

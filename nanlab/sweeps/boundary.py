@@ -29,7 +29,9 @@ BOUNDARY_JSON = "boundary.json"
 
 
 def geometric(lo: float, hi: float, count: int) -> list:
-    """``count`` lrs from lo to hi inclusive, evenly spaced in log space."""
+    """``count`` lrs from lo to hi inclusive, evenly spaced in log space. The ends are
+    lo and hi themselves: exp(log(1e-12)) is 1.000000000000001e-12, and a search that
+    walks down to lr_min stops only when it has tried lr_min exactly."""
     if count == 1:
         return [lo]
     step = (math.log(hi) - math.log(lo)) / (count - 1)
@@ -90,6 +92,30 @@ class Bracket:
         return {"init": self.init, "clip": self.clip, "critical_lr": critical, "lo": lo, "hi": hi}
 
 
+def narrow(brackets: list, start: float, boundary, measure: Callable, out: Callable = print) -> list:
+    """Run the bracketing rounds until every bracket is done; returns the brackets.
+
+    ``measure(candidates)`` takes a round's [(bracket, lr), ...] and returns, in the
+    same order, whether each lr stayed finite, and a list of words for the round's log
+    line. Training is the caller's (search's engine), so that the rounds can be
+    tested against any stability rule."""
+    limits = (float(boundary.lr_min), float(boundary.lr_max), int(boundary.candidates), float(boundary.precision))
+    start = min(max(start, limits[0]), limits[1])
+    round_number = 0
+    while round_number < MAX_ROUNDS:
+        candidates = [(bracket, lr) for bracket in brackets for lr in bracket.next_candidates(start, *limits)]
+        if not candidates:
+            return brackets
+        round_number += 1
+        stayed_finite, how = measure(candidates)
+        for (bracket, lr), finite in zip(candidates, stayed_finite):
+            bracket.tried[lr] = finite
+        lrs = [lr for _, lr in candidates]
+        out(f"round {round_number}: {len(candidates)} lrs from {min(lrs):.3g} to {max(lrs):.3g} ({'; '.join(how)})")
+    out(f"boundary: stopped after {MAX_ROUNDS} rounds; the brackets below are as far as they got")
+    return brackets
+
+
 def search(engine, broken, configs: Callable, combos: list, boundary, start: float,
            out: Callable = print) -> list:
     """Bracket each (init, clip) combination's critical lr; a Bracket per combination.
@@ -98,27 +124,12 @@ def search(engine, broken, configs: Callable, combos: list, boundary, start: flo
     is the lr the first round centres on."""
     from nanlab.sweeps.engine import Run
 
-    brackets = [Bracket(init, clip) for init, clip in combos]
-    limits = (float(boundary.lr_min), float(boundary.lr_max), int(boundary.candidates), float(boundary.precision))
-    start = min(max(start, limits[0]), limits[1])
-    round_number = 0
-    while round_number < MAX_ROUNDS:
-        runs, owners = [], []
-        for bracket in brackets:
-            for lr in bracket.next_candidates(start, *limits):
-                runs.append(Run(broken, configs(bracket.init, bracket.clip, lr)))
-                owners.append((bracket, lr))
-        if not runs:
-            return brackets
-        round_number += 1
-        schedule = engine.schedule(runs)
+    def measure(candidates: list) -> tuple:
+        schedule = engine.schedule([Run(broken, configs(bracket.init, bracket.clip, lr)) for bracket, lr in candidates])
         outcomes = engine.train(schedule)
-        for (bracket, lr), outcome in zip(owners, outcomes):
-            bracket.tried[lr] = outcome.result.first_nonfinite is None
-        out(f"round {round_number}: {len(runs)} lrs from {min(lr for _, lr in owners):.3g} to "
-            f"{max(lr for _, lr in owners):.3g} ({'; '.join(schedule.describe())})")
-    out(f"boundary: stopped after {MAX_ROUNDS} rounds; the brackets below are as far as they got")
-    return brackets
+        return [outcome.result.first_nonfinite is None for outcome in outcomes], schedule.describe()
+
+    return narrow([Bracket(init, clip) for init, clip in combos], start, boundary, measure, out)
 
 
 def run_boundary(cfg, run_dir, overrides=None) -> int:

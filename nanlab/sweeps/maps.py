@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from nanlab import jsonio
+from nanlab.reports.figures import power_of_ten
 
 FINITE_COLOUR = "#4daf4a"
 MISSING_COLOUR = "#d9d9d9"
@@ -42,10 +43,6 @@ def _edges(xs: list) -> list:
         return [xs[0] - 0.25, xs[0] + 0.25]
     mids = [(a + b) / 2 for a, b in zip(xs, xs[1:])]
     return [xs[0] - (mids[0] - xs[0]), *mids, xs[-1] + (xs[-1] - mids[-1])]
-
-
-def _power_of_ten(exponent, _position) -> str:
-    return f"$10^{{{exponent:g}}}$" if float(exponent).is_integer() else f"{10 ** exponent:.3g}"
 
 
 def critical_between(lrs_and_steps: list) -> Optional[float]:
@@ -128,7 +125,7 @@ def stability_figure(summary):
     ax.set_yticklabels(labels[::-1])
     if xs[-1] - xs[0] >= 2:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.xaxis.set_major_formatter(FuncFormatter(_power_of_ten))
+    ax.xaxis.set_major_formatter(FuncFormatter(power_of_ten))
     ax.set_xlabel(f"learning rate ({LR_KEY}, log scale)")
     ax.set_ylabel(", ".join(others) if others else "scenario")
     ax.set_title(f"{summary.scenario}: first non-finite step of {broken}", fontsize=11)
@@ -198,7 +195,7 @@ def boundary_figure(entries: list, scenario: str = ""):
     ax.set_xticklabels(inits)
     ax.set_xlim(-0.6, len(inits) - 0.4)
     ax.margins(y=0.12)
-    ax.yaxis.set_major_formatter(FuncFormatter(_power_of_ten))
+    ax.yaxis.set_major_formatter(FuncFormatter(power_of_ten))
     ax.set_xlabel("initializer (init)")
     ax.set_ylabel("critical learning rate (log scale)")
     where = f"{scenario}: " if scenario else ""

@@ -31,14 +31,14 @@ from typing import Any, Optional, Sequence
 from hydra.experimental.callback import Callback
 
 from nanlab import jsonio
+from nanlab.config import options
 from nanlab.lab.result import ScenarioResult, VariantResult
 
 # sweep.<axis> -> the override that sets it in a multirun, which names its column.
-AXES = {"optimizer": "optimizer", "lr": "optimizer.lr", "clip": "clip", "clip_threshold": "clip.threshold",
-        "init": "init", "dtype": "dtype", "seed": "seed"}
+AXES = {axis: spec.override for axis, spec in options.SWEEP_AXES.items()}
 # Group axes pick a config group (a different optimizer brings its own defaults), so
 # each choice is composed by Hydra; the others are single values set on top.
-GROUP_AXES = ("optimizer", "clip", "init")
+GROUP_AXES = tuple(axis for axis, spec in options.SWEEP_AXES.items() if spec.group)
 VARIANT_COLUMNS = ("first_nonfinite_step", "final_loss", "learned")
 STATUS = "status"
 OK = "ok"
