@@ -208,3 +208,25 @@ def test_log_axes_share_one_tick_label():
 
     assert maps.power_of_ten is figures.power_of_ten
     assert figures.power_of_ten(-3.0) == "$10^{-3}$" and figures.power_of_ten(0.5) == "3.16"
+
+
+def test_a_multirun_line_tells_a_fix_that_did_not_learn_from_one_that_went_non_finite():
+    from nanlab.lab.result import FirstNonFinite, ScenarioResult, VariantResult
+    from nanlab.reports.scenario_report import one_line
+
+    def variant(name, role, step=None, learned=True):
+        first = None if step is None else FirstNonFinite(step, "loss", float("nan"), None)
+        return VariantResult(name=name, role=role, summary="", lossy=False, overrides={}, finite=step is None,
+                             first_nonfinite=first, losses=[1.0], grad_norms=[1.0], param_norms=[1.0],
+                             final_loss=None if step is not None else 0.5, exact_loss_start=1.0, exact_loss_end=0.5,
+                             accuracy_start=None, accuracy_end=None, loss_gap=0.0, learned=learned)
+
+    stalled = ScenarioResult(scenario="s", summary="", explanation="", failure="nonfinite", config={},
+                             variants=[variant("b", "broken", 3, False), variant("f", "fix", None, False)],
+                             reproduced=True, fixed=False)
+    line = one_line(stalled)
+    assert "NOT fixed (every fix stayed finite; one did not learn)" in line and "f final loss 0.5, did not learn" in line
+    blown = ScenarioResult(scenario="s", summary="", explanation="", failure="nonfinite", config={},
+                           variants=[variant("b", "broken", 3, False), variant("f", "fix", 7, False)],
+                           reproduced=True, fixed=False)
+    assert "NOT fixed (a fix went non-finite)" in one_line(blown) and "f non-finite at step 7" in one_line(blown)

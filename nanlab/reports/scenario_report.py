@@ -99,14 +99,22 @@ def verdict_lines(result: ScenarioResult) -> list[str]:
 
 
 def one_line(result: ScenarioResult) -> str:
-    """The run in one line: each variant's outcome, then the scenario's verdict."""
+    """The run in one line: the scenario's verdict, then each variant's outcome. A fix
+    that stayed finite but did not learn is told apart from one that went non-finite."""
     parts = []
     for v in result.variants:
-        what = f"non-finite at step {v.nonfinite_step}" if v.first_nonfinite else f"final loss {short_number(v.final_loss)}"
+        if v.first_nonfinite:
+            what = f"non-finite at step {v.nonfinite_step}"
+        else:
+            what = f"final loss {short_number(v.final_loss)}" + ("" if v.learned or v.role == "broken" else ", did not learn")
         parts.append(f"{v.name} {what}")
     words = {True: "", False: "NOT ", None: "unmeasured: "}
-    verdict = f"{words[result.reproduced]}reproduced, {words[result.fixed]}fixed"
-    return f"{verdict} | " + "; ".join(parts)
+    fixed = f"{words[result.fixed]}fixed"
+    if result.fixed is False:
+        fixes = [v for v in result.variants if v.role == "fix" and not v.lossy]
+        fixed += (" (a fix went non-finite)" if any(v.first_nonfinite for v in fixes)
+                  else " (every fix stayed finite; one did not learn)")
+    return f"{words[result.reproduced]}reproduced, {fixed} | " + "; ".join(parts)
 
 
 def write(result: ScenarioResult, run_dir: Path, plot: bool) -> list[str]:
