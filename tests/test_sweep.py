@@ -194,3 +194,17 @@ def test_summary_markdown_rounds_while_the_csv_keeps_every_digit():
     digits = [len(re.sub(r"[^0-9]", "", m.split("e")[0]).lstrip("0")) for m in re.findall(r"[0-9.]+(?:e[+-]?\d+)?", md)]
     assert max(digits) <= 6
     assert "0.41604548692703247" in summary.csv_text() and "6.271254893933397e+35" in summary.csv_text()
+
+
+def test_the_stability_map_labels_the_lrs_tried_and_each_cells_step():
+    from nanlab.sweeps.maps import stability_figure
+
+    summary = Summary(["optimizer.lr"], ["b"], broken="b", scenario="s", steps=50)
+    lrs = ["0.003", "0.01", "0.0316", "0.1"]
+    steps = ["", "", "17", "4"]
+    summary.rows = [{"optimizer.lr": lr, "b.first_nonfinite_step": s, "b.final_loss": "", "b.learned": "false",
+                     "status": "ok"} for lr, s in zip(lrs, steps)]
+    fig = stability_figure(summary)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.003", "0.01", "0.0316", "0.1"]
+    assert sorted(t.get_text() for t in ax.texts) == ["17", "4"]

@@ -57,6 +57,10 @@ def critical_between(lrs_and_steps: list) -> Optional[float]:
     return math.sqrt(max(good) * first_bad) if good else None
 
 
+# Up to this many lrs, each cell shows its step and each lr its tick label.
+MAX_LABELLED_CELLS = 24
+
+
 def stability_map(summary, path: Path) -> str:
     """Draw stability.png from a nanlab.sweeps.summary.Summary that swept the lr."""
     return _save(stability_figure(summary), Path(path))
@@ -70,7 +74,6 @@ def stability_figure(summary):
     import matplotlib.pyplot as plt
     from matplotlib.colors import Normalize
     from matplotlib.patches import Patch
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     broken = summary.broken
     step_column = f"{broken}.first_nonfinite_step"
@@ -114,6 +117,11 @@ def stability_figure(summary):
                                        edgecolor="white", linewidth=0.5, hatch="//" if value == "missing" else None))
             if value != "missing":
                 row_points.append((lr, value))
+            if isinstance(value, int) and len(lrs) <= MAX_LABELLED_CELLS:  # each cell shows its step
+                shade = cmap(norm(value))
+                dark = 0.299 * shade[0] + 0.587 * shade[1] + 0.114 * shade[2] < 0.5
+                ax.text(xs[i], y, str(value), ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black")
         critical = critical_between(row_points)
         if critical is not None:
             ax.plot([math.log10(critical)] * 2, [y - 0.5, y + 0.5], color="#00bfff", linewidth=3,
@@ -123,9 +131,11 @@ def stability_figure(summary):
     ax.set_ylim(-0.5, len(labels) - 0.5)
     ax.set_yticks(range(len(labels)))
     ax.set_yticklabels(labels[::-1])
-    if xs[-1] - xs[0] >= 2:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.xaxis.set_major_formatter(FuncFormatter(power_of_ten))
+    # The ticks are the lrs tried, at their cells (every k-th when there are many).
+    every = max(1, math.ceil(len(lrs) / MAX_LABELLED_CELLS))
+    ax.set_xticks(xs[::every])
+    ax.set_xticklabels([f"{lr:.3g}" for lr in lrs[::every]], rotation=45 if len(lrs) > 8 else 0,
+                       ha="right" if len(lrs) > 8 else "center", fontsize=8)
     ax.set_xlabel(f"learning rate ({LR_KEY}, log scale)")
     ax.set_ylabel(", ".join(others) if others else "scenario")
     ax.set_title(f"{summary.scenario}: first non-finite step of {broken}", fontsize=11)
