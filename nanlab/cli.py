@@ -77,7 +77,6 @@ MODE_RUNNERS = {
 
 def _run_mode(cfg) -> int:
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
@@ -96,6 +95,15 @@ def _run_mode(cfg) -> int:
             print(f"{name:<24} {registry.summary(name)}")
         return 0
     cfg = config.finalize(cfg)
+    from nanlab.lab import threads
+
+    with threads.use(cfg.get("threads")):  # before the mode imports or runs anything of torch's
+        return _run_finalized(cfg, mode, run_dir, hydra_cfg)
+
+
+def _run_finalized(cfg, mode: str, run_dir: str, hydra_cfg) -> int:
+    from hydra.types import RunMode
+
     if cfg.framework != "torch" and mode not in ("run", "claims"):
         raise ConfigError("framework", cfg.framework, f"applies to mode=run and mode=claims, not mode={mode}")
     if cfg.framework != "torch" and mode == "run":  # Keras and JAX run in worker processes (nanlab.frameworks)

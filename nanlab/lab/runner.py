@@ -105,5 +105,9 @@ def run(scenario: str, *overrides: str, **options) -> "ScenarioReport":
     """
     from nanlab.config.compose import compose
 
+    from nanlab.lab import threads
+
     args = [f"scenario={scenario}", *overrides, *(f"{k}={v}" for k, v in options.items())]
-    return run_scenario(compose(args), args)
+    cfg = compose(args)
+    with threads.use(cfg.get("threads")):
+        return run_scenario(cfg, args)

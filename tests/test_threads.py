@@ -1,0 +1,71 @@
+"""Runs use one CPU thread unless OMP_NUM_THREADS or threads= says otherwise (issue 19)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+# Records torch's thread count inside each variant's training, then prints the set.
+PROBE = """
+import sys, torch
+import nanlab.lab.runner as runner
+seen = set()
+train = runner.train
+def counted(*args, **kwargs):
+    seen.add(torch.get_num_threads())
+    return train(*args, **kwargs)
+runner.train = counted
+import nanlab
+nanlab.run("tanh_explosion", "steps=2", *sys.argv[1:])
+print(sorted(seen), torch.get_num_threads())
+"""
+
+
+def threads_seen(*overrides, omp=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    if omp is not None:
+        env["OMP_NUM_THREADS"] = str(omp)
+    out = subprocess.run([sys.executable, "-c", PROBE, *overrides], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=240, check=True).stdout
+    return out.strip().splitlines()[-1]
+
+
+def test_a_run_without_omp_num_threads_uses_one_thread_and_gives_the_count_back():
+    import torch
+
+    default = torch.get_num_threads() if "OMP_NUM_THREADS" not in os.environ else None
+    seen, after = threads_seen().rsplit(" ", 1)
+    assert seen == "[1]"
+    if default is not None:  # nanlab.run gives the caller's count back
+        assert int(after) == default
+
+
+@pytest.mark.parametrize("overrides, omp, expected", [
+    ((), 2, "[2]"),  # the user's OMP_NUM_THREADS wins over the default of 1
+    (("threads=2",), None, "[2]"),  # so does the key
+    (("threads=1",), 2, "[1]"),  # and the key wins over the environment
+])
+def test_explicit_thread_settings_win(overrides, omp, expected):
+    assert threads_seen(*overrides, omp=omp).rsplit(" ", 1)[0] == expected
+
+
+def test_threads_key_out_of_range_is_one_line(cli):
+    done = cli("scenario=tanh_explosion", "threads=-1")
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("nanlab: error: threads=-1: must be an integer in [1, 1024], "
+                                   "or 0 or auto for torch's default")
+    assert "Traceback" not in done.stderr
+
+
+def test_requested_rules(monkeypatch):
+    from nanlab.lab import threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert threads.requested(None) == 1
+    assert threads.requested(0) is None and threads.requested("auto") is None
+    assert threads.requested(3) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert threads.requested(None) is None  # torch reads the environment itself
+    assert threads.fixed(None) is None and threads.fixed(2) == 2
