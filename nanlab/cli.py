@@ -53,6 +53,7 @@ def app(cfg) -> int:
     try:
         code = _run_mode(cfg)
     except (ConfigError, ContractError) as err:
+        _discard_run_dir()
         fail(err)
     except BrokenPipeError:
         _quiet_broken_pipe()
@@ -62,6 +63,38 @@ def app(cfg) -> int:
         fail(_write_failure(err), EXIT_FAILED)
     if code:  # Hydra drops the task's return value; a failed check must still exit 1
         sys.exit(code)
+
+
+HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
+
+
+def _discard_run_dir() -> None:
+    """A run refused at validation wrote nothing: take back the folder Hydra made for it
+    (its .hydra/ copies and an empty log), so no empty outputs/<scenario>/<time>/ is
+    left. Anything else in the folder keeps it, and it stays as it was."""
+    import contextlib
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+
+    with contextlib.suppress(Exception):
+        hydra_cfg = HydraConfig.get()
+        run_dir = Path(hydra_cfg.runtime.output_dir)
+        meta = run_dir / ".hydra"
+        log = run_dir / f"{hydra_cfg.job.name}.log"
+        if any(p not in (meta, log) for p in run_dir.iterdir()) or any(
+                p.name not in HYDRA_FILES for p in meta.iterdir()) or (log.exists() and log.stat().st_size):
+            return
+        for p in meta.iterdir():
+            p.unlink()
+        meta.rmdir()
+        log.unlink(missing_ok=True)
+        run_dir.rmdir()
+        parent = run_dir.parent  # outputs/<scenario>/ and outputs/, when this run made them
+        if parent.parent.name == "outputs" and not any(parent.iterdir()):
+            parent.rmdir()
+            if not any(parent.parent.iterdir()):
+                parent.parent.rmdir()
 
 
 # Modes other than run and list: module and function, imported only when chosen.

@@ -69,3 +69,28 @@ def test_requested_rules(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
     assert threads.requested(None) is None  # torch reads the environment itself
     assert threads.fixed(None) is None and threads.fixed(2) == 2
+
+
+# Small items of issue 19, each with its test.
+
+def test_a_worker_framework_with_float64_names_float64_and_what_is_allowed(cli, tmp_path):
+    done = cli("scenario=sparse_ce_bad_labels", "framework=jax", "dtype=float64", cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    line = done.stderr.strip()
+    assert line.count("\n") == 0
+    assert line.startswith("nanlab: error: dtype=float64: framework=jax trains in float32 only: float64 would need")
+    assert "use dtype=float32, or framework=torch for float64, float16 and bfloat16" in line
+    assert not (tmp_path / "outputs").exists()  # refused at validation: no run folder left
+
+
+def test_a_run_refused_at_validation_leaves_no_run_folder(cli, tmp_path):
+    done = cli("scenario=tanh_explosion", "optimizer.lr=-1", cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.startswith("nanlab: error: optimizer.lr=-1")
+    assert not (tmp_path / "outputs").exists(), list((tmp_path / "outputs").rglob("*"))
+    # a folder the user named, holding files of their own, is left as it was
+    own = tmp_path / "mine"
+    own.mkdir()
+    (own / "notes.txt").write_text("keep")
+    done = cli("scenario=tanh_explosion", "optimizer.lr=-1", f"hydra.run.dir={own}", cwd=tmp_path)
+    assert done.returncode == 2
+    assert own.is_dir() and (own / "notes.txt").read_text() == "keep"

@@ -107,7 +107,7 @@ def verdict_lines(result: ScenarioResult) -> list[str]:
     broken = result.broken
     failed = "stalled: it stayed finite and did not learn" if result.failure == "stall" else "went non-finite"
     if result.reproduced is None:
-        first = "reproduced: not measured (variant= left the broken variant out)"
+        first = "reproduced? not measured (the broken variant was not run: variant= left it out)"
     elif result.reproduced:
         when = f" at step {broken.nonfinite_step}" if broken.first_nonfinite else ""
         first = f"reproduced{at}: the broken variant {failed}{when}"
@@ -119,7 +119,7 @@ def verdict_lines(result: ScenarioResult) -> list[str]:
         first = f"NOT reproduced{at}: the broken variant stayed finite for {len(broken.losses)} steps{own}"
     exact = [v for v in result.variants if v.role == "fix" and not v.lossy]
     if result.fixed is None:
-        second = "fixed: not measured (variant= left every exact fix out)"
+        second = "fixed? not measured (no exact fix was run: variant= left them out)"
     elif result.fixed:
         second = f"fixed{at}: every exact fix stayed finite and learned"
     else:
