@@ -94,3 +94,16 @@ def test_a_run_refused_at_validation_leaves_no_run_folder(cli, tmp_path):
     done = cli("scenario=tanh_explosion", "optimizer.lr=-1", f"hydra.run.dir={own}", cwd=tmp_path)
     assert done.returncode == 2
     assert own.is_dir() and (own / "notes.txt").read_text() == "keep"
+
+
+def test_bce_log_zero_says_why_its_lossy_fixes_end_lower(result_of):
+    """The lossy fixes end below the exact fix because their weights end larger (on
+    separable data the loss falls as the weights grow), which the explanation says."""
+    r = result_of("bce_log_zero")
+    exact = r.variant("bce_with_logits")
+    for name in ("clamp_eps_1e-7", "torch_bce_on_probs"):
+        lossy = r.variant(name)
+        assert lossy.exact_loss_end < exact.exact_loss_end
+        assert lossy.param_norms[-1] > exact.param_norms[-1]  # the reason, measured
+        assert lossy.accuracy_end == exact.accuracy_end
+    assert "not a better fit" in r.explanation and "larger weight norm" in r.explanation.replace("\n", " ")
