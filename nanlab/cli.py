@@ -69,16 +69,21 @@ HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
 
 
 def _discard_run_dir() -> None:
-    """A run refused at validation wrote nothing: take back the folder Hydra made for it
-    (its .hydra/ copies and an empty log), so no empty outputs/<scenario>/<time>/ is
-    left. Anything else in the folder keeps it, and it stays as it was."""
+    """A single run refused at validation wrote nothing: take back the folder Hydra made
+    for it (its .hydra/ copies and an empty log), so no empty outputs/<scenario>/<time>/
+    is left. Anything else in the folder keeps it, and it stays as it was. A multirun's
+    job folder stays: the sweep summary reports the refused job from it."""
     import contextlib
     from pathlib import Path
 
     from hydra.core.hydra_config import HydraConfig
 
+    from hydra.types import RunMode
+
     with contextlib.suppress(Exception):
         hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode != RunMode.RUN:  # a multirun's summary reads a refused job from its folder
+            return
         run_dir = Path(hydra_cfg.runtime.output_dir)
         meta = run_dir / ".hydra"
         log = run_dir / f"{hydra_cfg.job.name}.log"
