@@ -21,7 +21,13 @@ p(1-p)/1e-12 once |z| > 27.6, and to exactly 0 once p underflows (z < -103). BCE
 logits computes max(z,0) - z*y + log(1 + exp(-|z|)), whose gradient sigmoid(z) - y
 stays -1 for any wrong example. The probes measure all four at z = -5, -30, -120.
 Here, with separable data, the clamped losses still learn: the harm is to the
-examples that start saturated on the wrong side.
+examples that start saturated on the wrong side. They even end a little lower than
+BCE on logits (0.0129 and 0.0133 against 0.0148 at the defaults), at the same
+accuracy: on separable data the logistic loss keeps falling as the weights grow
+along the separating direction. BCE on logits fits in about 5 steps and its
+gradient then fades (0.17 at step 5), so its weights stop growing (norm 0.55);
+the clamped losses, their wrong examples silenced, take longer and end with larger
+weights (0.62 and 0.60). The lower number is a larger weight norm, not a better fit.
 """
 DEFAULTS = dict(optimizer="sgd", lr=0.01, steps=60)
 DATA = dict(n=256, features=4, input_scale=100.0)

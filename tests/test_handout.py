@@ -180,7 +180,7 @@ def test_a_result_from_nanlab_run_shows_itself():
     from nanlab.reports.scenario_report import render
 
     r = nanlab.run("softmax_overflow", "variant=[hand_softmax,cross_entropy_on_logits]")
-    assert str(r) == render(r) and str(r).startswith("softmax_overflow: ")
+    assert str(r) == repr(r) == render(r, brief=True) and str(r).startswith("softmax_overflow: ")
     fig = r.plot()
     assert [ax.get_ylabel() for ax in fig.axes] == ["exact loss (float64, log scale)", "gradient norm (log scale)"]
     page = Page()

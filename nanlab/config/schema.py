@@ -142,6 +142,9 @@ class Config:
     variant: Any = None
     # torch (in this process), a Keras backend or JAX (each in its own worker process), or all of them.
     framework: RunFramework = RunFramework.torch
+    # CPU threads torch uses: None is one thread unless OMP_NUM_THREADS is set (the
+    # tiny models run fastest on one); 0 or auto is torch's own default (nanlab.lab.threads).
+    threads: Any = None
     kernel: KernelConf = field(default_factory=KernelConf)
     report: ReportConf = field(default_factory=ReportConf)
     sweep: SweepConf = field(default_factory=SweepConf)
@@ -181,6 +184,7 @@ ALLOWED = {
     "clip.threshold": "must be a number > 0 and at most float32's largest, 3.4e38",
     "seed": f"must be an integer in [0, {MAX_SEED})",
     "steps": "must be an integer >= 1",
+    "threads": "must be an integer in [1, 1024], or 0 or auto for torch's default",
     "kernel.dtypes": "must list at least one of " + ", ".join(options.DTYPES) + ", each once",
     "kernel.timeout": "must be a finite number of seconds > 0, or null for no limit",
     **{f"sweep.{axis}": _sweep_axis_allowed(a) for axis, a in options.SWEEP_AXES.items()},
@@ -270,6 +274,9 @@ def validate(cfg) -> None:
     _check(_float32_positive(cfg.clip.threshold), "clip.threshold", cfg.clip.threshold)
     _check(0 <= cfg.seed < MAX_SEED, "seed", cfg.seed)
     _check(cfg.steps >= 1, "steps", cfg.steps)
+    threads = cfg.get("threads")
+    _check(threads is None or threads == "auto" or (isinstance(threads, int) and not isinstance(threads, bool)
+                                                    and 0 <= threads <= 1024), "threads", threads)
     kernel = cfg.kernel
     dtypes = [getattr(d, "value", d) for d in kernel.dtypes]
     _check(len(dtypes) >= 1 and len(set(dtypes)) == len(dtypes), "kernel.dtypes", dtypes)

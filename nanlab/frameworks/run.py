@@ -72,8 +72,13 @@ def _settings(vcfg) -> dict:
 def check_settings(cfg, framework: str) -> None:
     """What a worker cannot honour is a config error, before anything runs."""
     if cfg.dtype not in WORKER_DTYPES:
-        raise ConfigError("dtype", cfg.dtype, f"framework={framework} trains in {' or '.join(WORKER_DTYPES)}; "
-                          "float16 and bfloat16 runs (autocast, loss scaling) are framework=torch only")
+        why = {"float64": "float64 would need JAX's x64 mode and Keras' floatx set per process, without which "
+                          "both quietly train in float32",
+               "float16": "float16 needs autocast and loss scaling, which are nanlab's torch loop's own",
+               "bfloat16": "bfloat16 needs autocast, which is nanlab's torch loop's own"}.get(str(cfg.dtype), "")
+        raise ConfigError("dtype", cfg.dtype, f"framework={framework} trains in {' or '.join(WORKER_DTYPES)} only"
+                          + (f": {why}" if why else "") + "; use dtype=float32, or framework=torch for float64, "
+                          "float16 and bfloat16")
     if cfg.init.name != "default":
         raise ConfigError("init", cfg.init.name, f"framework={framework} uses that framework's own initialization; "
                           "init= applies to framework=torch")

@@ -105,6 +105,10 @@ def run(scenario: str, *overrides: str, **options) -> "ScenarioReport":
     """
     from nanlab.config.compose import check_command_line, compose
 
+    from nanlab.lab import threads
+
     args = [f"scenario={scenario}", *overrides, *(f"{k}={v}" for k, v in options.items())]
     check_command_line(args)
-    return run_scenario(compose(args), args)
+    cfg = compose(args)
+    with threads.use(cfg.get("threads")):
+        return run_scenario(cfg, args)

@@ -94,7 +94,8 @@ class ScenarioVerdict:
 
     @property
     def word(self) -> str:
-        return ("NOT " if self.holds is False else "") + self.question
+        # "reproduced?": a verdict that was not measured must not read as one that holds.
+        return {False: "NOT " + self.question, None: self.question + "?"}.get(self.holds, self.question)
 
 
 def what_happened(v: VariantResult) -> str:
@@ -113,7 +114,7 @@ def explain(result) -> tuple:
     setting = result.settings_text(1) if result.changed else ""
     broken = result.broken
     if result.reproduced is None:
-        reproduced = ScenarioVerdict("reproduced", None, "not measured (variant= left the broken variant out)")
+        reproduced = ScenarioVerdict("reproduced", None, "not measured (the broken variant was not run: variant= left it out)")
     else:
         if result.reproduced:
             when = f" at step {broken.nonfinite_step}" if broken.first_nonfinite else ""
@@ -129,7 +130,7 @@ def explain(result) -> tuple:
             why += f" (the scenario is set up at {result.settings_text(0)})"
         reproduced = ScenarioVerdict("reproduced", result.reproduced, why, setting)
     if result.fixed is None:
-        fixed = ScenarioVerdict("fixed", None, "not measured (variant= left every exact fix out)")
+        fixed = ScenarioVerdict("fixed", None, "not measured (no exact fix was run: variant= left them out)")
     elif result.fixed:
         fixed = ScenarioVerdict("fixed", True, "every exact fix stayed finite and learned", setting)
     else:

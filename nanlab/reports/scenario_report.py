@@ -48,7 +48,9 @@ def _detail(v: VariantResult) -> list[str]:
     return lines
 
 
-def render(result: ScenarioResult, files: list[str] = ()) -> str:
+def render(result: ScenarioResult, files: list[str] = (), brief: bool = False) -> str:
+    """The CLI's report. ``brief`` (a result's str and repr) leaves out the mechanism
+    and each claim's evidence, naming the attributes that hold them instead."""
     c = result.config
     out = [f"{result.scenario}: {result.summary}",
            f"config: optimizer={c['optimizer']['name']} lr={short_number(c['optimizer']['lr'])} init={c['init']['name']} "
@@ -71,25 +73,29 @@ def render(result: ScenarioResult, files: list[str] = ()) -> str:
         out.append(f"  probe {key}: {short_number(value) if not isinstance(value, (dict, list)) else value}")
     if result.probes:
         out.append("")
-    out.append("Why:")
-    out += ["  " + line for line in result.explanation.splitlines()]
-    out.append("")
+    if not brief:
+        out.append("Why:")
+        out += ["  " + line for line in result.explanation.splitlines()]
+        out.append("")
     if result.claims:
-        out.append("Claims:")
+        out.append("Claims:" + (" (evidence: .claims[i].evidence)" if brief else ""))
         for claim in result.claims:
             out.append(f"  [{claim.verdict}] {claim.claim}")
-            out += textwrap.wrap(claim.evidence, 100, initial_indent="      ", subsequent_indent="      ")
+            if not brief:
+                out += textwrap.wrap(claim.evidence, 100, initial_indent="      ", subsequent_indent="      ")
         out.append("")
     out += verdict_lines(result)
     for f in files:
         out.append(f"Wrote {f}")
+    if brief:
+        out.append("Why it fails: .explanation; every step's numbers: .variants; the full report: .show()")
     return "\n".join(out)
 
 
 def verdict_text(verdict: verdicts.ScenarioVerdict) -> str:
     """``reproduced with optimizer=adam: the broken variant ...``: a verdict as one clause."""
     setting = f" with {verdict.setting}" if verdict.setting else ""
-    return f"{verdict.word}{setting}: {verdict.reason}"
+    return f"{verdict.word}{setting}{'' if verdict.holds is None else ':'} {verdict.reason}"
 
 
 def verdict_lines(result: ScenarioResult) -> list[str]:
@@ -176,20 +182,9 @@ def html_section(result: ScenarioResult, figure: bool = True) -> str:
 
 
 class ScenarioReport(ScenarioResult):
-    """A ScenarioResult that shows itself: ``print(result)`` gives the CLI's report,
-    ``result.plot()`` the figure, and Jupyter renders ``_repr_html_``."""
-
-    def __str__(self) -> str:
-        return render(self)
-
-    def show(self) -> None:
-        print(render(self))
-
-    def plot(self):
-        """The exact loss and gradient norm per step, as a matplotlib Figure."""
-        from nanlab.reports import figures
-
-        return figures.variant_figure(self)
+    """What ``nanlab.run`` returns: a ScenarioResult (whose str and repr are the CLI's
+    report, ``plot(path=None)`` the figure, ``save(path)`` result.json) that Jupyter
+    also renders as HTML (``_repr_html_``)."""
 
     def _repr_html_(self) -> str:
         return html_section(self)

@@ -152,7 +152,9 @@ def run_boundary(cfg, run_dir, overrides=None) -> int:
     print(f"boundary: {scenario.name}, variant {broken.name}, {len(combos)} combinations of init x clip, "
           f"lr in [{cfg.boundary.lr_min:g}, {cfg.boundary.lr_max:g}], {int(cfg.steps)} steps, "
           f"to {100 * cfg.boundary.precision:g}%")
-    brackets = search(Engine(scenario), broken, configs, combos, cfg.boundary, float(cfg.optimizer.lr))
+    from nanlab.lab import threads
+
+    brackets = search(Engine(scenario, threads=threads.fixed(cfg.get("threads"))), broken, configs, combos, cfg.boundary, float(cfg.optimizer.lr))
     entries = [b.entry() for b in brackets]
     print(render(entries))
     files = [jsonio.write_json(Path(run_dir) / BOUNDARY_JSON, entries)]

@@ -628,8 +628,13 @@ class ThreadChoice:
     FIRST_LOOK, INTERVAL = 2, 25
 
     def __init__(self, device, fixed: Optional[int] = None):
-        """``fixed``: always this many threads, no looking."""
-        self.original = torch.get_num_threads()
+        """``fixed``: always this many threads, no looking. Otherwise the other setting
+        is torch's own default count, even where the run itself is on one thread
+        (nanlab.lab.threads: the default for the scenarios' single runs)."""
+        from nanlab.lab import threads
+
+        self.before_batch = torch.get_num_threads()
+        self.original = max(self.before_batch, threads.torch_default())
         self.active = device.type == "cpu" and (self.original > 1 or fixed is not None)
         self.best, self.next_look, self.interval = fixed or 1, self.FIRST_LOOK, self.INTERVAL
         if fixed is not None:
@@ -660,7 +665,7 @@ class ThreadChoice:
 
     def restore(self) -> None:
         if self.active:
-            torch.set_num_threads(self.original)
+            torch.set_num_threads(self.before_batch)
 
 
 def train_batch(scenario: Scenario, batch: list, on_step: Callable[[], None] = lambda: None,

@@ -151,9 +151,11 @@ def sweep(cfg, run_dir, overrides: Sequence[str] = (), out: Callable[[str], None
         + (f"; resuming: {len(points) - len(todo)} rows already in {SUMMARY_CSV}" if done else "")
         + (f"; {dropped} damaged, failed or repeated lines dropped, their points run again" if dropped else ""))
 
+    from nanlab.lab import threads
     from nanlab.sweeps.engine import Engine, Run
 
-    engine = Engine(scenario, force_loop=cfg.sweep.engine == "loop", max_batch=int(cfg.sweep.max_batch))
+    engine = Engine(scenario, force_loop=cfg.sweep.engine == "loop", max_batch=int(cfg.sweep.max_batch),
+                    threads=threads.fixed(cfg.get("threads")))
     configs = PointConfigs(cfg, overrides)
     per_chunk = max(1, int(cfg.sweep.max_batch) // max(1, len(variants)))
     chunks = [todo[i:i + per_chunk] for i in range(0, len(todo), per_chunk)]
