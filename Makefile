@@ -24,8 +24,10 @@ demo: install
 	$(PY) -m nanlab scenario=softmax_overflow
 
 # Every framework is installed above, so a missing one fails its tests rather than skipping.
+# One thread per process: two workers on few cores, each on torch's default count,
+# spin against each other (tests/conftest.py sets the same for what pytest starts).
 test: install
-	NANLAB_REQUIRE_FRAMEWORKS=1 $(PY) -m pytest -q -n 2
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 NANLAB_REQUIRE_FRAMEWORKS=1 $(PY) -m pytest -q -n 2
 
 claims: install
 	$(PY) -m nanlab mode=claims

@@ -7,6 +7,7 @@ our own range checks, ends as one ``nanlab: error:`` line and exit status 2.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import hydra
@@ -53,6 +54,7 @@ def app(cfg) -> int:
     try:
         code = _run_mode(cfg)
     except (ConfigError, ContractError) as err:
+        _discard_run_dir()
         fail(err)
     except BrokenPipeError:
         _quiet_broken_pipe()
@@ -62,6 +64,43 @@ def app(cfg) -> int:
         fail(_write_failure(err), EXIT_FAILED)
     if code:  # Hydra drops the task's return value; a failed check must still exit 1
         sys.exit(code)
+
+
+HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
+
+
+def _discard_run_dir() -> None:
+    """A single run refused at validation wrote nothing: take back the folder Hydra made
+    for it (its .hydra/ copies and an empty log), so no empty outputs/<scenario>/<time>/
+    is left. Anything else in the folder keeps it, and it stays as it was. A multirun's
+    job folder stays: the sweep summary reports the refused job from it."""
+    import contextlib
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from hydra.types import RunMode
+
+    with contextlib.suppress(Exception):
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode != RunMode.RUN:  # a multirun's summary reads a refused job from its folder
+            return
+        run_dir = Path(hydra_cfg.runtime.output_dir)
+        meta = run_dir / ".hydra"
+        log = run_dir / f"{hydra_cfg.job.name}.log"
+        if any(p not in (meta, log) for p in run_dir.iterdir()) or any(
+                p.name not in HYDRA_FILES for p in meta.iterdir()) or (log.exists() and log.stat().st_size):
+            return
+        for p in meta.iterdir():
+            p.unlink()
+        meta.rmdir()
+        log.unlink(missing_ok=True)
+        run_dir.rmdir()
+        parent = run_dir.parent  # outputs/<scenario>/ and outputs/, when this run made them
+        if parent.parent.name == "outputs" and not any(parent.iterdir()):
+            parent.rmdir()
+            if not any(parent.parent.iterdir()):
+                parent.parent.rmdir()
 
 
 # Modes other than run and list: module and function, imported only when chosen.
@@ -75,13 +114,20 @@ MODE_RUNNERS = {
 }
 
 
+# The modes that run chosen variants of one scenario.
+VARIANT_MODES = ("run", "sweep")
+
+
 def _run_mode(cfg) -> int:
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
     mode = cfg.mode.value if hasattr(cfg.mode, "value") else str(cfg.mode)
+    cfg = config.finalize(cfg)  # every mode range-checks every key, mode=list included
+    if cfg.get("variant") is not None and mode not in VARIANT_MODES:
+        raise ConfigError("variant", cfg.variant, f"applies to mode={' and mode='.join(VARIANT_MODES)}, "
+                          f"not mode={mode}")
     if mode == "list":
         framework = cfg.framework.value if hasattr(cfg.framework, "value") else str(cfg.framework)
         if framework != "torch":  # which scenarios run where: read from source, nothing imported
@@ -95,7 +141,15 @@ def _run_mode(cfg) -> int:
         for name in registry.names():
             print(f"{name:<24} {registry.summary(name)}")
         return 0
-    cfg = config.finalize(cfg)
+    from nanlab.lab import threads
+
+    with threads.use(cfg.get("threads")):  # before the mode imports or runs anything of torch's
+        return _run_finalized(cfg, mode, run_dir, hydra_cfg)
+
+
+def _run_finalized(cfg, mode: str, run_dir: str, hydra_cfg) -> int:
+    from hydra.types import RunMode
+
     if cfg.framework != "torch" and mode not in ("run", "claims"):
         raise ConfigError("framework", cfg.framework, f"applies to mode=run and mode=claims, not mode={mode}")
     if cfg.framework != "torch" and mode == "run":  # Keras and JAX run in worker processes (nanlab.frameworks)
@@ -125,15 +179,17 @@ def _run_mode(cfg) -> int:
 def main() -> None:
     # Let Hydra's errors reach us as exceptions rather than printed tracebacks.
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    config.setup()
     try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, KeyboardInterrupt
+        config.setup()
+        config.check_command_line(sys.argv[1:])
         code = app()
     except KeyboardInterrupt:
         _interrupted()
     except BrokenPipeError:
         _quiet_broken_pipe()
     except Exception as exc:
-        err = config.explain(exc, sys.argv[1:])
+        err = config.explain(exc, config.command_overrides(sys.argv[1:]))
         if err is not None:
             fail(err)
         # Hydra's own missing-config errors are IOErrors too; they were explained above.

@@ -64,9 +64,12 @@ def write_bytes(path: Path | str, data: bytes) -> Path:
             f.write(data)
         os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; give what open() would
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.filename in (None, tmp):
+            # A full disk fails inside write(), which names no file: name the one asked for.
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
         raise
     return path
 

@@ -6,6 +6,7 @@ from torch import nn
 from nanlab.lab.data import standardize
 from nanlab.lab.result import Verdict
 from nanlab.lab.scenario import Claim, Data, Learn, Variant
+from nanlab.scenarios.frameworks.unscaled_sgd import CRITICAL_LR, PROBE_STEPS, critical_variant
 
 SUMMARY = "SGD on features of scale 1 and 1e5: the step overshoots, the loss grows to inf, then NaN."
 EXPLANATION = """
@@ -61,9 +62,6 @@ VARIANTS = [
 ]
 
 
-CRITICAL_LR = "critical_lr"
-
-
 def loss_ratio_key(factor: float) -> str:
     return f"loss_ratio_end_over_start_at_{factor}x_critical"
 
@@ -74,14 +72,9 @@ def probes(ctx, train):
     crit = critical_lr(raw.x)
     out = {"lambda_max": hessian_max_eigenvalue(raw.x), CRITICAL_LR: crit}
     for factor in (0.9, 1.1):
-        run = train(Variant(f"lr_{factor}x", "fix", "", F.mse_loss, overrides={"optimizer.lr": factor * crit, "steps": 300}))
+        run = train(Variant(f"lr_{factor}x", "fix", "", F.mse_loss, overrides={"optimizer.lr": factor * crit, "steps": PROBE_STEPS}))
         out[loss_ratio_key(factor)] = run.exact_loss_end / run.exact_loss_start if run.finite else float("inf")
     return out
-
-
-def critical_variant(factor: float) -> str:
-    """The name of another framework's run at ``factor`` x the critical lr (see the builders below)."""
-    return f"lr_{factor}x_critical"
 
 
 def _loss_ratio(r, factor: float) -> float:
@@ -111,59 +104,7 @@ CLAIMS = [
 ]
 
 
-# The same measurement in other frameworks (nanlab.frameworks). The builders run in a
-# worker that has not imported torch, so they use only the kit they are given and this
-# module's plain functions. The torch variants' data (standardize) and settings (the lr
-# below critical) come with their names; a builder writes only the linear model and the MSE.
-FRAMEWORKS = {"keras": "keras_recipe", "jax": "jax_recipe"}
-PROBE_STEPS = 300  # as long as the torch probe's runs
-
-
-def numpy_lambda_max(np, x) -> float:
-    """hessian_max_eigenvalue in numpy, for workers without torch."""
-    xa = np.hstack([np.asarray(x, dtype=np.float64), np.ones((len(x), 1))])
-    return float(np.linalg.eigvalsh(2.0 / len(x) * xa.T @ xa).max())
-
-
-def framework_variants(kit, data, loss) -> tuple[dict, dict]:
-    """The torch variants, plus the torch probe's two runs around the critical lr as
-    variants: a worker's probes cannot train, its variants can. Below it is a fix; above
-    it is the same failure as raw_features. Also the probes the claim reads with them."""
-    lambda_max = numpy_lambda_max(kit.np, data.x)
-    critical = 2.0 / lambda_max
-    variants = {name: kit.Variant(loss) for name in ("raw_features", "standardized", "lr_below_critical")}
-    for factor, role, said in ((0.9, "fix", "below"), (1.1, "broken", "above")):
-        variants[critical_variant(factor)] = kit.Variant(
-            loss, role=role, summary=f"raw features, lr = {factor} x the critical 2/lambda_max, just {said} it "
-                                     f"({PROBE_STEPS} steps, as torch's probe)",
-            overrides={"optimizer.lr": factor * critical, "steps": PROBE_STEPS})
-    return variants, {"lambda_max": lambda_max, CRITICAL_LR: critical}
-
-
-def keras_recipe(kit, data, knobs):
-    """The linear model as one Keras Dense layer, at Keras' own initialization."""
-    keras, ops = kit.keras, kit.ops
-
-    def model(data):
-        return keras.Sequential([keras.Input(data.x.shape[1:]), keras.layers.Dense(1)])
-
-    def mse(pred, y):
-        return ops.mean(ops.square(pred - y))
-
-    variants, probed = framework_variants(kit, data, mse)
-    return kit.Recipe(model, variants, lambda: probed)
-
-
-def jax_recipe(kit, data, knobs):
-    """The linear model as a plain JAX function, initialized as flax's Dense."""
-    jnp = kit.jnp
-
-    def model(data):
-        d = data.x.shape[1]
-        return kit.JaxModel(lambda key, x: kit.dense(key, d, 1), lambda p, x: x @ p["kernel"] + p["bias"])
-
-    def mse(pred, y):
-        return jnp.mean(jnp.square(pred - y))
-
-    variants, probed = framework_variants(kit, data, mse)
-    return kit.Recipe(model, variants, lambda: probed)
+# The same measurement in Keras and JAX (nanlab.frameworks): the builders live in
+# nanlab.scenarios.frameworks.unscaled_sgd, which imports no torch.
+FRAMEWORKS = {"keras": "nanlab.scenarios.frameworks.unscaled_sgd:keras_recipe",
+              "jax": "nanlab.scenarios.frameworks.unscaled_sgd:jax_recipe"}

@@ -97,12 +97,11 @@ def _measure_frameworks(overrides, only):
     from nanlab import frameworks
     from nanlab.lab import registry
     from nanlab.config.compose import compose
-    from nanlab.frameworks import source
     from nanlab.frameworks.run import measure
     from nanlab.config.options import FRAMEWORKS
 
     others = [f for f in FRAMEWORKS if f != "torch" and frameworks.installed(f)]
-    names = [n for n in registry.names() if source.declared(n) and (only is None or n in only)]
+    names = [n for n in registry.names() if frameworks.declared(n) and (only is None or n in only)]
     return measure([compose([f"scenario={n}", *overrides]) for n in names], others)
 
 
@@ -118,14 +117,34 @@ def framework_runs(framework_shared_dir):
     return framework_measurement(framework_shared_dir)
 
 
-def need_framework(framework):
-    """Skip a test of a framework that is not installed; fail it where `make test`
-    (NANLAB_REQUIRE_FRAMEWORKS=1) installed every framework."""
+def _missing(message):
+    """Skip a test whose optional extra is missing; fail it where `make test`
+    (NANLAB_REQUIRE_FRAMEWORKS=1) installed every extra."""
     from nanlab import frameworks
 
-    if frameworks.installed(framework):
-        return
-    message = f"{framework} is not installed ({frameworks.install_hint(framework)})"
     if frameworks.required():
-        pytest.fail(message + f"; {frameworks.REQUIRE_ENV}=1 expects every framework")
+        pytest.fail(message + f"; {frameworks.REQUIRE_ENV}=1 expects every extra installed")
     pytest.skip(message)
+
+
+def need_framework(framework):
+    """Skip (or, under `make test`, fail) a test of a framework that is not installed."""
+    from nanlab import frameworks
+
+    if not frameworks.installed(framework):
+        _missing(f"{framework} is not installed ({frameworks.install_hint(framework)})")
+
+
+# The Hydra launcher plugins behind nanlab's launcher extras (pyproject.toml).
+LAUNCHER_MODULES = {"parallel": "hydra_plugins.hydra_joblib_launcher",
+                    "cluster": "hydra_plugins.hydra_submitit_launcher"}
+
+
+def need_extra(extra):
+    """Skip (or, under `make test`, fail) a test of a launcher extra that is not installed."""
+    import importlib.util
+
+    from nanlab.errors import install_hint
+
+    if importlib.util.find_spec(LAUNCHER_MODULES[extra]) is None:
+        _missing(f"the {extra} extra is not installed ({install_hint(extra)})")

@@ -1,5 +1,5 @@
 """The benchmark scripts run and print the ratios they promise. Timings are not
-asserted here: this machine is shared and noisy (see the README for measured numbers)."""
+asserted here: this machine is shared and noisy (see docs/performance.md for measured numbers)."""
 import re
 import subprocess
 import sys
@@ -58,3 +58,20 @@ def test_sweep_benchmark_prints_both_ratios_and_the_bound():
 def test_sweep_benchmark_needs_two_points():
     rc, out = run("sweep.py", "--points", "1")
     assert rc == 2 and "argument --points: '1' is not a whole number >= 2" in out and "Traceback" not in out
+
+
+def test_threads_benchmark_prints_each_way_against_one_thread():
+    rc, out = run("threads.py", "--rounds", "1", "--steps", "2", "--load", "1", "--limit", "120")
+    assert rc == 0, out
+    assert "beside 1 CPU-bound process on" in out
+    for way in ("torch default", "nanlab default", "OMP_NUM_THREADS=1"):
+        assert re.search(rf"^{re.escape(way)}\s+\d+ thread\(s\)\s+\d+\.\d{{3}} s\s+\d+\.\d\dx of OMP_NUM_THREADS=1$",
+                         out, re.M), (way, out)
+    assert re.search(r"^nanlab default\s+1 thread\(s\)", out, re.M)  # what a plain run uses
+    assert re.search(r"^OMP_NUM_THREADS=1\s+1 thread\(s\)\s+\d+\.\d{3} s\s+1\.00x", out, re.M)
+
+
+def test_threads_benchmark_rejects_a_bad_count_in_one_line():
+    rc, out = run("threads.py", "--rounds", "0")
+    assert rc == 2 and "Traceback" not in out
+    assert "error: argument --rounds: '0' is not a whole number >= 1" in out

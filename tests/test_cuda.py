@@ -1,5 +1,5 @@
 """The headline scenarios on CUDA. Skipped where torch sees no GPU; when they run,
-the README's support table records the outcome."""
+docs/performance.md's support table records the outcome."""
 import pytest
 
 torch = pytest.importorskip("torch")

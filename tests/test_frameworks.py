@@ -5,6 +5,7 @@ Tests of a framework that is not installed skip, unless NANLAB_REQUIRE_FRAMEWORK
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,7 @@ from nanlab.config.options import FRAMEWORKS
 from conftest import need_framework
 
 OTHERS = [f for f in FRAMEWORKS if f != "torch"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def nanlab(*args, timeout=300):
@@ -36,7 +38,7 @@ def test_sparse_ce_reproduced_and_fixed_in_each_framework(framework_runs, framew
 
 
 def test_the_readme_command_shows_every_framework_and_repeats_the_numbers(framework_runs, tmp_path):
-    """README's `python -m nanlab scenario=sparse_ce_bad_labels framework=all`, run as
+    """docs/frameworks.md's `python -m nanlab scenario=sparse_ce_bad_labels framework=all`, run as
     written (tests/test_docs.py leaves it to this test), prints what the docs promise;
     and every framework's numbers in its result.json equal the shared measurement's,
     taken in other processes: same seed, same numbers, in each framework."""
@@ -111,13 +113,63 @@ def test_missing_extra_is_one_line_naming_it(monkeypatch):
     assert "keras-tensorflow" not in frameworks.chosen("all")
 
 
-def test_framework_side_is_read_without_torch():
-    code = ("import sys; from nanlab.frameworks import source; "
-            "ns = source.namespace('sparse_ce_bad_labels'); "
-            "assert callable(ns['keras_recipe']) and ns['CASES']['all_ignored'] == [-100] * 3; "
+def test_builders_import_without_torch():
+    """A Keras-JAX or TensorFlow worker imports the worker and every declared builder,
+    and never torch (seconds of import for nothing it measures)."""
+    code = ("import sys; from nanlab import frameworks; from nanlab.lab import registry; "
+            "import nanlab.frameworks.worker; "
+            "built = {(n, f): frameworks.builder(n, f) for n in registry.names() for f in frameworks.declared(n)}; "
+            "assert len(built) >= 12 and all(map(callable, built.values())), built; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+# What Keras or JAX code in a lesson would name: the kit a builder is given, the
+# frameworks themselves, a recipe.
+FRAMEWORK_IDENTIFIERS = {"kit", "keras", "jax", "jnp", "tensorflow", "tf", "ops", "JaxModel", "Recipe"}
+
+
+def test_lesson_modules_hold_no_framework_code():
+    """A scenario module is the torch lesson: its Keras and JAX builders live in the
+    module its FRAMEWORKS names, and nothing in it names a framework's code."""
+    import ast
+
+    from nanlab.lab import registry
+
+    for name in registry.builtin_names():
+        module = registry.declaration(name).module
+        path = ROOT / "scenarios" / f"{name}.py"
+        tree = ast.parse(path.read_text())
+        named = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+        named |= {node.arg for node in ast.walk(tree) if isinstance(node, ast.arg)}
+        named |= {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                  for alias in node.names}
+        named |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert not named & FRAMEWORK_IDENTIFIERS, (name, sorted(named & FRAMEWORK_IDENTIFIERS))
+        recipes = [node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
+                   and node.name.endswith("_recipe")]
+        assert not recipes, (name, recipes)
+        for reference in frameworks.declared(name).values():
+            assert not reference.startswith(module + ":"), f"{name}: builders live outside the lesson"
+
+
+def test_nothing_compiles_or_execs_source():
+    """Builders are imported, not run from a scenario's source: no exec or compile
+    anywhere in nanlab. (The schema's eval resolves its own type annotations.)"""
+    import ast
+
+    for path in (ROOT / "nanlab").rglob("*.py"):
+        calls = [node.func.id for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Call)
+                 and isinstance(node.func, ast.Name) and node.func.id in ("exec", "compile")]
+        assert not calls, (str(path.relative_to(ROOT)), calls)
+
+
+def test_the_framework_builders_package_is_not_a_scenario():
+    from nanlab.lab import registry
+
+    assert (ROOT / "scenarios" / "frameworks" / "__init__.py").exists()
+    assert "frameworks" not in registry.builtin_names() and "frameworks" not in registry.names()
 
 
 def test_bad_framework_name_is_one_line():
@@ -218,8 +270,9 @@ def test_list_framework_shows_where_each_scenario_runs():
 
 
 def test_the_docs_framework_table_is_what_a_fresh_run_measures(framework_runs, result_of):
-    """README.md and docs/frameworks.md show, per scenario and variant, what happened in
-    each framework; `make docs` writes that table, and it must match today's numbers."""
+    """docs/frameworks.md shows, per scenario and variant, what happened in each
+    framework; `make docs` writes that table, and it must match today's numbers.
+    The table lives on that page only: the README links to it."""
     from pathlib import Path
 
     from nanlab.frameworks import runs_on
@@ -232,10 +285,10 @@ def test_the_docs_framework_table_is_what_a_fresh_run_measures(framework_runs, r
     results = {"torch": {n: result_of(n) for n in with_builders}, **framework_runs}
     table = framework_matrix(results, list(FRAMEWORKS))
     root = Path(__file__).resolve().parents[1]
-    for doc in (root / "README.md", root / "docs" / "frameworks.md"):
-        text = doc.read_text()
-        assert f"<!-- framework-table:start -->\n{table}<!-- framework-table:end -->" in text, (
-            f"{doc.name}'s framework table is stale; run `make docs`. Measured now:\n{table}")
+    assert "framework-table" not in (root / "README.md").read_text()
+    text = (root / "docs" / "frameworks.md").read_text()
+    assert f"<!-- framework-table:start -->\n{table}<!-- framework-table:end -->" in text, (
+        f"frameworks.md's framework table is stale; run `make docs`. Measured now:\n{table}")
 
 
 def test_framework_matrix_cells_follow_the_results():

@@ -153,7 +153,8 @@ def test_jax_step_clips_as_torch_does(monkeypatch):
     import torch.nn.functional as F
 
     from nanlab.config.compose import compose
-    from nanlab.frameworks import recipe, source
+    from nanlab import frameworks
+    from nanlab.frameworks import recipe
     from nanlab.frameworks.run import prepare_job
     from nanlab.frameworks.worker import JaxTrainer
     from nanlab.lab.scenario import Context
@@ -184,7 +185,7 @@ def test_jax_step_clips_as_torch_does(monkeypatch):
     trainer = JaxTrainer("jax")
     raw = types.SimpleNamespace(x=job.raw.x.numpy(), y=job.raw.y.numpy())
     knobs = types.SimpleNamespace(**dict(cfg.scenario.data))
-    built = source.builder("tanh_explosion", "jax")(trainer.kit(), raw, knobs)
+    built = frameworks.builder("tanh_explosion", "jax")(trainer.kit(), raw, knobs)
     apply = built.model(raw).apply  # the builder's own MLP, from torch's weights
     jnp = trainer.jax.numpy
     model = recipe.JaxModel(lambda key, x: [{k: jnp.asarray(v) for k, v in p.items()} for p in start], apply)

@@ -67,8 +67,36 @@ def test_guard_catches_a_running_variance_that_overflows_while_the_loss_stays_fi
     with pytest.raises(nanlab.NonFiniteError) as info:
         guarded(torch.tensor([[1e20, 1.0], [-1e20, 2.0], [3e19, 0.0]]))
     assert info.value.quantity == "buffers"
-    assert info.value.event.op == "aten.native_batch_norm" and info.value.event.module == "1"
+    assert info.value.event.op == "aten.native_batch_norm" and info.value.event.module == "1 (BatchNorm1d)"
     assert torch.equal(model[1].running_var, running_var)  # restored
+
+
+def test_after_a_bad_batch_is_caught_the_next_good_batch_passes():
+    # The sentinel's flags only ever get set by its fused check: a failure that left
+    # them set would fail every later batch, good ones too, as "buffers".
+    model, guarded = _batch_norm_guard()
+    guarded(torch.tensor([[1.0, 2.0], [-1.0, 0.0], [0.5, 1.0]]))
+    with pytest.raises(nanlab.NonFiniteError) as info:
+        guarded(torch.tensor([[1e20, 1.0], [-1e20, 2.0], [3e19, 0.0]]))
+    assert info.value.quantity == "buffers"
+    guarded(torch.tensor([[1.0, 2.0], [-1.0, 0.0], [0.5, 1.0]]))
+    assert guarded.last.bad is None
+
+
+def test_the_sentinel_clears_its_flags_after_a_failure():
+    from nanlab.debug.sentinel import Sentinel
+
+    weight = nn.Parameter(torch.ones(2))
+    weight.grad = torch.zeros(2)
+    running = torch.tensor([1.0, float("inf")])
+    sentinel = Sentinel([weight])
+    assert sentinel.check(torch.tensor(1.0), buffers=[running]).bad == "buffers"
+    running[1] = 1.0
+    assert sentinel.check(torch.tensor(1.0), buffers=[running]).bad is None
+    weight.grad[0] = float("nan")
+    assert sentinel.check(torch.tensor(1.0), buffers=[running]).bad == "gradients"
+    weight.grad[0] = 0.0
+    assert sentinel.check(torch.tensor(1.0), buffers=[running]).bad is None
 
 
 def test_guard_lets_a_batch_with_a_finite_running_variance_through():

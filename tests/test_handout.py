@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import nanlab
 from nanlab.lab.result import FirstNonFinite, ScenarioResult, VariantResult
 
 
@@ -179,7 +180,7 @@ def test_a_result_from_nanlab_run_shows_itself():
     from nanlab.reports.scenario_report import render
 
     r = nanlab.run("softmax_overflow", "variant=[hand_softmax,cross_entropy_on_logits]")
-    assert str(r) == render(r) and str(r).startswith("softmax_overflow: ")
+    assert str(r) == repr(r) == render(r, brief=True) and str(r).startswith("softmax_overflow: ")
     fig = r.plot()
     assert [ax.get_ylabel() for ax in fig.axes] == ["exact loss (float64, log scale)", "gradient norm (log scale)"]
     page = Page()
@@ -203,3 +204,33 @@ def test_sweep_maps_found_under_report_sweeps_are_embedded(handout, cli, tmp_pat
     page = read_page(tmp_path / "out" / "report.html")
     assert len(page.images) == len(SCENARIOS) + 2 and all(decodes_as_png(src) for src in page.images)
     assert "lr_grid/stability.png" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_the_handout_escapes_every_field_of_a_crafted_result(tmp_path):
+    """A result.json is data from disk: every string in it, config fields and a
+    variant's role included, reaches the page escaped."""
+    import json
+
+    from nanlab.lab.result import ScenarioResult
+    from nanlab.reports.handout import build_html
+
+    payload = "<script>alert(1)</script>"
+    path = tmp_path / "result.json"
+    data = json.loads(nanlab.run("softmax_overflow", "steps=2").to_json())
+    keep = {"verdict", "failure", "loss", "losses", "grad_norms", "loss_gap", "kind", "phase", "origin", "quantity", "role"}
+
+    def poison(x, key=""):
+        if isinstance(x, dict):
+            return {k: poison(v, k) for k, v in x.items()}
+        if isinstance(x, list):
+            return [poison(v, key) for v in x]
+        if isinstance(x, str) and key not in keep and x not in ("nan", "inf", "-inf"):
+            return x + payload
+        return x
+
+    data = poison(data)
+    data["config"]["seed"] = payload
+    data["variants"][1]["role"] = payload
+    path.write_text(json.dumps(data))
+    page = build_html([ScenarioResult.load(path)])
+    assert payload not in page and "&lt;script&gt;" in page

@@ -11,6 +11,8 @@ import pytest
 
 from nanlab.errors import install_hint
 
+SWEEP_UNFINISHED = "nanlab: the sweep did not finish; summarizing the jobs that did"
+
 
 @pytest.mark.parametrize("args,expected", [
     (["seed=9223372036854775808"], "seed=9223372036854775808: must be an integer in [0, 9007199254740992)"),
@@ -21,12 +23,25 @@ from nanlab.errors import install_hint
     (["scenario.data.n=0"], "scenario.data.n=0: softmax_overflow cannot run with this data knob value"),
     (["+foo=1"], "foo=1: not a nanlab config key"),
     (["+optimizer.foo=1"], "optimizer.foo=1: not a nanlab config key"),
+    (["scenario=1"], "scenario=1: takes one name: bce_log_zero,"),
+    (["optimizer=1"], "optimizer=1: takes one name: sgd, adam, rmsprop"),
+    (["init=3.5"], "init=3.5: takes one name:"),
+    (["scenario=null"], "scenario=null: takes one name:"),
+    (["scenario=../../etc/passwd"], "scenario=../../etc/passwd: takes one name:"),
+    (["clip=[norm,value]"], "clip=[norm,value]: takes one name: none, norm, value; to try several"),
+    (["scenario=s\u00f3ftmax"], "cannot be parsed: unquoted values take ASCII"),
+    (["mode=claims", "variant=nope"], "variant=nope: applies to mode=run and mode=sweep, not mode=claims"),
+    (["mode=list", "steps=-1"], "steps=-1: must be an integer >= 1"),
+    (["-m", "optimizer.lr=0.1,abc", "steps=2"], "optimizer.lr=0.1,abc: must be a number > 0"),
+    (["-m", "optimizer.lr=range(0,2000)", "steps=2"], "multirun=2000 jobs: a multirun of more than 1024 jobs"),
 ])
 def test_bad_input_is_one_line_and_exit_2(cli, tmp_path, args, expected):
-    proc = cli(*args, f"hydra.run.dir={tmp_path}")
+    proc = cli(*args, f"hydra.run.dir={tmp_path}", f"hydra.sweep.dir={tmp_path / 'multirun'}")
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("nanlab: error: "), proc.stderr
-    assert expected in lines[0]
+    # A multirun whose later job is refused also says that the sweep did not finish.
+    said = lines[:1] if args[0] == "-m" and lines[1:] == [SWEEP_UNFINISHED] else lines
+    assert proc.returncode == 2 and len(said) == 1 and said[0].startswith("nanlab: error: "), proc.stderr
+    assert expected in said[0] and "Traceback" not in proc.stderr
 
 
 def test_a_run_dir_that_is_a_file_is_one_line(cli, tmp_path):
@@ -51,7 +66,7 @@ def test_a_failed_write_keeps_the_earlier_result(tmp_path):
     proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert "could not write" in lines[-1] and "left as it was" in lines[-1]
+    assert f"could not write {tmp_path / 'result.json'}:" in lines[-1] and "left as it was" in lines[-1]
     assert (tmp_path / "result.json").read_bytes() == earlier
     assert json.loads(earlier)["config"]["seed"] == 0
     assert not list(tmp_path.glob(".result.json.*"))  # no temporary file left behind
@@ -161,3 +176,47 @@ def test_the_install_hint_never_raises(monkeypatch, direct_url):
                         lambda name: [_Installed('{"dir_info": {"editable": true}, "url": "file:///src/nanlab"}')])
     monkeypatch.setattr(os, "getcwd", gone)
     assert install_hint("keras") == "pip install 'nanlab[keras]'"
+
+
+@pytest.mark.parametrize("delay", [0.15, 0.3, 0.6, 1.0])
+def test_ctrl_c_during_start_up_is_one_line(tmp_path, delay):
+    """Ctrl-C while the CLI is still importing (before any Python code of ours could
+    catch KeyboardInterrupt) is the same line and status as later on."""
+    proc = subprocess.Popen([sys.executable, "-m", "nanlab", "scenario=softmax_overflow", f"hydra.run.dir={tmp_path}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal came")
+    if proc.returncode == -signal.SIGINT:  # the interpreter itself had not started: killed, silently
+        assert err == ""
+        return
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "nanlab: interrupted", err
+    assert "Traceback" not in err
+
+
+BROKEN_RESULT_FILES = {
+    "empty": b"", "truncated": b'{"scenario": "softmax_overflow", "variants": [', "binary": b"\xff\xfe\x00\x01",
+    "a_list": b"[1, 2, 3]", "wrong_types": b'{"scenario": 3, "variants": "no", "claims": 7}',
+    "huge_number": b'{"scenario": "x", "seconds": 1e999, "variants": [{"name": 1e999}]}',
+    "deep": b"[" * 100000 + b"]" * 100000, "null": b"null",
+}
+
+
+@pytest.mark.parametrize("form", sorted(BROKEN_RESULT_FILES))
+def test_a_report_over_a_broken_result_json_is_one_line(cli, tmp_path, form):
+    (tmp_path / "results" / "softmax_overflow").mkdir(parents=True)
+    (tmp_path / "results" / "softmax_overflow" / "result.json").write_bytes(BROKEN_RESULT_FILES[form])
+    proc = cli("mode=report", "report.run=false", f"report.results={tmp_path / 'results'}",
+               f"hydra.run.dir={tmp_path / 'out'}")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "softmax_overflow/result.json: cannot be read as a nanlab result.json" in lines[0]
+
+
+def test_a_folder_named_result_json_is_a_read_problem(cli, tmp_path):
+    (tmp_path / "results" / "softmax_overflow" / "result.json").mkdir(parents=True)
+    proc = cli("mode=report", "report.run=false", f"report.results={tmp_path / 'results'}",
+               f"hydra.run.dir={tmp_path / 'out'}")
+    assert proc.returncode == 2 and "cannot be read as a nanlab result.json (IsADirectoryError" in proc.stderr

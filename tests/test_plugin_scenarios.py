@@ -107,12 +107,16 @@ BROKEN = {
     "import_fails": "import a_module_that_does_not_exist\n" + PLUGIN_MODULE,
     "defaults_not_literal": PLUGIN_MODULE.replace('DEFAULTS = dict(optimizer="sgd", lr=0.1, steps=40)',
                                                   "DEFAULTS = dict(lr=0.1 * 2)"),
+    "builder_not_a_reference": PLUGIN_MODULE + 'FRAMEWORKS = {"jax": "jax_recipe"}\n',
+    "builder_family_unknown": PLUGIN_MODULE + 'FRAMEWORKS = {"flax": "plugin_builders:jax_recipe"}\n',
 }
 RULES = {
     "two_broken": "breaks the contract: it needs exactly one broken variant, and has 2",
     "no_exact_loss": "breaks the contract: it must define exact_loss (see nanlab.lab.scenario)",
     "import_fails": "breaks the contract: importing it raised ModuleNotFoundError",
     "defaults_not_literal": "breaks the contract: DEFAULTS must be a literal",
+    "builder_not_a_reference": "breaks the contract: FRAMEWORKS['jax'] must be a 'package.module:function' string",
+    "builder_family_unknown": "breaks the contract: FRAMEWORKS key 'flax' is not a framework family",
 }
 
 
@@ -162,6 +166,38 @@ def test_claims_skip_a_plugin_that_fails_on_import(tmp_path, monkeypatch, capsys
     assert {r.scenario for r in rows} == builtin
     warnings = capsys.readouterr().err.strip().splitlines()
     assert warnings == [f"nanlab: warning: skipping scenario two_broken: scenario module plugin_two_broken {RULES['two_broken']}"]
+
+
+PLUGIN_BUILDERS = textwrap.dedent('''
+    def jax_recipe(kit, data, knobs):
+        jnp = kit.jnp
+
+        def model(data):
+            return kit.JaxModel(lambda key, x: kit.dense(key, 3, 1), lambda p, x: x @ p["kernel"] + p["bias"])
+
+        def mse(pred, y):
+            return jnp.mean(jnp.square(pred - y))
+
+        return kit.Recipe(model, {"log": kit.Variant(mse), "log1p": kit.Variant(mse)})
+''')
+
+
+def test_a_plugin_declares_builders_in_its_own_module(tmp_path):
+    """A plugin names its builders the way built-in scenarios do, in a module of its
+    own; the parent finds them without importing it, a worker imports only them."""
+    import subprocess
+    import sys
+
+    site = tmp_path / "site"
+    make_plugin(site, {"log_of_zero_feature": PLUGIN_MODULE + 'FRAMEWORKS = {"jax": "plugin_builders:jax_recipe"}\n'})
+    (site / "plugin_builders.py").write_text(PLUGIN_BUILDERS)
+    code = ("import sys; from nanlab import frameworks; "
+            "assert frameworks.runs_on('log_of_zero_feature') == ['torch', 'jax'], frameworks.runs_on('log_of_zero_feature'); "
+            "assert frameworks.builder('log_of_zero_feature', 'jax').__module__ == 'plugin_builders'; "
+            "assert 'torch' not in sys.modules and 'plugin_log_of_zero_feature' not in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": str(site)})
+    assert done.returncode == 0, done.stderr
 
 
 def test_unknown_scenario_lists_plugins_too(cli, tmp_path):

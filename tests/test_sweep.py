@@ -87,7 +87,7 @@ def test_boundary_brackets_hold_against_the_scenario_itself(tmp_path):
         assert _finite(0.8 * critical, entry["init"], "none", steps)
         assert not _finite(1.25 * critical, entry["init"], "none", steps)
     default, xavier = entries[0]["critical_lr"], entries[2]["critical_lr"]
-    assert xavier < default  # measured: about 0.04 against 0.12 (README, "The stability boundary")
+    assert xavier < default  # measured: about 0.04 against 0.12 (docs/sweeps.md, "The stability boundary")
     assert (tmp_path / "boundary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -157,3 +157,54 @@ def test_boundary_map_labels_its_axes_and_survives_unbounded_and_nan_entries(tmp
     plt.close(fig)
     path = maps.boundary_map([], tmp_path / "boundary.png")
     assert (tmp_path / "boundary.png").read_bytes()[:4] == b"\x89PNG" and path.endswith("boundary.png")
+
+
+@pytest.mark.parametrize("damage", ["garbled_quote", "not_utf8", "repeated", "bad_cell"])
+def test_resume_over_a_damaged_summary_loses_no_point_and_repeats_none(tmp_path, damage):
+    """One damaged line must not swallow the lines after it, nor make rows appear twice:
+    resume keeps each row it can prove whole, once, and trains the rest again."""
+    fresh = tmp_path / "fresh"
+    sweep(compose(RESUME_GRID), fresh, RESUME_GRID, out=lambda line: None)
+    good = (fresh / SUMMARY_CSV).read_bytes()
+    header, *rows = good.split(b"\n")[:-1]
+    broken = {"garbled_quote": b'0.1,"3,' + rows[1][6:],  # an open quote that a csv reader carries onwards
+              "not_utf8": b"\xff\xfe" + rows[1],
+              "repeated": rows[0],
+              "bad_cell": rows[1].replace(b"true", b"tru", 1).replace(b"false", b"fals", 1)}[damage]
+    damaged = [rows[0], broken, *rows[2:]] if damage != "repeated" else [*rows, broken]
+    run_dir = tmp_path / "damaged"
+    run_dir.mkdir()
+    (run_dir / SUMMARY_CSV).write_bytes(b"\n".join([header, *damaged]) + b"\n")
+    lines = []
+    summary, failed = sweep(compose([*RESUME_GRID, "sweep.resume=true"]), run_dir, RESUME_GRID, out=lines.append)
+    assert failed == 0 and "lines dropped" in lines[0]
+    text = (run_dir / SUMMARY_CSV).read_text()
+    assert sorted(text.splitlines()) == sorted(good.decode().splitlines())
+    assert [r["optimizer.lr"] for r in summary.rows] == ["0.05", "0.1", "0.2", "0.5"]
+
+
+def test_summary_markdown_rounds_while_the_csv_keeps_every_digit():
+    import re
+
+    summary = Summary(["optimizer.lr"], ["v"])
+    summary.rows = [{"optimizer.lr": "0.41604548692703247", "v.first_nonfinite_step": "12",
+                     "v.final_loss": "6.271254893933397e+35", "v.learned": "false", "status": "ok"}]
+    md = summary.markdown()
+    assert "| 0.416 | 12 | 6.271e+35 | false | ok |" in md
+    digits = [len(re.sub(r"[^0-9]", "", m.split("e")[0]).lstrip("0")) for m in re.findall(r"[0-9.]+(?:e[+-]?\d+)?", md)]
+    assert max(digits) <= 6
+    assert "0.41604548692703247" in summary.csv_text() and "6.271254893933397e+35" in summary.csv_text()
+
+
+def test_the_stability_map_labels_the_lrs_tried_and_each_cells_step():
+    from nanlab.sweeps.maps import stability_figure
+
+    summary = Summary(["optimizer.lr"], ["b"], broken="b", scenario="s", steps=50)
+    lrs = ["0.003", "0.01", "0.0316", "0.1"]
+    steps = ["", "", "17", "4"]
+    summary.rows = [{"optimizer.lr": lr, "b.first_nonfinite_step": s, "b.final_loss": "", "b.learned": "false",
+                     "status": "ok"} for lr, s in zip(lrs, steps)]
+    fig = stability_figure(summary)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.003", "0.01", "0.0316", "0.1"]
+    assert sorted(t.get_text() for t in ax.texts) == ["17", "4"]

@@ -5,6 +5,8 @@ import io
 
 import pytest
 
+from conftest import need_extra
+
 # One grid, three ways. lr 0.5 diverges (at step 12) without clipping; clip=norm keeps it finite.
 GRID = ["scenario=tanh_explosion", "steps=20"]
 MULTIRUN_AXES = ["optimizer.lr=0.05,0.5", "clip=none,norm"]
@@ -44,6 +46,7 @@ def test_multirun_prints_a_line_per_job_then_writes_and_prints_the_summary(seria
 
 
 def test_joblib_launcher_gives_the_serial_summary(serial, cli, tmp_path):
+    need_extra("parallel")
     proc = cli("-m", *GRID, *MULTIRUN_AXES, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
@@ -83,6 +86,7 @@ def test_a_failed_job_is_a_row_and_the_rest_still_summarize(cli, tmp_path):
 
 
 def test_submitit_local_launcher_runs_a_two_job_sweep(cli, tmp_path):
+    need_extra("cluster")
     proc = cli("-m", "scenario=tanh_explosion", "steps=10", "optimizer.lr=0.1,0.5", "hydra/launcher=submitit_local",
                f"hydra.sweep.dir={tmp_path}", timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -92,6 +96,7 @@ def test_submitit_local_launcher_runs_a_two_job_sweep(cli, tmp_path):
 
 
 def test_the_slurm_launcher_config_composes(cli):
+    need_extra("cluster")
     proc = cli("hydra/launcher=slurm", "--cfg", "hydra", "-p", "hydra.launcher")
     assert proc.returncode == 0, proc.stderr
     assert "SlurmLauncher" in proc.stdout and "array_parallelism: 64" in proc.stdout

@@ -53,9 +53,9 @@ def test_fully_masked_row_is_placed_at_softmax():
     model, x = Block(), torch.randn(3, 4)
     mask = torch.tensor([[True, True, False], [False, False, False], [True, False, True]])
     ev = traced(lambda: model(x, mask).sum().backward())
-    assert (ev.op, ev.phase, ev.module, ev.kind, ev.origin) == ("aten._softmax", "forward", "attn", "nan", "op")
+    assert (ev.op, ev.phase, ev.module, ev.kind, ev.origin) == ("aten._softmax", "forward", "attn (MaskedAttention)", "nan", "op")
     assert ev.source.startswith("test_tracer.py:")
-    assert "NaN first in forward: aten._softmax in attn (test_tracer.py:" in ev.describe()
+    assert "NaN first in forward: aten._softmax in attn (MaskedAttention) (test_tracer.py:" in ev.describe()
 
 
 def test_partly_masked_rows_are_not_reported():
@@ -84,7 +84,7 @@ def test_zero_variance_standardization_is_placed_at_div():
     model = nn.Sequential(Standardize(), nn.Linear(2, 1))
     x = torch.stack([torch.randn(8), torch.full((8,), 3.0)], 1)  # second column is constant
     ev = traced(lambda: model(x).sum().backward())
-    assert (ev.op, ev.phase, ev.module, ev.kind, ev.origin) == ("aten.div", "forward", "0", "nan", "op")
+    assert (ev.op, ev.phase, ev.module, ev.kind, ev.origin) == ("aten.div", "forward", "0 (Standardize)", "nan", "op")
 
 
 class Norm(nn.Module):
@@ -99,7 +99,7 @@ def test_sqrt_at_zero_is_placed_in_backward():
     x = torch.randn(2, 3)
     ev = traced(lambda: model(x).sum().backward())
     assert ev.phase == "backward" and ev.node == "SqrtBackward0" and ev.forward_op == "aten.sqrt"
-    assert ev.kind in {"inf", "nan"} and ev.origin == "op" and ev.module == "1"
+    assert ev.kind in {"inf", "nan"} and ev.origin == "op" and ev.module == "1 (Norm)"
 
 
 class ReciprocalNoGuard(torch.autograd.Function):
@@ -143,7 +143,7 @@ def test_nan_in_input_data_has_origin_input():
     x = torch.randn(5, 3)
     x[2, 1] = float("nan")
     ev = traced(lambda: model(x).sum().backward())
-    assert ev.origin == "input" and ev.phase == "forward" and ev.module == "0" and ev.kind == "nan"
+    assert ev.origin == "input" and ev.phase == "forward" and ev.module == "0 (Linear)" and ev.kind == "nan"
     assert ev.input_absmax is not None
 
 
@@ -326,3 +326,21 @@ def test_total_norm_of_large_finite_float16_gradients_is_finite():
     norm = total_norm([torch.full((4,), 60000.0, dtype=torch.float16)])
     assert norm.dtype == torch.float32 and norm.item() == 120000.0
     assert total_norm([torch.full((2,), 0.1, dtype=torch.float64)]).dtype == torch.float64
+
+
+class Deep(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(*[nn.Linear(2, 2) for _ in range(7)])
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def test_a_module_is_named_by_its_path_in_the_model_and_its_class():
+    model = Deep()
+    with torch.no_grad():
+        model.layers[6].bias.fill_(float("inf"))  # +inf already in a parameter: bad input
+    ev = traced(lambda: model(torch.ones(1, 2)).sum())
+    assert ev.module == "layers.6 (Linear)"
+    assert "aten.addmm in layers.6 (Linear) (test_tracer.py:" in ev.describe()

@@ -289,3 +289,80 @@ def test_a_new_tensor_in_a_freed_masks_memory_is_not_taken_for_the_mask():
 
     ev = traced(run).first
     assert (ev.op, ev.kind, ev.origin) == ("aten.mul", "inf", "input")
+
+
+# -- Issue 18: the first harmful event, not the last --------------------------------
+
+def test_of_two_harmful_events_the_first_is_named():
+    def run():
+        # Both results are left unread, so both reach something; log ran first.
+        torch.log(torch.zeros(2))  # -inf
+        torch.sqrt(-torch.ones(2))  # NaN
+
+    tr = traced(run)
+    assert tr.first.op == "aten.log" and tr.transient == []
+
+
+# -- Issue 23: complex values and other threads -------------------------------------
+
+def test_a_complex_log_of_zero_is_placed_at_the_log_not_at_the_abs_after_it():
+    z = torch.tensor([1.0 + 1.0j, 0.0 + 0.0j])
+    ev = traced(lambda: torch.log(z).abs().sum()).first
+    assert (ev.op, ev.kind, ev.origin) == ("aten.log", "inf", "op")
+
+
+def test_a_complex_nan_that_comes_in_is_bad_input():
+    z = torch.tensor([1.0 + 1.0j, complex(0.0, float("nan"))])
+    ev = traced(lambda: (z * 2).real.sum()).first
+    assert (ev.op, ev.kind, ev.origin) == ("aten.mul", "nan", "input")
+
+
+class _Root(nn.Module):
+    def forward(self, x):
+        return torch.sqrt(x)  # finite at 0; its backward there is +inf
+
+
+def _backward_of_a_forward_run_by_another_thread():
+    x = torch.zeros(2, requires_grad=True)
+    for _ in range(8):
+        x * 1  # this thread's nodes now number past the few the new thread makes
+
+    def block():
+        made = {}
+        worker = threading.Thread(target=lambda: made.setdefault("y", _Root()(x)))
+        worker.start()
+        worker.join()
+        made["y"].sum().backward()
+
+    return traced(block).first
+
+
+def test_a_backward_whose_forward_ran_on_another_thread_says_so():
+    ev = _backward_of_a_forward_run_by_another_thread()
+    assert (ev.node, ev.phase, ev.module) == ("SqrtBackward0", "backward", None)
+    assert "SqrtBackward0 (backward of ? (forward ran before the block or on a thread the tracer does not trace))" \
+        in ev.describe()
+
+
+def test_a_forward_op_matched_while_another_thread_ran_modules_is_marked_unsure():
+    # Autograd numbers nodes per thread, from 0 in a new one: traced from a new thread,
+    # the other thread's sqrt and this thread's sum both get node number 0, and the
+    # sqrt's backward is matched to the sum. The tracer cannot tell; it says so.
+    # (Each mode in a new thread of its own: a second trace would start past 0.)
+    found = []
+
+    def run(defer):
+        x = torch.zeros(2, requires_grad=True)
+        with nanlab.trace(defer=defer) as tr:
+            made = {}
+            worker = threading.Thread(target=lambda: made.setdefault("y", _Root()(x)))
+            worker.start()
+            worker.join()
+            made["y"].sum().backward()
+        found.append(tr.first.forward_op)
+
+    for defer in (False, True):
+        tracing = threading.Thread(target=run, args=(defer,))
+        tracing.start()
+        tracing.join()
+    assert found == ["aten.sum (unsure: another thread ran modules during the block)"] * 2

@@ -15,7 +15,6 @@ from nanlab.config import schema
 from nanlab.errors import ConfigError, install_hint
 
 CONFIG_MODULE = "nanlab.conf"
-DEFAULT_SCENARIO = "softmax_overflow"  # conf/config.yaml's default
 _ready = False
 
 
@@ -31,7 +30,8 @@ def setup() -> None:
     store = ConfigStore.instance()
     for name, option in options.OPTIMIZERS.items():
         lr = f"${{oc.select:scenario.lr.{name},{option.lr}}}"  # the scenario's lr for this optimizer
-        store.store(group="optimizer", name=name, node={"name": name, "lr": lr, **option.settings})
+        settings = {key: options.OPTIMIZER_DEFAULTS[key] for key in option.settings}
+        store.store(group="optimizer", name=name, node={"name": name, "lr": lr, **settings})
     for name, option in options.INITS.items():
         store.store(group="init", name=name, node={"name": name})
     for name in options.CLIPS:
@@ -56,7 +56,7 @@ def scenario_node(decl) -> dict:
     defaults, node = [], {"scenario": {"name": decl.name, "lr": {}, "data": dict(decl.data)}}
     optimizer = "sgd"
     for key, value in decl.defaults.items():
-        if key in registry.GROUP_KEYS:
+        if key in options.CONFIG_GROUPS:
             settings = dict(value) if isinstance(value, dict) else {"name": value}
             choice = settings.pop("name")
             defaults.append({f"override /{key}": choice})
@@ -135,9 +135,6 @@ def compose(overrides: Sequence[str]):
 # Hydra launchers that nanlab ships an extra for (pyproject.toml).
 LAUNCHER_EXTRAS = {"joblib": "parallel", "submitit_local": "cluster", "submitit_slurm": "cluster", "slurm": "cluster"}
 
-# What a scenario's lesson depends on; seed, device, mode and plot do not change it.
-LESSON_KEYS = ("optimizer", "init", "clip", "dtype", "steps", "scenario.data")
-
 
 def _leaves(node, prefix: str) -> dict:
     if isinstance(node, dict):
@@ -155,7 +152,7 @@ def _own_settings(name: str) -> tuple:
 
 def _lesson_leaves(plain: dict) -> dict:
     out = {}
-    for key in LESSON_KEYS:
+    for key in options.LESSON_SETTINGS:
         node = plain
         for part in key.split("."):
             node = node.get(part, {}) if isinstance(node, dict) else {}
@@ -167,7 +164,7 @@ def touches_lesson(overrides: Sequence[str]) -> bool:
     """Whether any override may change a lesson setting (``optimizer=adam``,
     ``scenario.data.n=10``); ``scenario=...``, ``seed=`` or ``device=`` cannot."""
     keys = [o.lstrip("+~").split("=", 1)[0].replace("/", ".") for o in overrides]
-    return any(key == prefix or key.startswith(prefix + ".") for key in keys for prefix in LESSON_KEYS)
+    return any(key == prefix or key.startswith(prefix + ".") for key in keys for prefix in options.LESSON_SETTINGS)
 
 
 def changed_settings(cfg, overrides: Optional[Sequence[str]] = None) -> dict:
@@ -218,7 +215,7 @@ def explain(exc: BaseException, overrides: Sequence[str]) -> Optional[Exception]
         key = str(exc).split("'")[1]
         value = _override_value(key, overrides)
         if key.startswith("scenario.data."):
-            scenario = _override_value("scenario", overrides) or DEFAULT_SCENARIO
+            scenario = _override_value("scenario", overrides) or options.DEFAULT_SCENARIO
             if scenario in registry.names():
                 return ConfigError(key, value, "not a data knob; " + _knob_list(registry.declaration(scenario)))
         return ConfigError(key, value, schema.allowed(key))
@@ -235,3 +232,71 @@ def explain(exc: BaseException, overrides: Sequence[str]) -> Optional[Exception]
     if isinstance(exc, (HydraException, OmegaConfBaseException)):
         return ConfigError("config", " ".join(overrides), str(exc).splitlines()[0])
     return None
+
+
+# Config groups a user picks by name on the command line.
+NAMED_GROUPS = ("scenario", *options.CONFIG_GROUPS)
+
+
+def _group_choices(group: str) -> list:
+    return {"scenario": registry.names, "optimizer": lambda: list(options.OPTIMIZERS),
+            "init": lambda: list(options.INITS), "clip": lambda: list(options.CLIPS)}[group]()
+
+
+def command_overrides(argv: Sequence[str]) -> list:
+    """The overrides among the command line's arguments: Hydra's own flags (-m,
+    --multirun, --cfg job, ...) left out, so that they are never parsed as overrides."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.startswith("-"):
+            skip = arg in ("-c", "--cfg", "-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir",
+                           "-p", "--package", "--info", "-i")
+        else:
+            out.append(arg)
+    return out
+
+
+def check_command_line(argv: Sequence[str]) -> None:
+    """What Hydra would accept but misread, or fail on with a traceback, refused up
+    front in one line: a config group given something other than one name
+    (``scenario=1``, ``scenario=null``, ``clip=[norm,value]``, ``scenario=../x``), and
+    a multirun of more jobs than ``sweep.max_points`` allows."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    overrides = command_overrides(argv)
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException:
+        for text in overrides:  # name the one override that does not parse
+            try:
+                OverridesParser.create().parse_overrides([text])
+            except OverrideParseException:
+                raise ConfigError("override", text, "cannot be parsed: unquoted values take ASCII letters, digits "
+                                  "and ._-/:+@; quote anything else (key='value'), lists are [a,b]") from None
+        raise
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    jobs, max_points = 1, None
+    for ov in parsed:
+        if ov.key_or_group == "sweep.max_points" and not ov.is_sweep_override():
+            max_points = ov.value()
+        if ov.is_sweep_override():
+            values = list(ov.sweep_string_iterator())
+            jobs *= max(1, len(values))
+        else:
+            values = [ov.value()]
+        if ov.key_or_group in NAMED_GROUPS and not ov.is_delete():
+            given = ov.get_value_element_as_str() if not ov.is_sweep_override() else None
+            for value in (values if ov.is_sweep_override() else [ov.value()]):
+                if not isinstance(value, str) or not value or "/" in value or value.startswith("."):
+                    choices = ", ".join(_group_choices(ov.key_or_group))
+                    how = (f"; to try several, use -m {ov.key_or_group}=a,b or mode=sweep"
+                           if isinstance(value, list) else "")
+                    raise ConfigError(ov.key_or_group, given if given is not None else value,
+                                      f"takes one name: {choices}{how}")
+    limit = max_points if isinstance(max_points, int) and max_points >= 1 else options.SWEEP_DEFAULT_MAX_POINTS
+    if multirun and jobs > limit:
+        raise ConfigError("multirun", f"{jobs} jobs", f"a multirun of more than {limit} jobs is refused; narrow the grid, "
+                          f"or allow it with sweep.max_points={jobs}")

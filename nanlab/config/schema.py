@@ -7,7 +7,7 @@ The schemas live in the Hydra group ``schema`` so the YAML files stay plain data
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from enum import Enum
 from typing import Any, Dict, List, Optional, Union
 
@@ -36,9 +36,9 @@ RunFramework = _enum("RunFramework", options.FRAMEWORK_CHOICES)
 class OptimizerConf:
     name: OptimizerName = OptimizerName.sgd
     lr: float = 0.01
-    momentum: float = 0.0
-    eps: float = 1e-8
-    weight_decay: float = 0.0
+    momentum: float = options.OPTIMIZER_DEFAULTS["momentum"]
+    eps: float = options.OPTIMIZER_DEFAULTS["eps"]
+    weight_decay: float = options.OPTIMIZER_DEFAULTS["weight_decay"]
 
 
 @dataclass
@@ -55,7 +55,7 @@ class ClipConf:
 
 @dataclass
 class ScenarioConf:
-    name: str = "softmax_overflow"
+    name: str = options.DEFAULT_SCENARIO
     # Learning rate the scenario reproduces with, per optimizer; optimizer/*.yaml reads it.
     lr: Dict[str, float] = field(default_factory=dict)
     # Scenario-specific data knobs (sizes, scales); each scenario documents its own.
@@ -92,26 +92,25 @@ class ReportConf:
     sweeps: Optional[str] = None
 
 
-@dataclass
-class SweepConf:
-    """mode=sweep: the grid, run in one process (nanlab.sweeps.grid). Each axis left out
-    (None) takes the config's own value; the names of sweep.optimizer, clip, init and
-    dtype are checked by :func:`validate`, so that the error names the choices."""
-
-    optimizer: Optional[List[str]] = None
-    lr: Optional[List[float]] = None
-    clip: Optional[List[str]] = None
-    clip_threshold: Optional[List[float]] = None
-    init: Optional[List[str]] = None
-    dtype: Optional[List[str]] = None
-    seed: Optional[List[int]] = None
-    # A grid of more than 1024 points (nanlab.sweeps.summary.DEFAULT_MAX_POINTS) needs this set.
-    max_points: Optional[int] = None
+# mode=sweep: the grid, run in one process (nanlab.sweeps.grid). One field per axis of
+# options.SWEEP_AXES, each left out (None) takes the config's own value; the names of
+# the name axes (optimizer, clip, ...) are checked by :func:`validate`, so that the
+# error names the choices. Built from the table so that an axis is declared once.
+SweepConf = make_dataclass("SweepConf", [
+    *((axis, Optional[List[a.number or str]], field(default=None)) for axis, a in options.SWEEP_AXES.items()),
+    # A grid of more than options.SWEEP_DEFAULT_MAX_POINTS points needs this set.
+    ("max_points", Optional[int], field(default=None)),
     # Runs trained together in one batch at most; rows are written after each batch.
-    max_batch: int = 512
-    resume: bool = False
+    ("max_batch", int, field(default=512)),
+    ("resume", bool, field(default=False)),
     # auto: the batched engine where the model allows, the loop elsewhere; loop: always the loop.
-    engine: str = "auto"
+    ("engine", str, field(default="auto")),
+], namespace={"__module__": __name__})
+
+
+# float64 resolves an lr to about 2.2e-16 relative; a bracket of a few such steps is
+# where bisection stops telling lrs apart, so a finer precision is refused up front.
+MIN_BOUNDARY_PRECISION = 1e-9
 
 
 @dataclass
@@ -143,6 +142,9 @@ class Config:
     variant: Any = None
     # torch (in this process), a Keras backend or JAX (each in its own worker process), or all of them.
     framework: RunFramework = RunFramework.torch
+    # CPU threads torch uses: None is one thread unless OMP_NUM_THREADS is set (the
+    # tiny models run fastest on one); 0 or auto is torch's own default (nanlab.lab.threads).
+    threads: Any = None
     kernel: KernelConf = field(default_factory=KernelConf)
     report: ReportConf = field(default_factory=ReportConf)
     sweep: SweepConf = field(default_factory=SweepConf)
@@ -154,6 +156,24 @@ FLOAT32_MAX = 3.4028234663852886e38
 # in a signed 64-bit integer.
 MAX_SEED = 2 ** 53
 
+# What each number axis of a sweep accepts: (test, the words for one value).
+SWEEP_NUMBERS = {
+    float: (lambda x: _float32_positive(x), "numbers > 0 and at most float32's largest, 3.4e38"),
+    int: (lambda s: 0 <= s < MAX_SEED, f"integers in [0, {MAX_SEED})"),  # the one int axis is the seed
+}
+
+
+def _sweep_axis_accepts(axis: options.SweepAxis):
+    if axis.choices is not None:
+        return lambda v: v in axis.choices
+    return SWEEP_NUMBERS[axis.number][0]
+
+
+def _sweep_axis_allowed(axis: options.SweepAxis) -> str:
+    what = ", ".join(axis.choices) if axis.choices is not None else SWEEP_NUMBERS[axis.number][1]
+    return f"must list one or more {'of ' if axis.choices is not None else ''}{what}, each once"
+
+
 # What each range-checked key accepts, in the words the error line uses.
 ALLOWED = {
     "optimizer.lr": "must be a number > 0 and at most float32's largest, 3.4e38",
@@ -164,21 +184,17 @@ ALLOWED = {
     "clip.threshold": "must be a number > 0 and at most float32's largest, 3.4e38",
     "seed": f"must be an integer in [0, {MAX_SEED})",
     "steps": "must be an integer >= 1",
+    "threads": "must be an integer in [1, 1024], or 0 or auto for torch's default",
     "kernel.dtypes": "must list at least one of " + ", ".join(options.DTYPES) + ", each once",
     "kernel.timeout": "must be a finite number of seconds > 0, or null for no limit",
-    "sweep.optimizer": "must list one or more of " + ", ".join(options.OPTIMIZERS) + ", each once",
-    "sweep.lr": "must list one or more numbers > 0 and at most float32's largest, 3.4e38, each once",
-    "sweep.clip": "must list one or more of " + ", ".join(options.CLIPS) + ", each once",
-    "sweep.clip_threshold": "must list one or more numbers > 0 and at most float32's largest, 3.4e38, each once",
-    "sweep.init": "must list one or more of " + ", ".join(options.INITS) + ", each once",
-    "sweep.dtype": "must list one or more of " + ", ".join(options.DTYPES) + ", each once",
-    "sweep.seed": f"must list one or more integers in [0, {MAX_SEED}), each once",
-    "sweep.max_points": "must be an integer >= 1, or null for the default limit of 1024 points",
+    **{f"sweep.{axis}": _sweep_axis_allowed(a) for axis, a in options.SWEEP_AXES.items()},
+    "sweep.max_points": ("must be an integer >= 1, or null for the default limit of "
+                         f"{options.SWEEP_DEFAULT_MAX_POINTS} points"),
     "sweep.max_batch": "must be an integer >= 1",
     "sweep.engine": "must be auto or loop",
     "boundary.init": "must list one or more of " + ", ".join(options.INITS) + ", each once",
     "boundary.clip": "must list one or more of " + ", ".join(options.CLIPS) + ", each once",
-    "boundary.precision": "must be a number in (0, 1]: the bracket's relative width to stop at",
+    "boundary.precision": "must be a number in [1e-9, 1]: the bracket's relative width to stop at (finer than float64 lrs resolve in a search is not reachable)",
     "boundary.lr_min": "must be a number > 0, below boundary.lr_max",
     "boundary.lr_max": "must be a number above boundary.lr_min and at most float32's largest, 3.4e38",
     "boundary.candidates": "must be an integer in [2, 1024]",
@@ -258,6 +274,9 @@ def validate(cfg) -> None:
     _check(_float32_positive(cfg.clip.threshold), "clip.threshold", cfg.clip.threshold)
     _check(0 <= cfg.seed < MAX_SEED, "seed", cfg.seed)
     _check(cfg.steps >= 1, "steps", cfg.steps)
+    threads = cfg.get("threads")
+    _check(threads is None or threads == "auto" or (isinstance(threads, int) and not isinstance(threads, bool)
+                                                    and 0 <= threads <= 1024), "threads", threads)
     kernel = cfg.kernel
     dtypes = [getattr(d, "value", d) for d in kernel.dtypes]
     _check(len(dtypes) >= 1 and len(set(dtypes)) == len(dtypes), "kernel.dtypes", dtypes)
@@ -268,36 +287,23 @@ def validate(cfg) -> None:
         _validate_boundary(cfg.boundary)
 
 
-# A grid larger than this needs sweep.max_points set (nanlab.sweeps.summary.DEFAULT_MAX_POINTS).
-SWEEP_DEFAULT_MAX_POINTS = 1024
-SWEEP_NAME_AXES = {"optimizer": options.OPTIMIZERS, "clip": options.CLIPS, "init": options.INITS,
-                   "dtype": options.DTYPES}
-
-
 def _listed_once(values, ok) -> bool:
     """None (the axis is left out), or a non-empty list of acceptable values, each once."""
     return values is None or (len(values) >= 1 and len(set(values)) == len(values) and all(ok(v) for v in values))
 
 
 def _validate_sweep(sweep) -> None:
-    for axis, choices in SWEEP_NAME_AXES.items():
-        values = sweep[axis]
-        values = None if values is None else list(values)
-        _check(_listed_once(values, lambda v, c=choices: v in c), f"sweep.{axis}", values)
-    for axis in ("lr", "clip_threshold"):
+    for axis, spec in options.SWEEP_AXES.items():
         values = None if sweep[axis] is None else list(sweep[axis])
-        _check(_listed_once(values, _float32_positive), f"sweep.{axis}", values)
-    seeds = None if sweep.seed is None else list(sweep.seed)
-    _check(_listed_once(seeds, lambda s: 0 <= s < MAX_SEED), "sweep.seed", seeds)
+        _check(_listed_once(values, _sweep_axis_accepts(spec)), f"sweep.{axis}", values)
     _check(sweep.max_points is None or sweep.max_points >= 1, "sweep.max_points", sweep.max_points)
     _check(sweep.max_batch >= 1, "sweep.max_batch", sweep.max_batch)
     _check(sweep.engine in ("auto", "loop"), "sweep.engine", sweep.engine)
-    points = math.prod(len(sweep[axis]) for axis in ("optimizer", "lr", "clip", "clip_threshold", "init", "dtype",
-                                                       "seed") if sweep[axis] is not None)
-    limit = sweep.max_points if sweep.max_points is not None else SWEEP_DEFAULT_MAX_POINTS
+    points = math.prod(len(sweep[axis]) for axis in options.SWEEP_AXES if sweep[axis] is not None)
+    limit = sweep.max_points if sweep.max_points is not None else options.SWEEP_DEFAULT_MAX_POINTS
     if points > limit:
         how = ("raise sweep.max_points" if sweep.max_points is not None
-               else f"more than {SWEEP_DEFAULT_MAX_POINTS} need sweep.max_points={points} (or more)")
+               else f"more than {options.SWEEP_DEFAULT_MAX_POINTS} need sweep.max_points={points} (or more)")
         raise ConfigError("sweep", f"{points} points", f"the grid is larger than {limit} points; {how}")
 
 
@@ -305,7 +311,7 @@ def _validate_boundary(boundary) -> None:
     for axis, choices in (("init", options.INITS), ("clip", options.CLIPS)):
         values = None if boundary[axis] is None else list(boundary[axis])
         _check(_listed_once(values, lambda v, c=choices: v in c), f"boundary.{axis}", values)
-    _check(0 < boundary.precision <= 1, "boundary.precision", boundary.precision)
+    _check(MIN_BOUNDARY_PRECISION <= boundary.precision <= 1, "boundary.precision", boundary.precision)
     _check(_float32_positive(boundary.lr_min) and boundary.lr_min < boundary.lr_max, "boundary.lr_min",
            boundary.lr_min)
     _check(_float32_positive(boundary.lr_max), "boundary.lr_max", boundary.lr_max)

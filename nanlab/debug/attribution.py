@@ -53,12 +53,23 @@ def _user_frame(depth: int = 1) -> Optional[str]:
     return None
 
 
-def _path_of(root, leaf) -> str:
-    """``layers.3`` for a submodule; the class name for the root itself."""
+# What a backward event gives as its forward op when the tracer never saw that op run.
+# A dispatch mode sees only its own thread's ops, so a node another thread made has
+# no record here (nor has one made before the block).
+FORWARD_NOT_TRACED = "? (forward ran before the block or on a thread the tracer does not trace)"
+# Autograd numbers its nodes per thread: while another thread makes nodes, one of its
+# nodes can carry the number of an op this thread ran, and be taken for that op's.
+_MAYBE_OTHER_THREAD = " (unsure: another thread ran modules during the block)"
+
+
+def _module_name(root, leaf) -> str:
+    """What a report calls a module: its path in the model and its class,
+    ``layers.6 (Linear)``, since a bare path (``6``) says neither what the module is
+    nor where. The root has no path, so it is its class alone (``TinyAttention``)."""
     if leaf is not root:
-        for name, mod in root.named_modules():
+        for path, mod in root.named_modules():
             if mod is leaf:
-                return name
+                return f"{path} ({type(leaf).__name__})"
     return type(leaf).__name__
 
 
@@ -73,6 +84,7 @@ class OpContext:
     modules: Optional[tuple]
     source: Optional[str]
     phase: str
+    other_thread_ran_modules: bool  # so far: both modes judge by what the op saw when it ran
 
 
 class OpLocator:
@@ -93,6 +105,9 @@ class OpLocator:
         self._last_seq = -1
         self._hooks = []
         self._thread: Optional[int] = None
+        # Whether another thread ran a module while the block ran: the hooks see it,
+        # the dispatch mode does not see its ops.
+        self.other_thread_ran_modules = False
         # Every module and optimizer this thread ran inside the block, by id: their
         # parameters, buffers, gradients and optimizer state are what a step keeps.
         self.modules_seen: dict[int, torch.nn.Module] = {}
@@ -117,6 +132,7 @@ class OpLocator:
 
     def _enter_module(self, m, args):
         if threading.get_ident() != self._thread:
+            self.other_thread_ran_modules = True
             return
         self._modules.append(m)
         if id(m) not in self.modules_seen:
@@ -187,23 +203,26 @@ class OpLocator:
         return OpContext(type(node).__name__ if node is not None else None,
                          node._sequence_nr() if node is not None else None,
                          isinstance(node, torch.autograd.function.BackwardCFunction),
-                         self._running_modules(), _user_frame(), phase)
+                         self._running_modules(), _user_frame(), phase, self.other_thread_ran_modules)
 
     def event(self, name: str, kind: str, origin: str, absmax: Optional[float], ctx: OpContext) -> Event:
         op = f"aten.{name}"
         if ctx.node_name is not None:
-            fwd_op, modules, source = self._forward_ops.get(ctx.node_seq) or (None, None, None)
+            recorded = self._forward_ops.get(ctx.node_seq)
+            fwd_op, modules, source = recorded or (FORWARD_NOT_TRACED, None, None)
             if ctx.custom:
                 source = ctx.source or source  # the custom backward is user code
                 fwd_op = ctx.node_name.removesuffix("Backward")  # the Function class, not an op inside it
-            module = _path_of(*modules) if modules else None
+            elif recorded is not None and ctx.other_thread_ran_modules:
+                fwd_op += _MAYBE_OTHER_THREAD
+            module = _module_name(*modules) if modules else None
             return Event(op, "backward", kind, origin, module, source, absmax, ctx.node_name, fwd_op)
-        module = _path_of(*ctx.modules) if ctx.modules else None
+        module = _module_name(*ctx.modules) if ctx.modules else None
         return Event(op, ctx.phase, kind, origin, module, ctx.source, absmax)
 
     def persistent_tensors(self) -> list[torch.Tensor]:
         """What outlives the block in the modules and optimizers it ran: parameters,
-        buffers, gradients and optimizer state (floating point tensors only)."""
+        buffers, gradients and optimizer state (floating point and complex tensors)."""
         found: dict[int, torch.Tensor] = {}
         for m in self.modules_seen.values():
             for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)):
@@ -222,4 +241,4 @@ class OpLocator:
                     for t in values:
                         if isinstance(t, torch.Tensor):
                             found[id(t)] = t
-        return [t for t in found.values() if t.is_floating_point() and t.numel()]
+        return [t for t in found.values() if (t.is_floating_point() or t.is_complex()) and t.numel()]

@@ -334,7 +334,7 @@ class Snapshot:
                     state_tensors += [v for v in value if isinstance(v, torch.Tensor)]
             self._states.append((opt, saved, groups))
         if self.schedulers:
-            self._schedulers = [copy.deepcopy(s.state_dict()) for s in self.schedulers]
+            self._schedulers = [_scheduler_state(s) for s in self.schedulers]
         self._kept = kept = self._param_data + self._buffer_data + state_tensors
         live = kept + [grads[i] for i in copied] if copied else kept
         layout = (buffer_ids, copied, [id(t) for t in state_tensors])
@@ -373,10 +373,37 @@ class Snapshot:
                 group.clear()
                 group.update(values)
         for scheduler, state in zip(self.schedulers, self._schedulers):
-            scheduler.load_state_dict(copy.deepcopy(state))
+            _load_scheduler_state(scheduler, state)
         torch.default_generator.set_state(self._rng)
         if self._cuda_rng is not None:
             torch.cuda.set_rng_state_all(self._cuda_rng)
+
+
+def _scaler_stages(scheduler) -> Optional[dict]:
+    """A GradScaler's per-optimizer stage (unscaled, stepped, the inf it found), which
+    its state_dict leaves out; None for anything else. Without it a restored step
+    still reads "unscale_() has already been called" on the next unscale_."""
+    stages = getattr(scheduler, "_per_optimizer_states", None)
+    return stages if isinstance(scheduler, torch.amp.GradScaler) and isinstance(stages, dict) else None
+
+
+def _scheduler_state(scheduler) -> tuple:
+    stages = _scaler_stages(scheduler)
+    return copy.deepcopy(scheduler.state_dict()), (None if stages is None else copy.deepcopy(dict(stages)))
+
+
+def _load_scheduler_state(scheduler, state: tuple) -> None:
+    saved, stages = state
+    scheduler.load_state_dict(copy.deepcopy(saved))
+    live = _scaler_stages(scheduler)
+    if live is not None and stages is not None:
+        live.clear()
+        live.update(copy.deepcopy(stages))
+
+
+def _scales(schedulers) -> list:
+    """The scale of each enabled GradScaler among the schedulers, as a float."""
+    return [s.get_scale() for s in schedulers if isinstance(s, torch.amp.GradScaler) and s.is_enabled()]
 
 
 def _describe(value) -> str:
@@ -428,6 +455,7 @@ class Guard:
 
     def __call__(self, *args):
         self.snapshot.take()
+        scales = _scales(self.snapshot.schedulers)
         try:
             out = self.step_fn(*args)
             if type(out) is torch.Tensor and out.numel() == 1:  # the common case, checked fast
@@ -438,6 +466,10 @@ class Guard:
             self.snapshot.restore()
             raise
         self.last = check = self._sentinel.check(loss, grad_norm, param_norm, self.snapshot.float_buffers)
+        if check.bad == "gradients" and self._scaler_skipped(scales):
+            # A GradScaler found these infinite gradients, skipped the update and
+            # lowered its scale: what it is for, and what unguarded training goes on from.
+            check.bad = None
         if check.bad is not None:
             self.snapshot.restore()
             try:
@@ -448,6 +480,13 @@ class Guard:
             raise NonFiniteError(self.step, check.bad, seen.first)
         self.step += 1
         return out
+
+    def _scaler_skipped(self, scales_before: list) -> bool:
+        """Whether a GradScaler lowered its scale this step (so skipped the update),
+        with every parameter and buffer still finite."""
+        after = _scales(self.snapshot.schedulers)
+        return (any(a < b for a, b in zip(after, scales_before)) and _all_finite(self.snapshot._params)
+                and _all_finite(self.snapshot.float_buffers))
 
     def _warn_if_replay_differs(self, check: StepCheck, seen) -> None:
         """The replay is only the failed step if the step depends on nothing but its

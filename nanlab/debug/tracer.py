@@ -7,13 +7,14 @@ backward, optimizer or update), the module path, the user's source line, the kin
 op made the value non-finite, ``input`` when a NaN or +Inf came in from outside the
 traced code (bad data or already-bad parameters).
 
-The rules, in the order the tracer applies them to each op's output:
+The rules, in the order the tracer applies them to each op's output (each names the
+method of :class:`Provenance` that applies it):
 
-- **Carried.** A non-finite value made from an earlier event's non-finite value
+- **Carried** (``_carried``; ``carried`` for ops that only carry). A non-finite value made from an earlier event's non-finite value
   belongs to that event; it is not a new one.
-- **From outside.** A NaN or +inf in an input that no traced op made is an event
+- **From outside** (``_from_outside``). A NaN or +inf in an input that no traced op made is an event
   with origin ``input`` at the first op that reads it.
-- **Masks.** Only -inf that derives from a mask is a mask: the infinities that
+- **Masks** (``_masks_from_inputs``, ``_uncovered``). Only -inf that derives from a mask is a mask: the infinities that
   ``masked_fill``, ``full``, ``where`` and the other constant writers write, a -inf
   that enters from outside the trace, and whatever flows from these with its sign
   kept. A NaN, or an infinity of a sign that no input's mask held, is made by the op
@@ -22,7 +23,7 @@ The rules, in the order the tracer applies them to each op's output:
   mask), ``neg`` of a mask. An overflow to -inf inside a tensor that already holds a
   -inf mask cannot be told from the mask and is taken as part of it.
 
-Each event is a candidate. ``first`` is the earliest one whose value *reached*
+Each event is a candidate. ``first`` (``finish``, ``read_out``) is the earliest one whose value *reached*
 something that matters; the rest go to ``transient``, in order. A value reaches
 something when, at the end of the block, it is held by a parameter, a buffer, a
 gradient or optimizer state of a module or optimizer the block ran; or when it is
@@ -44,9 +45,14 @@ update without declaring it.
 Backward events also carry the autograd node (``SqrtBackward0``, or a custom
 Function's ``MyFnBackward``) and the forward op that created it, matched through
 autograd's sequence numbers, so that the module and source line point at the
-forward code the user wrote.
+forward code the user wrote. The tracer sees only the ops of the thread that entered
+it: a backward whose forward it never saw names its forward op as ``? (forward ran
+before the block or on a thread the tracer does not trace)``, and a match made while
+another thread ran modules is marked unsure, since autograd numbers nodes per thread.
 
-Where an op ran, and the Event that names it, come from :mod:`nanlab.debug.attribution`;
+Both modes run every op through one path, ``Tracer.__torch_dispatch__``, which
+records it for the rules (``Provenance.feed``); the mode decides only when values are
+read back. Where an op ran, and the Event that names it, come from :mod:`nanlab.debug.attribution`;
 the mode that checks with one host sync instead of one per op is :mod:`nanlab.debug.deferred`.
 """
 from __future__ import annotations
@@ -62,7 +68,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from nanlab.debug.attribution import OpLocator
-from nanlab.debug.deferred import DeferredLog
+from nanlab.debug.deferred import DeferredMode, stored_values
 from nanlab.lab.result import Event
 
 __all__ = ["Event", "Tracer", "Replay", "trace", "replay"]
@@ -101,27 +107,28 @@ _UNDECLARED_WRITES = {
 
 # An output's content: (holds NaN, holds +inf, holds -inf).
 FINITE = (False, False, False)
+# Readings, (content, largest |x|), that the tracer knows without measuring, in either
+# mode: a write its mode found finite, and an input whose content the rules do not need.
+FINITE_READING = (FINITE, None)
+UNMEASURED = (None, None)
 
 
-def _is_float(t) -> bool:
-    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() > 0
+def _is_inexact(t) -> bool:
+    """Whether the tracer checks a tensor: floating point or complex (``log`` of a
+    complex zero is -inf), and not empty."""
+    return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and t.numel() > 0
 
 
-def _float_tensors(tree) -> list[torch.Tensor]:
+def _inexact_tensors(tree) -> list[torch.Tensor]:
     if isinstance(tree, torch.Tensor):
-        return [tree] if _is_float(tree) else []
-    return [t for t in tree_leaves(tree) if _is_float(t)]
-
-
-def _values(t: torch.Tensor) -> torch.Tensor:
-    """The stored values (a sparse tensor's nonzeros)."""
-    return t._values() if t.is_sparse else t
+        return [tree] if _is_inexact(tree) else []
+    return [t for t in tree_leaves(tree) if _is_inexact(t)]
 
 
 def _is_finite_fast(t: torch.Tensor) -> bool:
     """One reduction on the common finite path; a sum that overflowed on finite values
     falls through to the exact check."""
-    v = _values(t)
+    v = stored_values(t)
     # Half types accumulate in float32 so that a sum of finite values rarely overflows.
     total = v.sum(dtype=torch.float32) if v.element_size() < 4 else v.sum()
     return math.isfinite(total.item()) or _content(t) == FINITE
@@ -134,13 +141,13 @@ def _measure(t: torch.Tensor) -> tuple:
 
 def _content(t: torch.Tensor) -> tuple:
     """(holds NaN, holds +inf, holds -inf), exactly."""
-    v = _values(t)
+    v = stored_values(t)
     return bool(v.isnan().any()), bool((v == math.inf).any()), bool((v == -math.inf).any())
 
 
 def _absmax(t: torch.Tensor) -> float:
     """Largest |x|, NaN ignored."""
-    return _values(t).detach().abs().nan_to_num(nan=0.0, posinf=math.inf).max().item()
+    return stored_values(t).detach().abs().nan_to_num(nan=0.0, posinf=math.inf).max().item()
 
 
 def _kind(content) -> str:
@@ -190,6 +197,34 @@ class Provenance:
     held: dict = field(default_factory=dict)  # storage key -> _Held
     events: list = field(default_factory=list)
     reached: set = field(default_factory=set)
+
+    def feed(self, record: tuple, resolve: Callable) -> None:
+        """Apply the rules to one recorded op. Both modes record ops the same way (see
+        ``Tracer.__torch_dispatch__``); ``resolve`` turns a mode's reading of a tensor
+        into (content, largest |x|). The records:
+
+        - ``("checked", name, where, groups, writer)``: ``where()`` gives the OpContext;
+          groups as :meth:`checked` takes them, with readings for contents;
+        - ``("carried", read_keys, write_keys)`` and ``("finite", write_keys)``;
+        - ``("read_out", key, reading)``."""
+        kind = record[0]
+        if kind == "checked":
+            _, name, where, groups, writer = record
+            fed = [([(k, resolve(r)[0]) for k, r in reads], [(k, resolve(r)[0], partial) for k, r, partial in writes])
+                   for reads, writes in groups]
+
+            def describe():
+                absmax = max((a for reads, _ in groups for _, r in reads if (a := resolve(r)[1]) is not None),
+                             default=None)
+                return name, where(), absmax
+
+            self.checked(describe, fed, writer)
+        elif kind == "carried":
+            self.carried(record[1], record[2])
+        elif kind == "finite":
+            self.wrote_finite(record[1])
+        else:
+            self.read_out(record[1], resolve(record[2])[0])
 
     def checked(self, describe, groups, writer: bool) -> None:
         """An op whose outputs were measured. ``groups``: [(reads, writes)], reads
@@ -285,39 +320,67 @@ class Provenance:
 
     def _judge(self, content, reads, writer: bool):
         """(earlier event carried or None, masks the output holds, origin of a new
-        event or None) for one non-finite output."""
-        carried, outside, masks = None, False, set()
+        event or None) for one non-finite output: the rules Carried, From outside and
+        Masks of the module docstring, in that order."""
+        unexplained, masks = self._unexplained_inputs(reads)
+        masks |= self._masks_from_inputs(unexplained, writer)
+        present = _signs(content[1], content[2])
+        carried = self._carried(unexplained)
+        if carried is not None:
+            # Only the masks that came in stay masks: the carried value is no constant.
+            return carried, masks & present, None
+        if self._from_outside(unexplained, writer):
+            return None, masks & present, "input"
+        if writer:
+            masks |= {"+", "-"}  # the infinities a constant writer writes are masks
+        return None, masks & present, ("op" if self._uncovered(content, masks) else None)
+
+    def _unexplained_inputs(self, reads) -> tuple[list, frozenset]:
+        """The inputs holding a non-finite value that their own masks do not explain, as
+        [(event held or None, nan, +inf, -inf)], and the signs of the masks the inputs
+        hold (unmeasured and finite inputs bring nothing)."""
+        unexplained, masks = [], frozenset()
         for key, c in reads:
             if c is None or c == FINITE:
                 continue
             nan, pos, neg = c
             held = self.held.get(key)
             held_masks = held.masks if held is not None else frozenset()
-            masks |= {s for s, present in (("+", pos), ("-", neg)) if present and s in held_masks}
+            masks |= _signs(pos, neg) & held_masks
             pos, neg = pos and "+" not in held_masks, neg and "-" not in held_masks
-            if not (nan or pos or neg):
-                continue
-            if held is not None and held.event is not None:
-                if carried is None or held.event < carried:
-                    carried = held.event
-            elif nan or (pos and not writer):
-                outside = True  # NaN or +inf that no traced op made
-            else:
-                # -inf from outside the trace is taken as a mask; so is an infinity a
-                # constant writer is handed (the constant it writes).
-                masks |= {s for s, present in (("+", pos), ("-", neg)) if present}
-        nan, pos, neg = content
-        present = frozenset(s for s, p in (("+", pos), ("-", neg)) if p)
-        if carried is not None:
-            # Only the masks that came in stay masks: the carried value is no constant.
-            return carried, frozenset(masks) & present, None
-        if outside:
-            return None, frozenset(masks) & present, "input"
-        if writer:
-            masks |= {"+", "-"}
-        if nan or (pos and "+" not in masks) or (neg and "-" not in masks):
-            return None, frozenset(masks) & present, "op"
-        return None, frozenset(masks) & present, None
+            if nan or pos or neg:
+                unexplained.append((held.event if held is not None else None, nan, pos, neg))
+        return unexplained, masks
+
+    @staticmethod
+    def _carried(unexplained) -> Optional[int]:
+        """Carried: the earliest event whose bad value an input holds."""
+        return min((event for event, *_ in unexplained if event is not None), default=None)
+
+    @staticmethod
+    def _is_outside_value(nan, pos, writer: bool) -> bool:
+        # A constant writer handed +inf writes it as a constant (the Masks rule).
+        return nan or (pos and not writer)
+
+    @classmethod
+    def _from_outside(cls, unexplained, writer: bool) -> bool:
+        """From outside: an input holds a NaN or +inf that no traced op made."""
+        return any(event is None and cls._is_outside_value(nan, pos, writer) for event, nan, pos, _ in unexplained)
+
+    @classmethod
+    def _masks_from_inputs(cls, unexplained, writer: bool) -> frozenset:
+        """Masks: a -inf that enters from outside the trace, and an infinity a constant
+        writer is handed (the constant it writes)."""
+        masks = frozenset()
+        for event, nan, pos, neg in unexplained:
+            if event is None and not cls._is_outside_value(nan, pos, writer):
+                masks |= _signs(pos, neg)
+        return masks
+
+
+def _signs(pos: bool, neg: bool) -> frozenset:
+    """The signs of infinity a (+inf, -inf) pair holds."""
+    return frozenset(s for s, present in (("+", pos), ("-", neg)) if present)
 
 
 @dataclass(frozen=True)
@@ -363,16 +426,22 @@ def _argument(args, kwargs, position: int, name: str):
 
 
 def _written_arguments(plan: _Plan, args, kwargs) -> list[tuple]:
-    """[(tensor, also read)] for each floating point tensor the op writes in place."""
+    """[(tensor, also read)] for each floating point or complex tensor the op writes in place."""
     if not plan.writes:
         return []
     if plan.training_flag is not None and not _argument(args, kwargs, plan.training_flag, "training"):
         return []
     found = []
     for position, name, read in plan.writes:
-        for t in _float_tensors(_argument(args, kwargs, position, name)):
+        for t in _inexact_tensors(_argument(args, kwargs, position, name)):
             found.append((t, read))
     return found
+
+
+def _written_tensors(written, out) -> list[torch.Tensor]:
+    """Every floating point or complex tensor an op wrote: its in-place arguments, then its
+    outputs, each once (an in-place op returns the tensor it wrote)."""
+    return list({id(t): t for t in [t for t, _ in written] + _inexact_tensors(out)}.values())
 
 
 def _op_groups(plan: _Plan, args, kwargs, out, written) -> list[tuple]:
@@ -380,13 +449,8 @@ def _op_groups(plan: _Plan, args, kwargs, out, written) -> list[tuple]:
     ``_foreach_`` op, one per list position, so that a bad value in one parameter's
     update is traced to that parameter's own inputs."""
     write_only = {id(t) for t, read in written if not read}
-    reads = [] if plan.shape_only else [t for t in _float_tensors((args, kwargs)) if id(t) not in write_only]
-    outs = _float_tensors(out)
-    writes, seen = [], set()
-    for t in [t for t, _ in written] + outs:
-        if id(t) not in seen:  # an in-place op returns the tensor it wrote
-            seen.add(id(t))
-            writes.append(t)
+    reads = [] if plan.shape_only else [t for t in _inexact_tensors((args, kwargs)) if id(t) not in write_only]
+    writes = _written_tensors(written, out)
     if not plan.foreach:
         return [(reads, writes)]
     lists = [a for a in (*args, *kwargs.values()) if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
@@ -400,7 +464,7 @@ def _op_groups(plan: _Plan, args, kwargs, out, written) -> list[tuple]:
     written_ids = {id(t) for t in writes}
     groups = []
     for i in range(length):
-        column = [lst[i] for lst in lists if _is_float(lst[i])]
+        column = [lst[i] for lst in lists if _is_inexact(lst[i])]
         groups.append(([t for t in column if id(t) not in write_only] + shared,
                        [t for t in column if id(t) in written_ids]))
     return groups
@@ -422,15 +486,57 @@ class Replay:
     error: Optional[BaseException] = None
 
 
+class ImmediateMode:
+    """Checks each op on the host as it runs and feeds the rules at once: on the CPU
+    reading a value back costs nothing. A reading is (content, largest |x|)."""
+
+    def __init__(self, rules: Provenance):
+        self._rules = rules
+
+    def following(self) -> bool:
+        """Whether the rules hold anything an unchecked op could carry or overwrite."""
+        return bool(self._rules.held)
+
+    def maybe_nonfinite(self, tensors) -> set:
+        """The ids of those tensors that hold a non-finite value."""
+        return {id(t) for t in tensors if not _is_finite_fast(t)}
+
+    def measure(self, t: torch.Tensor) -> tuple:
+        return _measure(t)
+
+    def measure_overwritten(self, t: torch.Tensor) -> tuple:
+        """An input the op is about to overwrite. (max |x| is finite exactly when x
+        is, and is the input's absmax as well: one reduction on the common path.)"""
+        top = stored_values(t).detach().abs().amax().item()
+        return (FINITE, top) if math.isfinite(top) else (_content(t), _absmax(t))
+
+    def where(self, locate: Callable) -> Callable:
+        # The rules run before the op returns, so locate() still sees its stack; it
+        # runs only for an op that makes an event.
+        return locate
+
+    def record(self, record: tuple) -> None:
+        self._rules.feed(record, lambda reading: reading)
+
+    def flush(self) -> None:
+        pass  # every op was fed as it ran
+
+    def nonfinite_contents(self, tensors) -> list[tuple]:
+        """[(tensor, content)] of those tensors that hold a non-finite value."""
+        return [(t, _content(t)) for t in tensors if not _is_finite_fast(t)]
+
+
 class Tracer(TorchDispatchMode):
     """Checks what every op writes. After the block, ``first`` holds the first Event
     that reached something that matters and ``transient`` the events that did not.
 
-    Immediate mode (the CPU default) checks each op as it runs, since on the CPU
-    reading a value back costs nothing. Deferred mode (the CUDA default, or
-    ``defer=True``) reads everything back with one sync when the block ends: see
-    :mod:`nanlab.debug.deferred`. ``watch``: modules and optimizers whose state counts as
-    reached even if the block never ran them (the guard passes its model and optimizers).
+    Every op takes the same path (``__torch_dispatch__``); the mode only decides when
+    values are read back. Immediate mode (:class:`ImmediateMode`, the CPU default)
+    measures each op as it runs. Deferred mode (:class:`nanlab.debug.deferred.DeferredMode`,
+    the CUDA default, or ``defer=True``) keeps the measurements on the device and reads
+    them all back with one sync when the block ends. ``watch``: modules and optimizers
+    whose state counts as reached even if the block never ran them (the guard passes
+    its model and optimizers).
     """
 
     def __init__(self, defer: Optional[bool] = None, watch=()):
@@ -439,9 +545,9 @@ class Tracer(TorchDispatchMode):
         self.first: Optional[Event] = None
         self.transient: list[Event] = []
         self._where = OpLocator()
-        self._deferred = DeferredLog()
         self._storages = _Storages()
         self._rules = Provenance(self._make_event)
+        self._mode = None  # at the first op: ``defer``, or else whether its tensors are on CUDA
         self._watch = watch
 
     def __enter__(self):
@@ -456,14 +562,18 @@ class Tracer(TorchDispatchMode):
     def __exit__(self, *exc):
         self._where.remove()
         result = super().__exit__(*exc)
-        if self.defer:
-            self.first, self.transient = self._deferred.finish(self._rules, self._storages,
-                                                               self._where.persistent_tensors)
-        else:
-            self.first, self.transient = self._rules.finish(
-                lambda: [(self._storages.key(t), _content(t)) for t in self._where.persistent_tensors()
-                         if not _is_finite_fast(t)])
+        mode = self._mode or self._pick_mode(())
+        mode.flush()
+        key = self._storages.key
+        self.first, self.transient = self._rules.finish(
+            lambda: [(key(t), content) for t, content in mode.nonfinite_contents(self._where.persistent_tensors())])
         return result
+
+    def _pick_mode(self, tensors):
+        if self.defer is None:
+            self.defer = any(t.is_cuda for t in tensors)
+        self._mode = DeferredMode(self._rules) if self.defer else ImmediateMode(self._rules)
+        return self._mode
 
     def _make_event(self, describe, kind, origin) -> Event:
         name, ctx, absmax = describe()
@@ -472,108 +582,59 @@ class Tracer(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         plan = _plan(func)
-        if plan.kind == "view":
+        if plan.kind == "view":  # a view shares its base's storage: nothing new to follow
             return func(*args, **kwargs)
-        if self.defer is None:
-            self.defer = any(t.is_cuda for t in _float_tensors((args, kwargs)))
-        if self.defer:
-            return self._deferred_dispatch(func, plan, args, kwargs)
-        if plan.kind != "checked":
-            out = func(*args, **kwargs)
-            if torch._C._current_autograd_node() is None:
-                self._where.note_forward_op(func.overloadpacket.__name__, remember=False)
-            if self._rules.held:  # nothing to carry while no storage holds an event or a +inf mask
-                written = [t for t, _ in _written_arguments(plan, args, kwargs)] + _float_tensors(out)
-                write_keys = [self._storages.key(t) for t in written]
-                if plan.kind == "finite":
-                    self._rules.wrote_finite(write_keys)
-                else:
-                    self._rules.carried([self._storages.key(t) for t in _float_tensors((args, kwargs))], write_keys)
-            return out
-        return self._immediate_dispatch(func, plan, args, kwargs)
+        mode = self._mode or self._pick_mode(_inexact_tensors((args, kwargs)))
+        if plan.kind == "checked":
+            return self._check(mode, func, plan, args, kwargs)
+        out = func(*args, **kwargs)
+        if torch._C._current_autograd_node() is None:
+            self._where.note_forward_op(func.overloadpacket.__name__, remember=False)
+        if mode.following():
+            key = self._storages.key
+            write_keys = [key(t) for t in _written_tensors(_written_arguments(plan, args, kwargs), out)]
+            if plan.kind == "finite":
+                mode.record(("finite", write_keys))
+            else:
+                mode.record(("carried", [key(t) for t in _inexact_tensors((args, kwargs))], write_keys))
+        return out
 
-    def _immediate_dispatch(self, func, plan, args, kwargs):
+    def _check(self, mode, func, plan, args, kwargs):
+        """Run an op whose outputs the rules judge, and record it with the mode's readings."""
         written = _written_arguments(plan, args, kwargs)
         # The values an op overwrites are gone once it has run: measure them first.
-        # (max |x| is finite exactly when x is, and is the input's absmax as well.)
-        before = {}
-        for t, read in written:
-            if read:
-                top = _values(t).detach().abs().amax().item()
-                before[id(t)] = (FINITE, top) if math.isfinite(top) else (_content(t), _absmax(t))
+        overwritten = {id(t): mode.measure_overwritten(t) for t, read in written if read}
         out = func(*args, **kwargs)
         node = torch._C._current_autograd_node()
         name = func.overloadpacket.__name__
         if node is None:
             self._where.note_forward_op(name)
-        outs = _float_tensors(out)
-        if not written and not outs:
-            if plan.readout and self._rules.held:
-                for t in _float_tensors((args, kwargs)):
-                    self._rules.read_out(self._storages.key(t), _content(t))
-            return out
-        # The fast path: everything it wrote is finite and no storage holds anything
-        # the rules must follow.
-        if written:  # an in-place op returns the tensor it wrote: check it once
-            outs = list({id(t): t for t in [t for t, _ in written] + outs}.values())
-        spoiled = {id(t) for t in outs if not _is_finite_fast(t)}
-        if not spoiled and not self._rules.held:
-            return out
-        groups = _op_groups(plan, args, kwargs, out, written)
         key = self._storages.key
-        measured: dict[int, tuple] = {}
+        writes = _written_tensors(written, out)
+        if not writes:
+            if plan.readout and mode.following():
+                for t in _inexact_tensors((args, kwargs)):
+                    mode.record(("read_out", key(t), mode.measure(t)))
+            return out
+        spoiled = mode.maybe_nonfinite(writes)
+        if not spoiled and not mode.following():
+            return out  # the fast path: all it wrote is finite and the rules follow nothing
+        readings: dict[int, object] = {}
 
-        def read_entry(t):
+        def read(t):
             if not spoiled:  # the rules only mark it read: its content is not needed
-                return key(t), None
-            if id(t) not in measured:
-                measured[id(t)] = before[id(t)] if id(t) in before else _measure(t)
-            return key(t), measured[id(t)][0]
+                return key(t), UNMEASURED
+            if id(t) not in readings:
+                readings[id(t)] = overwritten[id(t)] if id(t) in overwritten else mode.measure(t)
+            return key(t), readings[id(t)]
 
-        fed = [([read_entry(t) for t in reads],
-                [(key(t), _content(t) if id(t) in spoiled else FINITE, _is_partial(t)) for t in writes])
-               for reads, writes in groups]
+        def wrote(t):
+            return key(t), (mode.measure(t) if id(t) in spoiled else FINITE_READING), _is_partial(t)
 
-        def describe():
-            absmax = max((a for _, a in measured.values() if a is not None), default=None)
-            return name, self._where.context(node, [t for t, _ in written]), absmax
-
-        self._rules.checked(describe, fed, plan.writer)
-        return out
-
-    def _deferred_dispatch(self, func, plan, args, kwargs):
-        log = self._deferred
-        written = _written_arguments(plan, args, kwargs)
-        before = {id(t): log.stat_index(t) for t, read in written if read and plan.kind == "checked"}
-        out = func(*args, **kwargs)
-        node = torch._C._current_autograd_node()
-        name = func.overloadpacket.__name__
-        if node is None:
-            self._where.note_forward_op(name, remember=plan.kind == "checked")
-        key = self._storages.key
-        if plan.kind == "finite":
-            log.wrote_finite([key(t) for t in [t for t, _ in written] + _float_tensors(out)])
-            return out
-        if plan.kind == "carrier":
-            log.carried([key(t) for t in _float_tensors((args, kwargs))],
-                        [key(t) for t in [t for t, _ in written] + _float_tensors(out)])
-            return out
-        groups = _op_groups(plan, args, kwargs, out, written)
-        if not any(w for _, w in groups):
-            if plan.readout:
-                for t in _float_tensors((args, kwargs)):
-                    log.read_out(key(t), log.stat_index(t))
-            return out
-        stats = {}
-
-        def stat(t):
-            if id(t) not in stats:
-                stats[id(t)] = before[id(t)] if id(t) in before else log.stat_index(t)
-            return stats[id(t)]
-
-        recorded = [([(key(t), stat(t)) for t in reads], [(key(t), log.stat_index(t), _is_partial(t)) for t in writes])
-                    for reads, writes in groups]
-        log.checked(name, self._where.context(node, [t for t, _ in written]), recorded, plan.writer)
+        groups = [([read(t) for t in reads], [wrote(t) for t in ws])
+                  for reads, ws in _op_groups(plan, args, kwargs, out, written)]
+        where = mode.where(lambda: self._where.context(node, [t for t, _ in written]))
+        mode.record(("checked", name, where, groups, plan.writer))
         return out
 
 

@@ -5,7 +5,8 @@ backends) and plain JAX.
 framework runs in a worker process of its own (:mod:`nanlab.frameworks.worker`),
 because a Keras backend is fixed once ``keras`` is imported and TensorFlow, JAX and
 torch are best kept out of each other's way. The worker trains the scenario's
-framework builder (``FRAMEWORKS`` in the scenario module), and hands back its
+framework builder (named in the scenario module's ``FRAMEWORKS``, imported from a
+torch-free module of its own), and hands back its
 training losses and its model outputs; the parent scores those outputs with the
 scenario's float64 ``exact_loss``, so numbers compare across frameworks.
 
@@ -13,8 +14,10 @@ This module is torch-free and imports no framework: it only says which are insta
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+from typing import Callable
 
 from nanlab import errors
 from nanlab.errors import ConfigError
@@ -59,9 +62,40 @@ def required() -> bool:
     return os.environ.get(REQUIRE_ENV, "") not in ("", "0")
 
 
+def declared(name: str) -> dict:
+    """Scenario ``name``'s ``FRAMEWORKS``: {family: "module:function"}; {} when it has none.
+    Read from its source by the registry, so asking imports neither it nor a builder."""
+    from nanlab.lab import registry
+
+    return registry.declaration(name).frameworks
+
+
 def runs_on(name: str) -> list[str]:
     """The frameworks scenario ``name`` has builders for, torch first, installed or not."""
-    from nanlab.frameworks import source
-
-    families = {"torch", *source.declared(name)}
+    families = {"torch", *declared(name)}
     return [f for f, option in FRAMEWORKS.items() if option.family in families]
+
+
+def builder(name: str, family: str) -> Callable:
+    """Scenario ``name``'s builder for ``family``, imported from the module its
+    ``FRAMEWORKS`` names (never the scenario module itself, which imports torch).
+    What cannot be found is the scenario's contract error, one line."""
+    from nanlab.lab import registry
+    from nanlab.lab.scenario import ContractError
+
+    scenario_module = registry.declaration(name).module
+    reference = declared(name).get(family)
+    if reference is None:
+        raise ContractError(scenario_module, f"it declares no {family} builder in FRAMEWORKS")
+    module_name, function_name = reference.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # noqa: BLE001 - a plugin's builder module may fail to import in any way
+        message = (str(err).strip().splitlines() or [""])[0]
+        raise ContractError(scenario_module, f"its {family} builder module {module_name} cannot be imported "
+                            f"({type(err).__name__}: {message})") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ContractError(scenario_module, f"FRAMEWORKS names {reference!r}, but {module_name} has no function "
+                            f"{function_name}")
+    return function

@@ -2,14 +2,13 @@
 
 A scenario module names its builders in a literal dict, read from source like DEFAULTS::
 
-    FRAMEWORKS = {"keras": "keras_recipe", "jax": "jax_recipe"}
+    FRAMEWORKS = {"keras": "nanlab.scenarios.frameworks.softmax_overflow:keras_recipe",
+                  "jax": "nanlab.scenarios.frameworks.softmax_overflow:jax_recipe"}
 
 ``keras`` serves keras-torch, keras-jax and keras-tensorflow alike; ``jax`` is plain
-JAX. A builder is called as ``builder(kit, data, knobs)`` in the worker, which has
-*not* imported torch or the scenario module: it runs the builder from the module's
-source (:mod:`nanlab.frameworks.source`), so a builder may use the module's other
-functions and literal constants, but not its imports. Everything framework-specific
-comes in ``kit`` (``kit.keras``, ``kit.ops``, ``kit.jax``, ``kit.jnp``, ``kit.np``,
+JAX. Each value is ``"module:function"``: the builder lives in a module of its own
+that does not import torch, and the worker imports it (never the scenario module) and
+calls ``builder(kit, data, knobs)``. Everything framework-specific comes in ``kit`` (``kit.keras``, ``kit.ops``, ``kit.jax``, ``kit.jnp``, ``kit.np``,
 ``kit.Recipe``, ``kit.Variant``, ``kit.JaxModel``). ``data`` holds the raw data as
 numpy arrays (``data.x``, ``data.y``); ``knobs`` the scenario's data knobs.
 

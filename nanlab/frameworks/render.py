@@ -5,8 +5,9 @@ from __future__ import annotations
 import textwrap
 
 from nanlab.config.options import FRAMEWORKS
-from nanlab.reports.scenario_report import _happened, _num, verdict_lines
+from nanlab.lab import verdicts
 from nanlab.lab.result import ScenarioResult
+from nanlab.reports.scenario_report import short_number, verdict_text
 
 
 def first_op(result: ScenarioResult, variant) -> str:
@@ -32,7 +33,7 @@ def render(results: dict) -> str:
     any_result = next(iter(results.values()))
     c = any_result.config
     out = [f"{any_result.scenario}: {any_result.summary}",
-           f"config: optimizer={c['optimizer']['name']} lr={_num(c['optimizer']['lr'])} clip={c['clip']['name']} "
+           f"config: optimizer={c['optimizer']['name']} lr={short_number(c['optimizer']['lr'])} clip={c['clip']['name']} "
            f"dtype={c['dtype']} steps={c['steps']} seed={c['seed']}; frameworks: {', '.join(results)}",
            "Every framework trains on the same data; each draws its own initial weights from the seed, so the "
            "start losses differ.", ""]
@@ -48,28 +49,28 @@ def render(results: dict) -> str:
             if variant is None:
                 continue
             label = f"{name} ({variant.role}{'*' if variant.lossy else ''})" if not shown else ""
-            exact = f"{_num(variant.exact_loss_start)} -> {_num(variant.exact_loss_end)}"
-            out.append(f"  {label:<30} {framework:<17} {_happened(variant):<26} {exact:<24} {variant.verdict}")
+            exact = f"{short_number(variant.exact_loss_start)} -> {short_number(variant.exact_loss_end)}"
+            out.append(f"  {label:<30} {framework:<17} {verdicts.what_happened(variant):<26} {exact:<24} {variant.verdict}")
             detail = first_op(result, variant)
             if variant.role == "myth" and variant.wrong:
-                detail = (detail + "; " if detail else "") + (f"its loss reads {_num(variant.losses[0])} where the "
-                                                                f"exact loss is {_num(variant.exact_loss_start)}")
+                detail = (detail + "; " if detail else "") + (f"its loss reads {short_number(variant.losses[0])} where the "
+                                                                f"exact loss is {short_number(variant.exact_loss_start)}")
             if detail:
                 out.append(f"  {'':<30} {'':<17} {detail}")
             shown = True
     out.append("")
     out.append("Verdict by framework:")
     for framework, result in results.items():
-        lines = [line.strip() for line in verdict_lines(result)]
-        out.append(f"  {framework:<17} " + lines[0].removeprefix("Verdict: "))
-        out.append(f"  {'':<17} " + lines[1])
+        reproduced, fixed = verdicts.explain(result)
+        out.append(f"  {framework:<17} {verdict_text(reproduced)}.")
+        out.append(f"  {'':<17} {verdict_text(fixed)}.")
     probes = _differing_probes(results)
     if probes:
         out += ["", "Probes by framework:"]
         for key, values in probes.items():
             out.append(f"  {key}:")
             for framework, value in values.items():
-                out.append(f"    {framework:<17} {_num(value) if not isinstance(value, (list, dict)) else value}")
+                out.append(f"    {framework:<17} {short_number(value) if not isinstance(value, (list, dict)) else value}")
     claims = [(f, claim) for f, r in results.items() for claim in r.claims]
     if claims:
         out += ["", "Claims by framework (frameworks that measured the same thing share a line):"]

@@ -30,7 +30,7 @@ from nanlab.lab import verdicts
 from nanlab.lab.build import DTYPES
 from nanlab.config.compose import changed_settings
 from nanlab.errors import ConfigError
-from nanlab.frameworks import chosen, source
+from nanlab.frameworks import chosen, declared
 from nanlab.lab.loop import overrides_of, variant_config
 from nanlab.config.options import FRAMEWORKS
 from nanlab.reports.scenario_report import ScenarioReport
@@ -72,8 +72,13 @@ def _settings(vcfg) -> dict:
 def check_settings(cfg, framework: str) -> None:
     """What a worker cannot honour is a config error, before anything runs."""
     if cfg.dtype not in WORKER_DTYPES:
-        raise ConfigError("dtype", cfg.dtype, f"framework={framework} trains in {' or '.join(WORKER_DTYPES)}; "
-                          "float16 and bfloat16 runs (autocast, loss scaling) are framework=torch only")
+        why = {"float64": "float64 would need JAX's x64 mode and Keras' floatx set per process, without which "
+                          "both quietly train in float32",
+               "float16": "float16 needs autocast and loss scaling, which are nanlab's torch loop's own",
+               "bfloat16": "bfloat16 needs autocast, which is nanlab's torch loop's own"}.get(str(cfg.dtype), "")
+        raise ConfigError("dtype", cfg.dtype, f"framework={framework} trains in {' or '.join(WORKER_DTYPES)} only"
+                          + (f": {why}" if why else "") + "; use dtype=float32, or framework=torch for float64, "
+                          "float16 and bfloat16")
     if cfg.init.name != "default":
         raise ConfigError("init", cfg.init.name, f"framework={framework} uses that framework's own initialization; "
                           "init= applies to framework=torch")
@@ -91,13 +96,13 @@ def check_settings(cfg, framework: str) -> None:
 
 
 def supported(name: str, framework: str) -> bool:
-    return FRAMEWORKS[framework].family == "torch" or FRAMEWORKS[framework].family in source.declared(name)
+    return FRAMEWORKS[framework].family == "torch" or FRAMEWORKS[framework].family in declared(name)
 
 
 def require_builder(name: str, framework: str) -> None:
     if not supported(name, framework):
         family = FRAMEWORKS[framework].family
-        having = [n for n in registry.names() if family in source.declared(n)]
+        having = [n for n in registry.names() if family in declared(n)]
         raise ConfigError("framework", framework, f"scenario {name} has no {family} builder; scenarios with one: "
                           + ", ".join(having))
 

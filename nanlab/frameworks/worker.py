@@ -4,7 +4,8 @@ The parent (:mod:`nanlab.frameworks.run`) writes a request: the framework, and p
 scenario the data each variant trains on (numpy arrays, already prepared the way
 the torch variant prepares them) and its settings. This process imports only that
 framework (KERAS_BACKEND is in its environment before keras is imported), builds
-each scenario's recipe from the scenario's source, trains every variant full-batch
+each scenario's recipe with the builder its ``FRAMEWORKS`` names (imported from a
+torch-free module; the scenario module itself is never imported here), trains every variant full-batch
 for ``steps`` steps, and writes back the training loss of every step, where it first
 went non-finite, and the model's outputs before training and at the end. The parent
 scores those outputs with the scenario's float64 exact loss.
@@ -23,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from nanlab import frameworks
 from nanlab.frameworks import recipe as recipe_api
-from nanlab.frameworks import source
-from nanlab.config.options import FRAMEWORKS
+from nanlab.config.options import CLIP_NORM_EPS, FRAMEWORKS, OPTIMIZERS
 
 
 def _set(settings: dict, dotted: str, value) -> None:
@@ -48,6 +49,12 @@ def _finite(x: float) -> bool:
 
 
 # ---------------------------------------------------------------- Keras
+
+# Keras' argument for each key of the optimizer table (options.OPTIMIZERS): its settings
+# and torch's constants. A key missing here stops the run, rather than leaving Keras at
+# its own default where torch would use the table's value.
+KERAS_ARGUMENTS = {"momentum": "momentum", "eps": "epsilon", "weight_decay": "weight_decay",
+                   "betas": ("beta_1", "beta_2"), "alpha": "rho"}
 
 class KerasTrainer:
     """Keras' own ``fit``: full batch, one batch per epoch, so epoch k is step k."""
@@ -73,24 +80,23 @@ class KerasTrainer:
         return {"keras": self.keras.__version__, self.backend: backend.__version__}
 
     def optimizer(self, settings: dict):
+        """The Keras optimizer of the same name, given every key the table says torch's
+        reads. Keras' RMSprop still adds eps inside the square root, torch outside it."""
         opt, clip, keras = settings["optimizer"], settings["clip"], self.keras
-        common = {"learning_rate": opt["lr"]}
+        option = OPTIMIZERS[opt["name"]]
+        arguments = {"learning_rate": opt["lr"]}
         if clip["name"] == "norm":
-            common["global_clipnorm"] = clip["threshold"]  # torch's clip_grad_norm_: one norm over all gradients
+            arguments["global_clipnorm"] = clip["threshold"]  # torch's clip_grad_norm_: one norm over all gradients
         elif clip["name"] == "value":
-            common["clipvalue"] = clip["threshold"]
-        if opt.get("weight_decay"):
-            common["weight_decay"] = opt["weight_decay"]
-        if opt["name"] == "sgd":
-            return keras.optimizers.SGD(momentum=opt.get("momentum", 0.0), **common)
-        if opt["name"] == "adam":
-            return keras.optimizers.Adam(epsilon=opt.get("eps", 1e-8), **common)
-        if opt["name"] == "rmsprop":
-            # torch.optim.RMSprop's smoothing constant (Keras' default is 0.9); Keras still
-            # adds eps inside the square root, torch outside it.
-            return keras.optimizers.RMSprop(rho=0.99, epsilon=opt.get("eps", 1e-8), momentum=opt.get("momentum", 0.0),
-                                            **common)
-        raise ValueError(f"optimizer {opt['name']} has no Keras counterpart here")
+            arguments["clipvalue"] = clip["threshold"]
+        for key, value in {**{key: opt[key] for key in option.keys}, **option.constants}.items():
+            if key == "weight_decay" and not value:
+                continue  # Keras decays by any weight_decay it is given, 0 too (x - x * 0 is NaN at an inf weight)
+            if key not in KERAS_ARGUMENTS:
+                raise ValueError(f"optimizer {opt['name']}: the Keras worker has no argument for {key!r}")
+            name = KERAS_ARGUMENTS[key]
+            arguments.update(zip(name, value) if isinstance(name, tuple) else [(name, value)])
+        return getattr(keras.optimizers, option.torch_class)(**arguments)  # Keras names its classes as torch does
 
     def _loss(self, fn):
         keras = self.keras
@@ -213,14 +219,17 @@ class JaxTrainer:
         return {"kernel": init(key, (d_in, d_out), jnp.float32), "bias": jnp.zeros((d_out,), jnp.float32)}
 
     def _optimizer(self, settings: dict):
+        """(init, update) for the table's optimizer (options.OPTIMIZERS), its settings and
+        torch's constants read from the table; each update is torch.optim's, written out."""
         jax, opt, clip = self.jax, settings["optimizer"], settings["clip"]
         jnp, tree = jax.numpy, jax.tree_util
-        lr, wd = opt["lr"], opt.get("weight_decay", 0.0)
+        constants = OPTIMIZERS[opt["name"]].constants
+        lr, wd = opt["lr"], opt["weight_decay"]
 
         def clipped(grads):
             if clip["name"] == "norm":
                 total = jnp.sqrt(sum(jnp.sum(g * g) for g in tree.tree_leaves(grads)))
-                scale = jnp.minimum(1.0, clip["threshold"] / (total + 1e-6))  # as torch's clip_grad_norm_
+                scale = jnp.minimum(1.0, clip["threshold"] / (total + CLIP_NORM_EPS))  # as torch's clip_grad_norm_
                 return tree.tree_map(lambda g: g * scale, grads)
             if clip["name"] == "value":
                 return tree.tree_map(lambda g: jnp.clip(g, -clip["threshold"], clip["threshold"]), grads)
@@ -231,7 +240,7 @@ class JaxTrainer:
 
         zeros = lambda params: tree.tree_map(jnp.zeros_like, params)  # noqa: E731
         if opt["name"] == "sgd":
-            momentum = opt.get("momentum", 0.0)
+            momentum = opt["momentum"]
 
             def update(params, grads, state):
                 grads = decayed(params, clipped(grads))
@@ -240,7 +249,7 @@ class JaxTrainer:
 
             return zeros, update
         if opt["name"] == "adam":
-            b1, b2, eps = 0.9, 0.999, opt.get("eps", 1e-8)
+            (b1, b2), eps = constants["betas"], opt["eps"]
 
             def update(params, grads, state):
                 m, v, t = state
@@ -254,7 +263,8 @@ class JaxTrainer:
 
             return (lambda params: (zeros(params), zeros(params), jnp.zeros((), jnp.float32))), update
         if opt["name"] == "rmsprop":
-            alpha, eps = 0.99, opt.get("eps", 1e-8)  # torch.optim.RMSprop's smoothing constant
+            # No momentum here: run.check_settings refuses rmsprop momentum for JAX.
+            alpha, eps = constants["alpha"], opt["eps"]
 
             def update(params, grads, state):
                 grads = decayed(params, clipped(grads))
@@ -311,7 +321,7 @@ def _run_job(trainer, family: str, job: dict, arrays, outputs: dict) -> dict:
     name, started_job = job["scenario"], time.perf_counter()
     extra = {key: arrays[path] for key, path in job["raw"].get("extra", {}).items()}
     raw = types.SimpleNamespace(x=arrays[job["raw"]["x"]], y=arrays[job["raw"]["y"]], extra=extra)
-    recipe = source.builder(name, family)(trainer.kit(), raw, types.SimpleNamespace(**job["knobs"]))
+    recipe = frameworks.builder(name, family)(trainer.kit(), raw, types.SimpleNamespace(**job["knobs"]))
     torch_variants = {v["name"]: v for v in job["variants"]}
     wanted = job.get("only")
     results = []

@@ -22,8 +22,8 @@ def resolve_device(name: str) -> torch.device:
 
 def make_optimizer(opt_cfg, params) -> torch.optim.Optimizer:
     option = options.OPTIMIZERS[opt_cfg.name]
-    settings = {key: float(opt_cfg[key]) for key in (*option.settings, *options.OPTIMIZER_COMMON)}
-    return getattr(torch.optim, option.torch_class)(params, lr=float(opt_cfg.lr), **settings)
+    settings = {key: float(opt_cfg[key]) for key in option.keys}
+    return getattr(torch.optim, option.torch_class)(params, lr=float(opt_cfg.lr), **settings, **option.constants)
 
 
 def apply_init(model: nn.Module, init_cfg) -> None:

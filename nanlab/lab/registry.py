@@ -2,8 +2,8 @@
 ``nanlab.scenarios`` entry-point group, both read the same way.
 
 A scenario's name is its module's file name (built-in) or its entry-point name
-(plugin). Its SUMMARY, DEFAULTS and DATA are literals read from the module's source
-without importing it, so that composing a config, ``mode=list`` and error messages
+(plugin). Its SUMMARY, DEFAULTS, DATA and FRAMEWORKS are literals read from the
+module's source without importing it, so that composing a config, ``mode=list`` and error messages
 never import torch or a scenario module. A module whose source breaks the contract
 is left out with one warning line, so one broken plugin cannot stop the others.
 """
@@ -11,21 +11,25 @@ from __future__ import annotations
 
 import ast
 import importlib
+import re
 import importlib.util
 import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import metadata, resources
 
+from nanlab.config import options
 from nanlab.errors import ConfigError
 from nanlab.lab.scenario import REQUIRED, ContractError
 
 BUILTIN_PACKAGE = "nanlab.scenarios"
 ENTRY_POINT_GROUP = "nanlab.scenarios"
-# Keys DEFAULTS may set. The groups take a name or a dict with "name" and settings.
-GROUP_KEYS = ("optimizer", "init", "clip")
+# Keys DEFAULTS may set: the config groups (options.CONFIG_GROUPS), each a name or a
+# dict with "name" and settings, and these plain values.
 PLAIN_KEYS = ("lr", "steps", "dtype", "device", "seed")
 KNOB_TYPES = (bool, int, float, str)
+# FRAMEWORKS values: "package.module:function", the builder imported by framework workers.
+BUILDER_REFERENCE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,8 @@ class Declaration:
     summary: str = ""
     defaults: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
+    # {framework family: "module:function"}: its Keras and JAX builders (nanlab.frameworks).
+    frameworks: dict = field(default_factory=dict)
 
     def knob_type(self, key: str) -> type:
         value = self.data[key]
@@ -68,11 +74,24 @@ def _top_level_names(tree: ast.Module) -> dict:
 
 def _check_defaults(module: str, defaults: dict) -> None:
     for key, value in defaults.items():
-        if key in GROUP_KEYS:
+        if key in options.CONFIG_GROUPS:
             if not (isinstance(value, str) or (isinstance(value, dict) and isinstance(value.get("name"), str))):
                 raise ContractError(module, f"DEFAULTS[{key!r}] must be a name or a dict with a 'name'")
         elif key not in PLAIN_KEYS:
-            raise ContractError(module, f"DEFAULTS key {key!r} is not one of {', '.join(GROUP_KEYS + PLAIN_KEYS)}")
+            allowed = ", ".join(options.CONFIG_GROUPS + PLAIN_KEYS)
+            raise ContractError(module, f"DEFAULTS key {key!r} is not one of {allowed}")
+
+
+def _check_frameworks(module: str, frameworks) -> None:
+    families = sorted({option.family for option in options.FRAMEWORKS.values()} - {"torch"})
+    if not isinstance(frameworks, dict):
+        raise ContractError(module, "FRAMEWORKS must be a dict of framework family -> 'module:function'")
+    for family, reference in frameworks.items():
+        if family not in families:
+            raise ContractError(module, f"FRAMEWORKS key {family!r} is not a framework family; use {' or '.join(families)}")
+        if not (isinstance(reference, str) and BUILDER_REFERENCE.fullmatch(reference)):
+            raise ContractError(module, f"FRAMEWORKS[{family!r}] must be a 'package.module:function' string, "
+                                f"not {reference!r}")
 
 
 def declare(name: str, module: str) -> Declaration:
@@ -93,7 +112,7 @@ def declare(name: str, module: str) -> Declaration:
     if missing:
         raise ContractError(module, f"it must define {', '.join(missing)} (see nanlab.lab.scenario)")
     values = {}
-    for key in ("SUMMARY", "DEFAULTS", "DATA"):
+    for key in ("SUMMARY", "DEFAULTS", "DATA", "FRAMEWORKS"):
         if names.get(key) is None:
             continue
         try:
@@ -106,14 +125,18 @@ def declare(name: str, module: str) -> Declaration:
     if not isinstance(defaults, dict) or not isinstance(data, dict):
         raise ContractError(module, "DEFAULTS and DATA must be dicts")
     _check_defaults(module, defaults)
+    frameworks = values.get("FRAMEWORKS", {})
+    _check_frameworks(module, frameworks)
     bad = [k for k, v in data.items() if not isinstance(v, KNOB_TYPES)]
     if bad:
         raise ContractError(module, f"DATA[{bad[0]!r}] must be a number, string or boolean")
-    return Declaration(name, module, summary, defaults, data)
+    return Declaration(name, module, summary, defaults, data, frameworks)
 
 
 @lru_cache(maxsize=None)
 def builtin_names() -> tuple[str, ...]:
+    # Scenarios are the package's .py files; its subpackage of framework builders
+    # (nanlab.scenarios.frameworks) is a folder, so it is not one.
     files = resources.files(BUILTIN_PACKAGE).iterdir()
     return tuple(sorted(f.name[:-3] for f in files if f.name.endswith(".py") and not f.name.startswith("_")))
 

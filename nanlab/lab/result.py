@@ -241,6 +241,40 @@ class ScenarioResult:
         """Rebuild a result from a result.json written by a run (no torch needed)."""
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
+    def __str__(self) -> str:
+        """The CLI's report, brief: each variant, the claims and the verdict (under 3,000
+        characters, where the dataclass's own repr dumped every step's numbers)."""
+        from nanlab.reports.scenario_report import render
+
+        return render(self, brief=True)
+
+    __repr__ = __str__  # what the REPL shows for ``nanlab.run(...)``: the report, not the raw numbers
+
+    def show(self) -> None:
+        """Print the CLI's full report, the mechanism and each claim's evidence included."""
+        from nanlab.reports.scenario_report import render
+
+        print(render(self))
+
+    def save(self, path) -> Path:
+        """Write this result as result.json at ``path`` (into it, where ``path`` is a
+        folder), atomically: a file already there is replaced whole or not at all."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "result.json"
+        return jsonio.write_text(path, self.to_json() + "\n")
+
+    def plot(self, path=None):
+        """Each variant's exact loss and gradient norm per step, as a matplotlib Figure;
+        with ``path``, also written there as a PNG (atomically). matplotlib is imported
+        only here."""
+        from nanlab.reports import figures
+
+        fig = figures.variant_figure(self)
+        if path is not None:
+            figures.write_png(fig, Path(path))
+        return fig
+
 
 def _short_key(key: str) -> str:
     """optimizer.name -> optimizer, optimizer.lr -> lr: the words a person types."""

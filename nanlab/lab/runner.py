@@ -103,7 +103,12 @@ def run(scenario: str, *overrides: str, **options) -> "ScenarioReport":
     Positional overrides use the CLI's syntax; keyword options become ``key=value``
     (use a dict for dotted keys: ``**{"optimizer.lr": 0.1}``).
     """
-    from nanlab.config.compose import compose
+    from nanlab.config.compose import check_command_line, compose
+
+    from nanlab.lab import threads
 
     args = [f"scenario={scenario}", *overrides, *(f"{k}={v}" for k, v in options.items())]
-    return run_scenario(compose(args), args)
+    check_command_line(args)
+    cfg = compose(args)
+    with threads.use(cfg.get("threads")):
+        return run_scenario(cfg, args)

@@ -8,8 +8,10 @@ scenario says, and *fixed* when every exact (non-lossy) fix stayed finite and le
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
+from nanlab.config import options
 from nanlab.lab.result import VariantResult
 
 # A myth's loss counts as "wrong" when it differs from the exact loss by more than
@@ -78,6 +80,66 @@ def scenario_verdicts(variants: list, failure: str, all_run: bool = True) -> tup
     return reproduced, fixed
 
 
+@dataclass(frozen=True)
+class ScenarioVerdict:
+    """One of a scenario's two verdicts with its reason, for the reports to print:
+    ``question`` is what was judged ("reproduced" or "fixed"), ``holds`` the answer
+    (None: not measured), ``setting`` the run's changed settings it was measured
+    with ("" at the scenario's own) and ``reason`` what in the run decided it."""
+
+    question: str
+    holds: Optional[bool]
+    reason: str
+    setting: str = ""
+
+    @property
+    def word(self) -> str:
+        # "reproduced?": a verdict that was not measured must not read as one that holds.
+        return {False: "NOT " + self.question, None: self.question + "?"}.get(self.holds, self.question)
+
+
+def what_happened(v: VariantResult) -> str:
+    """A variant's run in a few words: where it first went non-finite, or how long it stayed finite."""
+    first = v.first_nonfinite
+    if first is None:
+        return f"finite for {len(v.losses)} steps"
+    return f"{first.kind_word} {first.quantity} at step {first.step}"
+
+
+def explain(result) -> tuple:
+    """(reproduced, fixed) of a ScenarioResult, each a :class:`ScenarioVerdict` whose
+    reason is read from the result's variants. When the run changed the scenario's
+    own settings, a verdict says with what; a failure that does not happen then is a
+    finding, not a broken lab, so its reason also names the scenario's own settings."""
+    setting = result.settings_text(1) if result.changed else ""
+    broken = result.broken
+    if result.reproduced is None:
+        reproduced = ScenarioVerdict("reproduced", None, "not measured (the broken variant was not run: variant= left it out)")
+    else:
+        if result.reproduced:
+            when = f" at step {broken.nonfinite_step}" if broken.first_nonfinite else ""
+            failed = "stalled: it stayed finite and did not learn" if result.failure == "stall" else "went non-finite"
+            why = f"the broken variant {failed}{when}"
+        elif not broken.finite:
+            why = f"the broken variant went non-finite at step {broken.nonfinite_step}, not a stall"
+        elif result.failure == "stall":
+            why = "the broken variant learned"
+        else:
+            why = f"the broken variant stayed finite for {len(broken.losses)} steps"
+        if not result.reproduced and result.changed:
+            why += f" (the scenario is set up at {result.settings_text(0)})"
+        reproduced = ScenarioVerdict("reproduced", result.reproduced, why, setting)
+    if result.fixed is None:
+        fixed = ScenarioVerdict("fixed", None, "not measured (no exact fix was run: variant= left them out)")
+    elif result.fixed:
+        fixed = ScenarioVerdict("fixed", True, "every exact fix stayed finite and learned", setting)
+    else:
+        exact = [v for v in result.variants if v.role == "fix" and not v.lossy]
+        failing = [f"{v.name} {v.verdict}" for v in exact if not (v.finite and v.learned)]
+        fixed = ScenarioVerdict("fixed", False, "; ".join(failing) or "the scenario has no exact fix", setting)
+    return reproduced, fixed
+
+
 def lossy_cost(v: VariantResult, variants: list) -> Optional[dict]:
     """What a lossy fix costs, against the best non-lossy fix that learned."""
     refs = [r for r in variants if r.role == "fix" and not r.lossy and r.finite and r.learned]
@@ -101,11 +163,14 @@ def judge(variants: list, failure: str, learn, all_run: bool = True) -> tuple:
     return scenario_verdicts(variants, failure, all_run)
 
 
-# Claims are about the scenario's own training setup: a run that changed any of
-# these settings says nothing about them. Data knobs, steps and seed are part of
-# what a claim measures, so its verdict follows them.
-CLAIM_SETTINGS = ("optimizer.", "init.", "clip.", "dtype")
-
-
 def claim_settings_changed(changed: dict) -> dict:
-    return {k: v for k, v in changed.items() if k.startswith(CLAIM_SETTINGS)}
+    """The changed settings (``{"optimizer.name": [own, run], ...}``) that leave claims
+    "not decided": those of the scenario's training setup (options.TRAINING_SETUP).
+    Data knobs, steps and seed are part of what a claim measures, so its verdict
+    follows them."""
+    return {k: v for k, v in changed.items() if _under(k, options.TRAINING_SETUP)}
+
+
+def _under(key: str, settings: tuple) -> bool:
+    """Whether a dotted key is one of ``settings`` or inside one (optimizer.lr is in optimizer)."""
+    return any(key == s or key.startswith(s + ".") for s in settings)

@@ -37,8 +37,10 @@ def log10_or_gap(values) -> list:
     return [math.log10(y) if isinstance(y, (int, float)) and math.isfinite(y) and y > 0 else math.nan for y in values]
 
 
-def _power_of_ten(exponent, _position) -> str:
-    return f"$10^{{{exponent:g}}}$"
+def power_of_ten(exponent, _position=None) -> str:
+    """A tick label on a log10 axis drawn on a linear scale (a matplotlib FuncFormatter):
+    10^n for a whole exponent, the plain number between them."""
+    return f"$10^{{{exponent:g}}}$" if float(exponent).is_integer() else f"{10 ** exponent:.3g}"
 
 
 def variant_figure(result: ScenarioResult):
@@ -76,7 +78,7 @@ def variant_figure(result: ScenarioResult):
         ax.set_ylabel(ylabel)
         ax.grid(True, which="major", alpha=0.3)
         ax.yaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
-        ax.yaxis.set_major_formatter(FuncFormatter(_power_of_ten))
+        ax.yaxis.set_major_formatter(FuncFormatter(power_of_ten))
         ax.set_xlim(left=-0.5)
     loss_ax.set_title("exact loss per step (lower is better)")
     grad_ax.set_title("gradient norm per step")

@@ -15,9 +15,9 @@ from html import escape
 from pathlib import Path
 
 from nanlab import jsonio
-from nanlab.lab import registry
+from nanlab.lab import registry, verdicts
 from nanlab.errors import ConfigError
-from nanlab.reports.scenario_report import html_section, verdict_lines
+from nanlab.reports.scenario_report import html_section, verdict_text
 from nanlab.lab.result import ScenarioResult, Verdict
 
 SWEEP_FIGURES = ("stability.png", "boundary.png")
@@ -50,8 +50,21 @@ ul.claims { padding-left: 1.2em; } .scenario-verdict { font-weight: 600; }
 
 
 def load_results(folder: Path) -> list[ScenarioResult]:
-    """Every ``<scenario>/result.json`` in the folder, in scenario-name order."""
-    return sorted((ScenarioResult.load(p) for p in sorted(folder.glob("*/result.json"))), key=lambda r: r.scenario)
+    """Every ``<scenario>/result.json`` in the folder, in scenario-name order. Each is
+    rendered once without its figure as it is read, so a file that loads but holds
+    the wrong types is refused here, by name, rather than half-way through the page."""
+    results = []
+    for path in sorted(folder.glob("*/result.json")):
+        try:
+            result = ScenarioResult.load(path)
+            summary_table([result])
+            html_section(result, figure=False)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as err:
+            why = str(err).splitlines()[0][:200] if str(err) else ""
+            raise ConfigError("report.results", str(path), f"cannot be read as a nanlab result.json "
+                              f"({type(err).__name__}{': ' + why if why else ''})") from None
+        results.append(result)
+    return sorted(results, key=lambda r: r.scenario)
 
 
 def _yes_no(value) -> str:
@@ -69,8 +82,9 @@ def summary_table(results: list[ScenarioResult]) -> str:
         rows.append(
             f'<tr data-scenario="{escape(r.scenario)}"><td><a href="#{escape(r.scenario)}">{escape(r.scenario)}</a></td>'
             f"<td>{escape(r.summary)}</td>"
-            f'<td data-value="{r.reproduced}">{_yes_no(r.reproduced)}</td><td data-value="{r.fixed}">{_yes_no(r.fixed)}</td>'
-            f'<td class="num" data-value="{"" if step is None else step}">{"-" if step is None else step}</td>'
+            f'<td data-value="{escape(str(r.reproduced))}">{_yes_no(r.reproduced)}</td>'
+            f'<td data-value="{escape(str(r.fixed))}">{_yes_no(r.fixed)}</td>'
+            f'<td class="num" data-value="{"" if step is None else escape(str(step))}">{"-" if step is None else escape(str(step))}</td>'
             f"<td>{escape(event.op) if event else '-'}</td><td>{escape(claims)}</td></tr>")
     return ("<table class=\"summary\"><thead><tr><th>scenario</th><th>what fails</th><th>reproduced</th>"
             "<th>fixed</th><th>broken: first non-finite step</th><th>first bad op</th><th>claims</th></tr></thead>"
@@ -100,7 +114,7 @@ def build_html(results: list[ScenarioResult], sweeps: Path | None = None) -> str
             f"<title>nanlab handout</title><style>{STYLE}</style></head><body>"
             "<h1>Why training goes NaN: the nanlab handout</h1>"
             f"<p class=\"meta\">{len(results)} scenario{'s' if len(results) != 1 else ''}, each a failure reproduced beside its fixes and the "
-            f"folklore about it, measured. Seed {', '.join(seeds)}, device {', '.join(devices)}. Every verdict "
+            f"folklore about it, measured. Seed {escape(', '.join(seeds))}, device {escape(', '.join(devices))}. Every verdict "
             "below was computed from the run.</p>"
             f"{summary_table(results)}{sections}{sweep_part}</body></html>\n")
 
@@ -123,7 +137,7 @@ def run_report(cfg, run_dir) -> int:
             overrides = [f"scenario={name}", f"seed={cfg.seed}", f"device={cfg.device}"]
             result = run_scenario(compose(overrides), overrides)
             jsonio.write_text(results_dir / name / "result.json", result.to_json() + "\n")
-            print(f"{name}: {verdict_lines(result)[0].removeprefix('Verdict: ')}", file=sys.stderr)
+            print(f"{name}: {verdict_text(verdicts.explain(result)[0])}.", file=sys.stderr)
     if not results_dir.is_dir():
         raise ConfigError("report.results", str(results_dir), "is not a folder of saved results")
     results = load_results(results_dir)

@@ -29,12 +29,21 @@ BOUNDARY_JSON = "boundary.json"
 
 
 def geometric(lo: float, hi: float, count: int) -> list:
-    """``count`` lrs from lo to hi inclusive, evenly spaced in log space."""
+    """``count`` lrs from lo to hi inclusive, evenly spaced in log space. The ends are
+    lo and hi themselves: exp(log(1e-12)) is 1.000000000000001e-12, and a search that
+    walks down to lr_min stops only when it has tried lr_min exactly."""
     if count == 1:
         return [lo]
     step = (math.log(hi) - math.log(lo)) / (count - 1)
-    return [math.exp(math.log(lo) + i * step) for i in range(count - 1)] + [hi]
+    # The ends are lo and hi exactly: exp(log(x)) need not give x back, and a search
+    # that compares its next candidate with lr_min must be able to reach it.
+    return [lo] + [math.exp(math.log(lo) + i * step) for i in range(1, count - 1)] + [hi]
 
+
+# A search ends when no bracket has an lr left to try; this budget is the backstop
+# (a bracket narrows by (candidates + 1)x a round, so 200 rounds is far past any
+# precision float64 can resolve).
+MAX_ROUNDS = 200
 
 # How far a round looks: three decades either side of the config's lr at first,
 # then six more decades at a time in the direction the boundary must lie.
@@ -60,7 +69,10 @@ class Bracket:
         return max(good) if good else None
 
     def next_candidates(self, start: float, lr_min: float, lr_max: float, count: int, precision: float) -> list:
-        """The lrs to try next; empty when the search is done."""
+        """The lrs to try next, none of them tried before; empty when the search is done."""
+        return [lr for lr in self._next_span(start, lr_min, lr_max, count, precision) if lr not in self.tried]
+
+    def _next_span(self, start: float, lr_min: float, lr_max: float, count: int, precision: float) -> list:
         if not self.tried:
             return geometric(max(lr_min, start / FIRST_SPAN), min(lr_max, start * FIRST_SPAN), count)
         lo, hi = self.lo, self.hi
@@ -80,6 +92,30 @@ class Bracket:
         return {"init": self.init, "clip": self.clip, "critical_lr": critical, "lo": lo, "hi": hi}
 
 
+def narrow(brackets: list, start: float, boundary, measure: Callable, out: Callable = print) -> list:
+    """Run the bracketing rounds until every bracket is done; returns the brackets.
+
+    ``measure(candidates)`` takes a round's [(bracket, lr), ...] and returns, in the
+    same order, whether each lr stayed finite, and a list of words for the round's log
+    line. Training is the caller's (search's engine), so that the rounds can be
+    tested against any stability rule."""
+    limits = (float(boundary.lr_min), float(boundary.lr_max), int(boundary.candidates), float(boundary.precision))
+    start = min(max(start, limits[0]), limits[1])
+    round_number = 0
+    while round_number < MAX_ROUNDS:
+        candidates = [(bracket, lr) for bracket in brackets for lr in bracket.next_candidates(start, *limits)]
+        if not candidates:
+            return brackets
+        round_number += 1
+        stayed_finite, how = measure(candidates)
+        for (bracket, lr), finite in zip(candidates, stayed_finite):
+            bracket.tried[lr] = finite
+        lrs = [lr for _, lr in candidates]
+        out(f"round {round_number}: {len(candidates)} lrs from {min(lrs):.3g} to {max(lrs):.3g} ({'; '.join(how)})")
+    out(f"boundary: stopped after {MAX_ROUNDS} rounds; the brackets below are as far as they got")
+    return brackets
+
+
 def search(engine, broken, configs: Callable, combos: list, boundary, start: float,
            out: Callable = print) -> list:
     """Bracket each (init, clip) combination's critical lr; a Bracket per combination.
@@ -88,25 +124,12 @@ def search(engine, broken, configs: Callable, combos: list, boundary, start: flo
     is the lr the first round centres on."""
     from nanlab.sweeps.engine import Run
 
-    brackets = [Bracket(init, clip) for init, clip in combos]
-    limits = (float(boundary.lr_min), float(boundary.lr_max), int(boundary.candidates), float(boundary.precision))
-    start = min(max(start, limits[0]), limits[1])
-    round_number = 0
-    while True:
-        runs, owners = [], []
-        for bracket in brackets:
-            for lr in bracket.next_candidates(start, *limits):
-                runs.append(Run(broken, configs(bracket.init, bracket.clip, lr)))
-                owners.append((bracket, lr))
-        if not runs:
-            return brackets
-        round_number += 1
-        schedule = engine.schedule(runs)
+    def measure(candidates: list) -> tuple:
+        schedule = engine.schedule([Run(broken, configs(bracket.init, bracket.clip, lr)) for bracket, lr in candidates])
         outcomes = engine.train(schedule)
-        for (bracket, lr), outcome in zip(owners, outcomes):
-            bracket.tried[lr] = outcome.result.first_nonfinite is None
-        out(f"round {round_number}: {len(runs)} lrs from {min(lr for _, lr in owners):.3g} to "
-            f"{max(lr for _, lr in owners):.3g} ({'; '.join(schedule.describe())})")
+        return [outcome.result.first_nonfinite is None for outcome in outcomes], schedule.describe()
+
+    return narrow([Bracket(init, clip) for init, clip in combos], start, boundary, measure, out)
 
 
 def run_boundary(cfg, run_dir, overrides=None) -> int:
@@ -129,7 +152,9 @@ def run_boundary(cfg, run_dir, overrides=None) -> int:
     print(f"boundary: {scenario.name}, variant {broken.name}, {len(combos)} combinations of init x clip, "
           f"lr in [{cfg.boundary.lr_min:g}, {cfg.boundary.lr_max:g}], {int(cfg.steps)} steps, "
           f"to {100 * cfg.boundary.precision:g}%")
-    brackets = search(Engine(scenario), broken, configs, combos, cfg.boundary, float(cfg.optimizer.lr))
+    from nanlab.lab import threads
+
+    brackets = search(Engine(scenario, threads=threads.fixed(cfg.get("threads"))), broken, configs, combos, cfg.boundary, float(cfg.optimizer.lr))
     entries = [b.entry() for b in brackets]
     print(render(entries))
     files = [jsonio.write_json(Path(run_dir) / BOUNDARY_JSON, entries)]

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
+from nanlab.config.options import CLIP_NORM_EPS, OPTIMIZER_DEFAULTS, OPTIMIZERS
 from nanlab.lab import verdicts
 from nanlab.lab.build import DTYPES, apply_init, resolve_device
 from nanlab.lab.loop import _to, evaluate, overrides_of, train
@@ -49,11 +50,6 @@ from nanlab.lab.scenario import Context, Data, Scenario, Variant
 # [copies, n, features] tensor as on each copy's [n, features] slice.
 ELEMENTWISE = (nn.Tanh, nn.ReLU, nn.Sigmoid, nn.LeakyReLU, nn.GELU, nn.ELU, nn.CELU, nn.SELU, nn.SiLU, nn.Mish,
                nn.Softplus, nn.Softsign, nn.Hardtanh, nn.ReLU6, nn.Identity)
-# RMSprop's smoothing constant; nanlab does not expose it, so torch's default applies.
-RMSPROP_ALPHA = 0.99
-ADAM_BETAS = (0.9, 0.999)
-# torch.nn.utils.clip_grads_with_norm_ adds this to the norm before dividing.
-CLIP_EPS = 1e-6
 BATCHED, LOOP = "batched", "loop"
 CALIBRATION_COPIES = 4
 
@@ -482,7 +478,7 @@ def sgd_update(p, g, state, h, first, steps):
 
 def adam_update(p, g, state, h, first, steps):
     """torch.optim.Adam's single-tensor step (no amsgrad, coupled weight decay)."""
-    beta1, beta2 = ADAM_BETAS
+    beta1, beta2 = OPTIMIZERS["adam"].constants["betas"]
     if first:
         state["exp_avg"] = torch.zeros_like(p)
         state["exp_avg_sq"] = torch.zeros_like(p)
@@ -497,12 +493,12 @@ def adam_update(p, g, state, h, first, steps):
 
 
 def rmsprop_update(p, g, state, h, first, steps):
-    """torch.optim.RMSprop's single-tensor step (alpha 0.99, not centered)."""
+    """torch.optim.RMSprop's single-tensor step (not centered)."""
+    alpha = OPTIMIZERS["rmsprop"].constants["alpha"]
     if first:
         state["square_avg"] = torch.zeros_like(p)
         state["momentum_buffer"] = torch.zeros_like(p)  # torch keeps it only for momentum > 0
-    state["square_avg"] = square_avg = torch.addcmul(state["square_avg"] * RMSPROP_ALPHA, g, g,
-                                                     value=1 - RMSPROP_ALPHA)
+    state["square_avg"] = square_avg = torch.addcmul(state["square_avg"] * alpha, g, g, value=1 - alpha)
     avg = plus(square_avg.sqrt(), h["eps"])
     momentum, lr = h["momentum"], h["lr"]
     plain = div_scaled(p, g, avg, -lr)
@@ -575,7 +571,7 @@ def clip(name: str, grads: list, thresholds: torch.Tensor, grad_norm: torch.Tens
     """nanlab.lab.build.clip_gradients per copy: returns the clipped gradients and the norm
     the sentinel checks (the pre-clip norm for norm clipping, as the loop reports it)."""
     if name == "norm":
-        coef = torch.clamp(thresholds.to(grad_norm.dtype) / (grad_norm + CLIP_EPS), max=1.0)
+        coef = torch.clamp(thresholds.to(grad_norm.dtype) / (grad_norm + CLIP_NORM_EPS), max=1.0)
         return [scale(g, coef) for g in grads], grad_norm
     if name == "value":
         clipped = []
@@ -612,9 +608,10 @@ def _hyper(prepared: list, device) -> dict:
     def column(get):
         return torch.tensor([float(get(p.vcfg)) for p in prepared], dtype=torch.float64, device=device)
 
-    return {"lr": column(lambda c: c.optimizer.lr), "momentum": column(lambda c: c.optimizer.momentum),
-            "eps": column(lambda c: c.optimizer.eps), "weight_decay": column(lambda c: c.optimizer.weight_decay),
-            "clip": column(lambda c: c.clip.threshold)}
+    # Every optimizer.* setting of the table, whichever the optimizer reads: a copy's
+    # update reads its own optimizer's keys.
+    settings = {key: column(lambda c, key=key: c.optimizer[key]) for key in ("lr", *OPTIMIZER_DEFAULTS)}
+    return {**settings, "clip": column(lambda c: c.clip.threshold)}
 
 
 class ThreadChoice:
@@ -631,8 +628,13 @@ class ThreadChoice:
     FIRST_LOOK, INTERVAL = 2, 25
 
     def __init__(self, device, fixed: Optional[int] = None):
-        """``fixed``: always this many threads, no looking."""
-        self.original = torch.get_num_threads()
+        """``fixed``: always this many threads, no looking. Otherwise the other setting
+        is torch's own default count, even where the run itself is on one thread
+        (nanlab.lab.threads: the default for the scenarios' single runs)."""
+        from nanlab.lab import threads
+
+        self.before_batch = torch.get_num_threads()
+        self.original = max(self.before_batch, threads.torch_default())
         self.active = device.type == "cpu" and (self.original > 1 or fixed is not None)
         self.best, self.next_look, self.interval = fixed or 1, self.FIRST_LOOK, self.INTERVAL
         if fixed is not None:
@@ -663,7 +665,7 @@ class ThreadChoice:
 
     def restore(self) -> None:
         if self.active:
-            torch.set_num_threads(self.original)
+            torch.set_num_threads(self.before_batch)
 
 
 def train_batch(scenario: Scenario, batch: list, on_step: Callable[[], None] = lambda: None,

@@ -13,8 +13,8 @@ from typing import Callable, Sequence
 
 from nanlab import jsonio
 from nanlab.errors import ConfigError
-from nanlab.sweeps.summary import (AXES, GROUP_AXES, OK, STATUS, SUMMARY_CSV, SUMMARY_MD, Summary, draw_stability,
-                                   format_value, read_csv_rows)
+from nanlab.sweeps.summary import (AXES, GROUP_AXES, SUMMARY_CSV, SUMMARY_MD, Summary, draw_stability,
+                                   format_value, read_csv_rows, whole_rows)
 
 
 @dataclass
@@ -144,15 +144,18 @@ def sweep(cfg, run_dir, overrides: Sequence[str] = (), out: Callable[[str], None
     summary = Summary(grid.keys, [v.name for v in variants], scenario=scenario.name, steps=int(cfg.steps),
                       broken=next((v.name for v in variants if v.role == "broken"), None))
     points = grid.points()
-    done = _resume(summary, run_dir / SUMMARY_CSV, bool(cfg.sweep.resume), grid)
+    done, dropped = _resume(summary, run_dir / SUMMARY_CSV, bool(cfg.sweep.resume), grid)
     todo = [p for p in points if tuple(grid.columns(p).values()) not in done]
     keys_text = " x ".join(f"{key} ({len(values)})" for _, key, values in grid.axes) or "no axes (one point)"
     out(f"sweep: {scenario.name}, {len(points)} points: {keys_text}; variants: {', '.join(summary.variants)}"
-        + (f"; resuming: {len(points) - len(todo)} rows already in {SUMMARY_CSV}" if done else ""))
+        + (f"; resuming: {len(points) - len(todo)} rows already in {SUMMARY_CSV}" if done else "")
+        + (f"; {dropped} damaged, failed or repeated lines dropped, their points run again" if dropped else ""))
 
+    from nanlab.lab import threads
     from nanlab.sweeps.engine import Engine, Run
 
-    engine = Engine(scenario, force_loop=cfg.sweep.engine == "loop", max_batch=int(cfg.sweep.max_batch))
+    engine = Engine(scenario, force_loop=cfg.sweep.engine == "loop", max_batch=int(cfg.sweep.max_batch),
+                    threads=threads.fixed(cfg.get("threads")))
     configs = PointConfigs(cfg, overrides)
     per_chunk = max(1, int(cfg.sweep.max_batch) // max(1, len(variants)))
     chunks = [todo[i:i + per_chunk] for i in range(0, len(todo), per_chunk)]
@@ -200,26 +203,29 @@ def _say_new(lines: list, said: set, out: Callable[[str], None]) -> None:
             out(line)
 
 
-def _resume(summary: Summary, path: Path, resume: bool, grid: Grid) -> set:
-    """Start summary.csv (header only), or with resume, check the one there and
-    return the swept values of the rows it already holds."""
+def _resume(summary: Summary, path: Path, resume: bool, grid: Grid) -> tuple:
+    """Start summary.csv (header only), or with resume, keep the rows there that can
+    be proved whole (each exactly once); (their swept values, lines dropped). Every
+    other point is trained again."""
     if not resume or not path.exists():
         jsonio.write_text(path, summary.csv_line())
-        return set()
-    header, rows = read_csv_rows(path)
+        return set(), 0
+    wanted = {tuple(grid.columns(p).values()) for p in grid.points()}
+    header, rows, dropped = whole_rows(path, summary.header, wanted, grid.keys)
     if header != summary.header:
         raise ConfigError("sweep.resume", "true", f"{path} was written for other columns ({', '.join(header)}); "
                           "resume with the same axes and variants, or use a new hydra.run.dir")
-    wanted = {tuple(grid.columns(p).values()) for p in grid.points()}
-    done = {tuple(r[k] for k in grid.keys) for r in rows if r[STATUS] == OK}
-    stray = done - wanted
-    if stray:
-        raise ConfigError("sweep.resume", "true", f"{path} holds rows outside this grid (e.g. "
-                          f"{dict(zip(grid.keys, sorted(stray)[0]))}); resume with the same grid")
-    if len(done) != len(rows):  # failed rows are run again: keep only the good ones
-        jsonio.write_text(path, summary.csv_line() + "".join(
-            summary.csv_line({c: r[c] for c in summary.header}) for r in rows if r[STATUS] == OK))
-    return done
+    if not rows and dropped:
+        # Nothing provably whole and something there: a different grid is the likely
+        # reason, and retraining everything silently would hide it.
+        _, any_rows = read_csv_rows(path)
+        stray = [tuple(r.get(k, "") for k in grid.keys) for r in any_rows]
+        stray = [s for s in stray if s not in wanted]
+        if stray:
+            raise ConfigError("sweep.resume", "true", f"{path} holds rows outside this grid (e.g. "
+                              f"{dict(zip(grid.keys, stray[0]))}); resume with the same grid")
+    jsonio.write_text(path, summary.csv_line() + "".join(summary.csv_line(r) for r in rows.values()))
+    return set(rows), dropped
 
 
 class _progress:

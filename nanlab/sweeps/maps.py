@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from nanlab import jsonio
+from nanlab.reports.figures import power_of_ten
 
 FINITE_COLOUR = "#4daf4a"
 MISSING_COLOUR = "#d9d9d9"
@@ -44,10 +45,6 @@ def _edges(xs: list) -> list:
     return [xs[0] - (mids[0] - xs[0]), *mids, xs[-1] + (xs[-1] - mids[-1])]
 
 
-def _power_of_ten(exponent, _position) -> str:
-    return f"$10^{{{exponent:g}}}$" if float(exponent).is_integer() else f"{10 ** exponent:.3g}"
-
-
 def critical_between(lrs_and_steps: list) -> Optional[float]:
     """The grid's estimate of a row's critical lr: the geometric midpoint between the
     largest lr that stayed finite below the smallest lr that did not, and that lr.
@@ -58,6 +55,10 @@ def critical_between(lrs_and_steps: list) -> Optional[float]:
     first_bad = min(bad)
     good = [lr for lr, step in lrs_and_steps if step is None and lr < first_bad]
     return math.sqrt(max(good) * first_bad) if good else None
+
+
+# Up to this many lrs, each cell shows its step and each lr its tick label.
+MAX_LABELLED_CELLS = 24
 
 
 def stability_map(summary, path: Path) -> str:
@@ -73,7 +74,6 @@ def stability_figure(summary):
     import matplotlib.pyplot as plt
     from matplotlib.colors import Normalize
     from matplotlib.patches import Patch
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     broken = summary.broken
     step_column = f"{broken}.first_nonfinite_step"
@@ -117,6 +117,11 @@ def stability_figure(summary):
                                        edgecolor="white", linewidth=0.5, hatch="//" if value == "missing" else None))
             if value != "missing":
                 row_points.append((lr, value))
+            if isinstance(value, int) and len(lrs) <= MAX_LABELLED_CELLS:  # each cell shows its step
+                shade = cmap(norm(value))
+                dark = 0.299 * shade[0] + 0.587 * shade[1] + 0.114 * shade[2] < 0.5
+                ax.text(xs[i], y, str(value), ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black")
         critical = critical_between(row_points)
         if critical is not None:
             ax.plot([math.log10(critical)] * 2, [y - 0.5, y + 0.5], color="#00bfff", linewidth=3,
@@ -126,9 +131,11 @@ def stability_figure(summary):
     ax.set_ylim(-0.5, len(labels) - 0.5)
     ax.set_yticks(range(len(labels)))
     ax.set_yticklabels(labels[::-1])
-    if xs[-1] - xs[0] >= 2:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.xaxis.set_major_formatter(FuncFormatter(_power_of_ten))
+    # The ticks are the lrs tried, at their cells (every k-th when there are many).
+    every = max(1, math.ceil(len(lrs) / MAX_LABELLED_CELLS))
+    ax.set_xticks(xs[::every])
+    ax.set_xticklabels([f"{lr:.3g}" for lr in lrs[::every]], rotation=45 if len(lrs) > 8 else 0,
+                       ha="right" if len(lrs) > 8 else "center", fontsize=8)
     ax.set_xlabel(f"learning rate ({LR_KEY}, log scale)")
     ax.set_ylabel(", ".join(others) if others else "scenario")
     ax.set_title(f"{summary.scenario}: first non-finite step of {broken}", fontsize=11)
@@ -198,7 +205,7 @@ def boundary_figure(entries: list, scenario: str = ""):
     ax.set_xticklabels(inits)
     ax.set_xlim(-0.6, len(inits) - 0.4)
     ax.margins(y=0.12)
-    ax.yaxis.set_major_formatter(FuncFormatter(_power_of_ten))
+    ax.yaxis.set_major_formatter(FuncFormatter(power_of_ten))
     ax.set_xlabel("initializer (init)")
     ax.set_ylabel("critical learning rate (log scale)")
     where = f"{scenario}: " if scenario else ""

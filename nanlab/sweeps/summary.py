@@ -31,14 +31,14 @@ from typing import Any, Optional, Sequence
 from hydra.experimental.callback import Callback
 
 from nanlab import jsonio
+from nanlab.config import options
 from nanlab.lab.result import ScenarioResult, VariantResult
 
 # sweep.<axis> -> the override that sets it in a multirun, which names its column.
-AXES = {"optimizer": "optimizer", "lr": "optimizer.lr", "clip": "clip", "clip_threshold": "clip.threshold",
-        "init": "init", "dtype": "dtype", "seed": "seed"}
+AXES = {axis: spec.override for axis, spec in options.SWEEP_AXES.items()}
 # Group axes pick a config group (a different optimizer brings its own defaults), so
 # each choice is composed by Hydra; the others are single values set on top.
-GROUP_AXES = ("optimizer", "clip", "init")
+GROUP_AXES = tuple(axis for axis, spec in options.SWEEP_AXES.items() if spec.group)
 VARIANT_COLUMNS = ("first_nonfinite_step", "final_loss", "learned")
 STATUS = "status"
 OK = "ok"
@@ -114,7 +114,7 @@ class Summary:
 
     def markdown(self, notes: Sequence[str] = ()) -> str:
         def cell(text: str) -> str:
-            return text.replace("|", "\\|") if text else " "
+            return _readable(text).replace("|", "\\|") if text else " "
 
         lines = [*notes, *([""] if notes else []),
                  "| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
@@ -139,6 +139,65 @@ def read_csv_rows(path: Path) -> tuple:
         return [], []
     header = records[0]
     return header, [dict(zip(header, r)) for r in records[1:] if len(r) == len(header)]
+
+
+def _readable(text: str) -> str:
+    """A cell as a person reads it: a float to 4 significant digits (0.4160, 6.271e+35);
+    summary.csv keeps the full repr, so nothing is lost."""
+    if text.lstrip("-").isdigit() or text in ("true", "false", OK):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return f"{value:.4g}"
+
+
+def _cell_is_whole(column: str, text: str) -> bool:
+    """Whether one variant cell reads as the summary writes it."""
+    if column.endswith(".first_nonfinite_step"):
+        return text == "" or text.isdigit()
+    if column.endswith(".final_loss"):
+        try:
+            return text == "" or isinstance(float(text), float)
+        except ValueError:
+            return False
+    if column.endswith(".learned"):
+        return text in ("true", "false")
+    return True
+
+
+def whole_rows(path: Path, header: list, wanted: set, keys: list) -> tuple:
+    """The rows of a summary.csv that can be proved whole, for sweep.resume:
+    (header read, {key values: row}, number of lines dropped).
+
+    Each row is one line, so each is judged on its own: it must decode, parse to
+    exactly the header's columns, name a point of ``wanted``, hold cells of the
+    right form and status ok. A line that fails any of these (garbled, cut, a
+    failed point, a repeat of a point already read) is dropped, and its point is
+    trained again; one bad line can no longer swallow the lines after it."""
+    lines = path.read_bytes().split(b"\n")
+    try:
+        first = next(csv.reader([lines[0].decode("utf-8")])) if lines[0] else []
+    except (UnicodeDecodeError, csv.Error):
+        first = []
+    rows, dropped = {}, 0
+    for raw in lines[1:]:
+        if not raw:
+            continue
+        try:
+            cells = next(csv.reader([raw.decode("utf-8")]))
+        except (UnicodeDecodeError, csv.Error, StopIteration):
+            dropped += 1
+            continue
+        row = dict(zip(header, cells))
+        point = tuple(row.get(k) for k in keys)
+        if (len(cells) != len(header) or point not in wanted or point in rows or row[STATUS] != OK
+                or not all(_cell_is_whole(c, row[c]) for c in header)):
+            dropped += 1
+            continue
+        rows[point] = row
+    return first, rows, dropped
 
 
 # ---------------------------------------------------------------------------
