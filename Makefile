@@ -27,7 +27,7 @@ demo: install
 # One thread per process: two workers on few cores, each on torch's default count,
 # spin against each other (tests/conftest.py sets the same for what pytest starts).
 test: install
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 NANLAB_REQUIRE_FRAMEWORKS=1 $(PY) -m pytest -q -n 2
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 NANLAB_REQUIRE_FRAMEWORKS=1 $(PY) -m pytest -q -n 2 --durations=15
 
 claims: install
 	$(PY) -m nanlab mode=claims

@@ -33,8 +33,7 @@ from nanlab.errors import ConfigError
 from nanlab.frameworks import chosen, declared
 from nanlab.lab.loop import overrides_of, variant_config
 from nanlab.config.options import FRAMEWORKS
-from nanlab.reports.scenario_report import ScenarioReport
-from nanlab.lab.result import ClaimResult, Event, FirstNonFinite, VariantResult, Verdict
+from nanlab.lab.result import ClaimResult, Event, FirstNonFinite, ScenarioResult, VariantResult, Verdict
 from nanlab.lab.runner import chosen_variants, decide_claims, run_scenario
 from nanlab.lab.scenario import Context
 
@@ -233,7 +232,7 @@ def decide_framework_claims(scenario, result, all_run: bool, framework: str) -> 
     return claims
 
 
-def build_result(job: Job, framework: str, measured: dict, outputs: dict, versions: dict) -> ScenarioReport:
+def build_result(job: Job, framework: str, measured: dict, outputs: dict, versions: dict) -> ScenarioResult:
     scenario = job.scenario
     if "error" in measured:
         raise FrameworkError(f"{scenario.name} on {framework}: {measured['error']}")
@@ -243,7 +242,7 @@ def build_result(job: Job, framework: str, measured: dict, outputs: dict, versio
     config = OmegaConf.to_container(job.cfg)
     config["framework"] = framework
     config["framework_versions"] = versions
-    result = ScenarioReport(
+    result = ScenarioResult(
         scenario=scenario.name, summary=scenario.summary, explanation=scenario.explanation, failure=scenario.failure,
         config=config, reproduced=reproduced, fixed=fixed, variants=variants, probes={**job.shared_probes, **measured["probes"]},
         changed=changed_settings(job.cfg),
@@ -256,7 +255,7 @@ def build_result(job: Job, framework: str, measured: dict, outputs: dict, versio
 def workers(cfgs: list, frameworks: list[str], on_error=None):
     """Start one worker per non-torch framework in ``frameworks``, each with every
     scenario of ``cfgs`` that has its builder; yield a function that waits for them and
-    returns {framework: {scenario: ScenarioReport}}. The caller runs its torch work
+    returns {framework: {scenario: ScenarioResult}}. The caller runs its torch work
     inside the block, meanwhile. ``on_error(framework, scenario, error)`` takes a
     scenario that failed in a worker (the default raises FrameworkError)."""
     others = [f for f in frameworks if FRAMEWORKS[f].family != "torch"]
@@ -311,7 +310,7 @@ def as_torch(cfg):
 
 
 def measure(cfgs: list, frameworks: list[str], on_error=None) -> dict:
-    """Run each config's scenario in each framework: {framework: {scenario: ScenarioReport}}.
+    """Run each config's scenario in each framework: {framework: {scenario: ScenarioResult}}.
     Torch runs here while the other frameworks' workers run; a scenario without a
     builder for a framework is left out of that framework's runs."""
     results: dict = {}
@@ -323,7 +322,7 @@ def measure(cfgs: list, frameworks: list[str], on_error=None) -> dict:
 
 
 def run_frameworks(cfg) -> dict:
-    """``framework=`` for one scenario: {framework: ScenarioReport}, in the table's order.
+    """``framework=`` for one scenario: {framework: ScenarioResult}, in the table's order.
     A named framework without a builder is a config error; ``all`` leaves it out."""
     frameworks = chosen(str(cfg.framework))
     name = cfg.scenario.name

@@ -275,6 +275,12 @@ class ScenarioResult:
             figures.write_png(fig, Path(path))
         return fig
 
+    def _repr_html_(self) -> str:
+        """Jupyter shows a result as its handout section."""
+        from nanlab.reports.scenario_report import html_section
+
+        return html_section(self)
+
 
 def _short_key(key: str) -> str:
     """optimizer.name -> optimizer, optimizer.lr -> lr: the words a person types."""

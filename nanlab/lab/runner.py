@@ -12,7 +12,6 @@ from nanlab.lab.build import DTYPES, resolve_device
 from nanlab.config.compose import changed_settings
 from nanlab.errors import ConfigError
 from nanlab.lab.loop import train
-from nanlab.reports.scenario_report import ScenarioReport
 from nanlab.lab.result import ClaimResult, ScenarioResult, Verdict
 from nanlab.lab.scenario import Context, ContractError
 
@@ -69,7 +68,7 @@ def decide_claims(scenario, result: ScenarioResult, all_run: bool) -> list:
     return claims
 
 
-def run_scenario(cfg, overrides=None) -> "ScenarioReport":
+def run_scenario(cfg, overrides=None) -> "ScenarioResult":
     """``cfg`` is a finalized config (see nanlab.config.compose.finalize); ``overrides``, the
     command-line overrides it was composed from, when known."""
     started = time.perf_counter()
@@ -87,7 +86,7 @@ def run_scenario(cfg, overrides=None) -> "ScenarioReport":
         variants = [train(scenario, v, cfg, raw, ctx) for v in chosen]
         probes = scenario.probes(ctx, run_variant) if scenario.probes else {}
     reproduced, fixed = verdicts.judge(variants, scenario.failure, scenario.learn, all_run)
-    result = ScenarioReport(
+    result = ScenarioResult(
         scenario=scenario.name, summary=scenario.summary, explanation=scenario.explanation,
         failure=scenario.failure, config=OmegaConf.to_container(cfg), reproduced=reproduced, fixed=fixed,
         variants=variants, probes=probes, changed=changed,
@@ -97,7 +96,7 @@ def run_scenario(cfg, overrides=None) -> "ScenarioReport":
     return result
 
 
-def run(scenario: str, *overrides: str, **options) -> "ScenarioReport":
+def run(scenario: str, *overrides: str, **options) -> "ScenarioResult":
     """``nanlab.run("softmax_overflow", "optimizer=adam", steps=20)``.
 
     Positional overrides use the CLI's syntax; keyword options become ``key=value``

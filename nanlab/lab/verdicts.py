@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from nanlab.config import options
-from nanlab.lab.result import VariantResult
+
+# The rules read a VariantResult (nanlab.lab.result) as `v`; they do not import it, so
+# that results can render their own reports without a cycle.
 
 # A myth's loss counts as "wrong" when it differs from the exact loss by more than
 # this fraction of the exact loss (or of 1, for losses below 1).
@@ -30,19 +32,19 @@ def learned(finite: bool, start: float, end: float, accuracy_end: Optional[float
     return end <= (1.0 - learn.loss_drop) * start
 
 
-def reads_wrong(v: VariantResult) -> bool:
+def reads_wrong(v) -> bool:
     gap = v.loss_gap
     return gap is not None and math.isfinite(gap) and abs(gap) > GAP_TOLERANCE * max(1.0, abs(v.exact_loss_start))
 
 
-def judge_learning(v: VariantResult, learn) -> VariantResult:
+def judge_learning(v, learn):
     """Fill in the rules that need only this variant's numbers."""
     v.learned = learned(v.finite, v.exact_loss_start, v.exact_loss_end, v.accuracy_end, learn)
     v.wrong = reads_wrong(v)
     return v
 
 
-def variant_verdict(v: VariantResult, failure: str) -> str:
+def variant_verdict(v, failure: str) -> str:
     """One word or phrase, computed from the variant's run."""
     if v.role == "broken":
         if failure == "stall":
@@ -98,7 +100,7 @@ class ScenarioVerdict:
         return {False: "NOT " + self.question, None: self.question + "?"}.get(self.holds, self.question)
 
 
-def what_happened(v: VariantResult) -> str:
+def what_happened(v) -> str:
     """A variant's run in a few words: where it first went non-finite, or how long it stayed finite."""
     first = v.first_nonfinite
     if first is None:
@@ -140,7 +142,7 @@ def explain(result) -> tuple:
     return reproduced, fixed
 
 
-def lossy_cost(v: VariantResult, variants: list) -> Optional[dict]:
+def lossy_cost(v, variants: list) -> Optional[dict]:
     """What a lossy fix costs, against the best non-lossy fix that learned."""
     refs = [r for r in variants if r.role == "fix" and not r.lossy and r.finite and r.learned]
     if not refs:

@@ -13,7 +13,6 @@ import math
 from pathlib import Path
 
 from nanlab import jsonio
-from nanlab.lab.result import ScenarioResult
 
 # Colour-blind-safe colours of different lightness, each with its own dash and
 # marker: any two variants differ in at least two of the three.
@@ -43,8 +42,9 @@ def power_of_ten(exponent, _position=None) -> str:
     return f"$10^{{{exponent:g}}}$" if float(exponent).is_integer() else f"{10 ** exponent:.3g}"
 
 
-def variant_figure(result: ScenarioResult):
-    """Two panels, exact float64 loss and gradient norm per step, one line per variant."""
+def variant_figure(result):
+    """Two panels, exact float64 loss and gradient norm per step, one line per variant,
+    of a ScenarioResult (not imported here: ScenarioResult.plot calls this)."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FuncFormatter, MaxNLocator

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from nanlab import jsonio
 from nanlab.lab import verdicts
-from nanlab.lab.result import ScenarioResult, VariantResult
 
 
 def short_number(x) -> str:
@@ -24,7 +23,7 @@ def short_number(x) -> str:
     return f"{x:.4g}"
 
 
-def _detail(v: VariantResult) -> list[str]:
+def _detail(v) -> list[str]:
     lines = []
     if v.first_nonfinite and v.first_nonfinite.event:
         lines.append(v.first_nonfinite.event.describe())
@@ -48,7 +47,7 @@ def _detail(v: VariantResult) -> list[str]:
     return lines
 
 
-def render(result: ScenarioResult, files: list[str] = (), brief: bool = False) -> str:
+def render(result, files: list[str] = (), brief: bool = False) -> str:
     """The CLI's report. ``brief`` (a result's str and repr) leaves out the mechanism
     and each claim's evidence, naming the attributes that hold them instead."""
     c = result.config
@@ -98,13 +97,13 @@ def verdict_text(verdict: verdicts.ScenarioVerdict) -> str:
     return f"{verdict.word}{setting}{'' if verdict.holds is None else ':'} {verdict.reason}"
 
 
-def verdict_lines(result: ScenarioResult) -> list[str]:
+def verdict_lines(result) -> list[str]:
     """The scenario's verdicts in plain words (nanlab.lab.verdicts.explain), two lines."""
     reproduced, fixed = verdicts.explain(result)
     return [f"Verdict: {verdict_text(reproduced)}.", f"         {verdict_text(fixed)}."]
 
 
-def one_line(result: ScenarioResult) -> str:
+def one_line(result) -> str:
     """The run in one line: the scenario's verdict, then each variant's outcome. A fix
     that stayed finite but did not learn is told apart from one that went non-finite."""
     parts = []
@@ -123,7 +122,7 @@ def one_line(result: ScenarioResult) -> str:
     return f"{words[result.reproduced]}reproduced, {fixed} | " + "; ".join(parts)
 
 
-def write(result: ScenarioResult, run_dir: Path, plot: bool) -> list[str]:
+def write(result, run_dir: Path, plot: bool) -> list[str]:
     """result.json, and with ``plot`` the figure. A figure that cannot be drawn is
     reported in one line and never costs the run its result or its report."""
     path = jsonio.write_text(run_dir / "result.json", result.to_json() + "\n")
@@ -138,7 +137,7 @@ def write(result: ScenarioResult, run_dir: Path, plot: bool) -> list[str]:
     return files
 
 
-def html_section(result: ScenarioResult, figure: bool = True) -> str:
+def html_section(result, figure: bool = True) -> str:
     """One scenario as HTML: mechanism, variant table, figure, claims. Numbers carry
     their exact value in ``data-value`` so that a reader (or a test) can check them."""
     from html import escape
@@ -179,12 +178,3 @@ def html_section(result: ScenarioResult, figure: bool = True) -> str:
             "<th>exact loss, start</th><th>exact loss, end</th><th>verdict</th></tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table><p class=\"scenario-verdict\">{escape(verdict)}</p>{image}"
             + (f"<h3>Claims, measured</h3><ul class=\"claims\">{claims}</ul>" if claims else "") + "</section>")
-
-
-class ScenarioReport(ScenarioResult):
-    """What ``nanlab.run`` returns: a ScenarioResult (whose str and repr are the CLI's
-    report, ``plot(path=None)`` the figure, ``save(path)`` result.json) that Jupyter
-    also renders as HTML (``_repr_html_``)."""
-
-    def _repr_html_(self) -> str:
-        return html_section(self)
