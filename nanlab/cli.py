@@ -129,7 +129,7 @@ def _run_mode(cfg) -> int:
         raise ConfigError("variant", cfg.variant, f"applies to mode={' and mode='.join(VARIANT_MODES)}, "
                           f"not mode={mode}")
     if mode == "list":
-        framework = cfg.framework.value if hasattr(cfg.framework, "value") else str(cfg.framework)
+        framework = str(cfg.framework)  # finalized: plain strings
         if framework != "torch":  # which scenarios run where: read from source, nothing imported
             from nanlab.frameworks import runs_on
 

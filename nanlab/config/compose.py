@@ -280,22 +280,18 @@ def check_command_line(argv: Sequence[str]) -> None:
     multirun = any(a in ("-m", "--multirun") for a in argv)
     jobs, max_points = 1, None
     for ov in parsed:
-        if ov.key_or_group == "sweep.max_points" and not ov.is_sweep_override():
-            max_points = ov.value()
         if ov.is_sweep_override():
-            values = list(ov.sweep_string_iterator())
-            jobs *= max(1, len(values))
-        else:
-            values = [ov.value()]
-        if ov.key_or_group in NAMED_GROUPS and not ov.is_delete():
-            given = ov.get_value_element_as_str() if not ov.is_sweep_override() else None
-            for value in (values if ov.is_sweep_override() else [ov.value()]):
-                if not isinstance(value, str) or not value or "/" in value or value.startswith("."):
-                    choices = ", ".join(_group_choices(ov.key_or_group))
-                    how = (f"; to try several, use -m {ov.key_or_group}=a,b or mode=sweep"
-                           if isinstance(value, list) else "")
-                    raise ConfigError(ov.key_or_group, given if given is not None else value,
-                                      f"takes one name: {choices}{how}")
+            # A sweep's choices reach each job as strings; Hydra names a wrong one there.
+            jobs *= max(1, len(list(ov.sweep_string_iterator())))
+            continue
+        if ov.key_or_group == "sweep.max_points":
+            max_points = ov.value()
+        value = ov.value()
+        if ov.key_or_group in NAMED_GROUPS and not ov.is_delete() and (
+                not isinstance(value, str) or not value or "/" in value or value.startswith(".")):
+            how = f"; to try several, use -m {ov.key_or_group}=a,b or mode=sweep" if isinstance(value, list) else ""
+            raise ConfigError(ov.key_or_group, ov.get_value_element_as_str(),
+                              f"takes one name: {', '.join(_group_choices(ov.key_or_group))}{how}")
     limit = max_points if isinstance(max_points, int) and max_points >= 1 else options.SWEEP_DEFAULT_MAX_POINTS
     if multirun and jobs > limit:
         raise ConfigError("multirun", f"{jobs} jobs", f"a multirun of more than {limit} jobs is refused; narrow the grid, "
