@@ -16,12 +16,74 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def run_cli(*args, cwd=None, env=None, timeout=300):
-    """Run ``python -m nanlab`` in a subprocess; returns CompletedProcess."""
+def _cli_env(env):
     full_env = {**os.environ, **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
+    return full_env
+
+
+def run_cli_fresh(*args, cwd=None, env=None, timeout=300):
+    """Run ``python -m nanlab`` in a new interpreter; returns CompletedProcess. For
+    what only a fresh process shows: start-up imports, import-time environment."""
     return subprocess.run([sys.executable, "-m", "nanlab", *args], capture_output=True, text=True,
-                          cwd=cwd, env=full_env, timeout=timeout)
+                          cwd=cwd, env=_cli_env(env), timeout=timeout)
+
+
+# Read when an interpreter or torch starts, so a warm fork cannot honour a change.
+_IMPORT_TIME_ENV = ("PYTHON", "OMP_", "MKL_", "KMP_", "TORCH", "CUDA", "KERAS", "JAX", "XLA", "TF_", "MPL")
+
+
+class WarmCLI:
+    """``python -m nanlab`` forked from a server that has imported torch, Hydra and
+    matplotlib once (tests/cli_server.py): the same exit status and output as a new
+    interpreter, without paying its imports on every command."""
+
+    def __init__(self):
+        self.server = None
+
+    def _start(self):
+        self.server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("cli_server.py"))],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                       env=_cli_env(None))
+        assert json.loads(self.server.stdout.readline()) == {"ready": True}
+
+    def serves(self, env) -> bool:
+        return not any(key.startswith(_IMPORT_TIME_ENV) and os.environ.get(key) != value
+                       for key, value in (env or {}).items())
+
+    def run(self, args, cwd, env, timeout):
+        import select
+        import signal
+        import tempfile
+
+        if self.server is None or self.server.poll() is not None:
+            self._start()
+        with tempfile.TemporaryDirectory() as scratch:
+            out, err = Path(scratch, "stdout"), Path(scratch, "stderr")
+            request = {"args": list(args), "cwd": str(Path(cwd or os.getcwd()).resolve()), "env": _cli_env(env),
+                       "stdout": str(out), "stderr": str(err)}
+            self.server.stdin.write(json.dumps(request) + "\n")
+            self.server.stdin.flush()
+            pid = json.loads(self.server.stdout.readline())["pid"]
+            ready, _, _ = select.select([self.server.stdout], [], [], timeout)
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+            status = json.loads(self.server.stdout.readline())["status"]
+            stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
+        command = [sys.executable, "-m", "nanlab", *args]
+        if not ready:
+            raise subprocess.TimeoutExpired(command, timeout, stdout, stderr)
+        return subprocess.CompletedProcess(command, status, stdout, stderr)
+
+
+_warm_cli = WarmCLI()
+
+
+def run_cli(*args, cwd=None, env=None, timeout=300):
+    """``python -m nanlab ARGS`` as a user runs it; returns CompletedProcess."""
+    if not _warm_cli.serves(env):
+        return run_cli_fresh(*args, cwd=cwd, env=env, timeout=timeout)
+    return _warm_cli.run(args, cwd, env, timeout)
 
 
 def training_step(optimizer, compute_loss):

@@ -1,7 +1,7 @@
 """Boundary searches end: on exact bracket arithmetic, on a round budget, and a
 precision finer than float64 can resolve is refused before any training."""
-import subprocess
-import sys
+
+from conftest import run_cli
 
 from nanlab.sweeps import boundary
 from nanlab.sweeps.boundary import Bracket, geometric
@@ -73,9 +73,8 @@ def test_the_round_budget_is_a_backstop(monkeypatch):
 
 
 def test_a_precision_float64_cannot_resolve_is_refused_in_one_line(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "nanlab", "mode=boundary", "scenario=tanh_explosion",
-                           "boundary.precision=1e-300", f"hydra.run.dir={tmp_path}"],
-                          capture_output=True, text=True, timeout=120)
+    done = run_cli("mode=boundary", "scenario=tanh_explosion", "boundary.precision=1e-300",
+                   f"hydra.run.dir={tmp_path}", timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "boundary.precision" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
@@ -83,7 +82,6 @@ def test_a_precision_float64_cannot_resolve_is_refused_in_one_line(tmp_path):
 def test_a_scenario_non_finite_at_every_lr_ends(tmp_path):
     """exploding_init at 5 steps goes non-finite at every lr: the search looked for
     lr_min forever, as exp(log(1e-12)) is not 1e-12."""
-    done = subprocess.run([sys.executable, "-m", "nanlab", "mode=boundary", "scenario=exploding_init", "steps=5",
-                           f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=240)
+    done = run_cli("mode=boundary", "scenario=exploding_init", "steps=5", f"hydra.run.dir={tmp_path}", timeout=240)
     assert done.returncode == 0, done.stderr
     assert "(non-finite at every lr tried)" in done.stdout

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 # The pages whose commands and Python blocks are run here. docs/kernels.md shows
@@ -164,6 +165,8 @@ def run_documented(command: str, cwd: Path, site: Path) -> subprocess.CompletedP
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     if "log_of_zero_feature" in command:
         env["PYTHONPATH"] = str(site)
+    if words[:3] == ["python", "-m", "nanlab"]:
+        return run_cli(*words[3:], cwd=cwd, env=env, timeout=600)
     if words[0] == "python" and words[1] != "-m":
         words[1] = str(ROOT / words[1])  # an example script, run from a scratch folder
     return subprocess.run([sys.executable, *words[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)

@@ -12,14 +12,14 @@ import pytest
 from nanlab import frameworks
 from nanlab.errors import ConfigError, install_hint
 from nanlab.config.options import FRAMEWORKS
-from conftest import need_framework
+from conftest import need_framework, run_cli
 
 OTHERS = [f for f in FRAMEWORKS if f != "torch"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def nanlab(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "nanlab", *args], capture_output=True, text=True, timeout=timeout)
+    return run_cli(*args, timeout=timeout)
 
 
 @pytest.mark.parametrize("framework", OTHERS)
@@ -46,8 +46,7 @@ def test_the_readme_command_shows_every_framework_and_repeats_the_numbers(framew
         need_framework(framework)
     from test_docs import EXPECTED, README_FRAMEWORK_COMMAND
 
-    done = subprocess.run([sys.executable, *README_FRAMEWORK_COMMAND.split()[1:]], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+    done = run_cli(*README_FRAMEWORK_COMMAND.split()[3:], cwd=tmp_path, timeout=600)
     output = done.stdout + done.stderr
     assert done.returncode == 0 and "Traceback" not in output, output[-2000:]
     assert not [want for want in EXPECTED[README_FRAMEWORK_COMMAND] if want not in output], output[-3000:]
