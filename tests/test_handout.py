@@ -3,6 +3,7 @@ import base64
 import io
 import json
 import math
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -234,3 +235,41 @@ def test_the_handout_escapes_every_field_of_a_crafted_result(tmp_path):
     path.write_text(json.dumps(data))
     page = build_html([ScenarioResult.load(path)])
     assert payload not in page and "&lt;script&gt;" in page
+
+
+def test_sweep_maps_are_captioned_with_the_scenario_and_settings_that_drew_them(tmp_path):
+    """Read from what Hydra saved beside each map: .hydra/ of a mode=sweep run,
+    multirun.yaml of a multirun. A map with neither keeps its path as caption."""
+    from nanlab.reports.handout import sweep_figures
+
+    sweeps = tmp_path / "sweeps"
+    (sweeps / "grid" / ".hydra").mkdir(parents=True)
+    (sweeps / "grid" / ".hydra" / "config.yaml").write_text("scenario:\n  name: tanh_explosion\n")
+    (sweeps / "grid" / ".hydra" / "overrides.yaml").write_text(
+        "- mode=sweep\n- scenario=tanh_explosion\n- sweep.lr=[0.1,0.2]\n- hydra.run.dir=somewhere\n- plot=true\n")
+    (sweeps / "multi").mkdir()
+    (sweeps / "multi" / "multirun.yaml").write_text(
+        "scenario:\n  name: unscaled_sgd\nhydra:\n  overrides:\n    task:\n    - optimizer.lr=1e-10,2e-10\n")
+    (sweeps / "bare").mkdir()
+    for folder in ("grid", "multi", "bare"):
+        (sweeps / folder / "stability.png").write_bytes(b"png")
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", sweep_figures(sweeps))
+    assert captions == ["First non-finite step per lr (bare/stability.png)",
+                        "First non-finite step per lr: tanh_explosion, mode=sweep sweep.lr=[0.1,0.2] (grid/stability.png)",
+                        "First non-finite step per lr: unscaled_sgd, optimizer.lr=1e-10,2e-10 (multi/stability.png)"]
+
+
+def test_the_handout_prints_a_page_per_scenario_with_the_summary_on_one(handout, tmp_path):
+    """Printed by headless Chromium where it is installed (the system package): the
+    summary page, then one page for each scenario, softmax_overflow's tall one among them."""
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("needs headless Chromium to print (Debian package chromium)")
+    pdf = tmp_path / "handout.pdf"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-pdf-header-footer",
+                    f"--print-to-pdf={pdf}", (handout / "report.html").as_uri()], capture_output=True, timeout=180)
+    pages = len(re.findall(rb"/Type\s*/Page[^s]", pdf.read_bytes()))
+    assert pages == 1 + len(SCENARIOS), pages

@@ -41,9 +41,17 @@ ul.claims { padding-left: 1.2em; } .scenario-verdict { font-weight: 600; }
 .v-partly::before { content: "\\00BD  "; } .v-not_decided::before { content: "?  "; }
 .meta { color: #444; font-size: 0.9em; }
 @media print {
-  body { margin: 0; max-width: none; font-size: 11pt; }
+  /* A page per scenario, and the summary table on the first page: sized to fit US
+     Letter, the shorter of Letter and A4. */
+  @page { margin: 12mm; }
+  body { margin: 0; max-width: none; font-size: 8.5pt; line-height: 1.3; }
+  h1 { font-size: 15pt; } h2 { font-size: 12pt; margin: 0 0 0.3em; } h3 { font-size: 9pt; margin: 0.6em 0 0.2em; }
+  table { font-size: 7.5pt; } th, td { padding: 1px 4px; }
+  pre.mechanism { font-size: 7.5pt; padding: 0.3em 0.5em; margin: 0.2em 0; }
+  .evidence { font-size: 7.5pt; } ul.claims { margin: 0.2em 0; }
+  figure { margin: 0.4em 0; } figure img { max-height: 6.5cm; width: auto; max-width: 100%; }
   section { break-before: page; } a { color: inherit; text-decoration: none; }
-  figure, tr, li { break-inside: avoid; }
+  table.summary, figure, tr, li { break-inside: avoid; }
   thead { display: table-header-group; }
 }
 """
@@ -91,14 +99,46 @@ def summary_table(results: list[ScenarioResult]) -> str:
             f"<tbody>{''.join(rows)}</tbody></table>")
 
 
+def _sweep_settings(folder: Path) -> tuple[str | None, list[str]]:
+    """The scenario and the command-line settings of the run that drew a map, read
+    from what Hydra saved beside it: .hydra/ of a mode=sweep or mode=boundary run,
+    multirun.yaml of a multirun. (None, []) where neither can be read."""
+    from omegaconf import OmegaConf
+
+    try:
+        if (folder / ".hydra" / "config.yaml").is_file():
+            config = OmegaConf.load(folder / ".hydra" / "config.yaml")
+            overrides = list(OmegaConf.load(folder / ".hydra" / "overrides.yaml"))
+        elif (folder / "multirun.yaml").is_file():
+            config = OmegaConf.load(folder / "multirun.yaml")
+            overrides = list(config.hydra.overrides.task)
+        else:
+            return None, []
+        scenario = OmegaConf.select(config, "scenario.name")
+    except Exception:  # a saved file of any shape: the map is still shown, under its path
+        return None, []
+    settings = [str(o) for o in overrides if not str(o).startswith(("hydra.", "hydra/", "scenario=", "plot="))]
+    return (str(scenario) if scenario is not None else None), settings
+
+
+def sweep_caption(path: Path, folder: Path) -> str:
+    what = {"stability.png": "First non-finite step per lr", "boundary.png": "Critical lr per init and clip"}[path.name]
+    scenario, settings = _sweep_settings(path.parent)
+    where = str(path.relative_to(folder))
+    if scenario is None:
+        return f"{what} ({where})"
+    return f"{what}: {scenario}" + (f", {' '.join(settings)}" if settings else "") + f" ({where})"
+
+
 def sweep_figures(folder: Path) -> str:
-    """The stability maps found under a folder of sweep outputs, embedded."""
+    """The maps found under a folder of sweep outputs, embedded, each captioned with
+    the scenario and settings that drew it."""
     parts = []
     for path in sorted(p for name in SWEEP_FIGURES for p in folder.rglob(name)):
         data = base64.b64encode(path.read_bytes()).decode("ascii")
-        where = escape(str(path.relative_to(folder)))
-        parts.append(f'<figure><img alt="sweep figure {where}" src="data:image/png;base64,{data}">'
-                     f"<figcaption>{where}</figcaption></figure>")
+        caption = escape(sweep_caption(path, folder))
+        parts.append(f'<figure><img alt="{caption}" src="data:image/png;base64,{data}">'
+                     f"<figcaption>{caption}</figcaption></figure>")
     return "".join(parts)
 
 
