@@ -1,4 +1,5 @@
-"""A warm ``python -m nanlab`` for the tests.
+"""A warm ``python`` for the tests' commands (``python -m nanlab ...``, the docs'
+Python blocks and example scripts).
 
 Most of a CLI test's time is the interpreter importing torch, Hydra and matplotlib,
 several seconds of CPU each time, for runs that then train for a fraction of a
@@ -12,7 +13,8 @@ What a fork cannot show, the tests that need it run as real processes
 from the environment at import time (PYTHONPATH, thread counts), and signals sent to
 a starting interpreter.
 
-Protocol, one JSON object per line: a request {args, cwd, env, stdout, stderr} on
+Protocol, one JSON object per line: a request {args, cwd, env, stdout, stderr}
+(args as they would follow ``python``) on
 stdin; the server answers {"pid": ...} once the child runs and {"status": ...}
 (as subprocess reports it: negative for a signal) once it ends.
 """
@@ -51,8 +53,25 @@ def _exit_code(exit: SystemExit) -> int:
     return 1
 
 
+def run_python_args(args: list[str]) -> None:
+    """Run what ``python ARGS`` runs, as ``-m MODULE``, ``-c CODE`` or a script path,
+    with the sys.argv and sys.path[0] that the interpreter would set."""
+    if args[0] == "-m":
+        sys.path[0] = os.getcwd()
+        sys.argv = ["-m", *args[2:]]
+        runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+    elif args[0] == "-c":
+        sys.path[0] = ""
+        sys.argv = ["-c", *args[2:]]
+        exec(compile(args[1], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+    else:
+        sys.path[0] = os.path.dirname(os.path.abspath(args[0]))
+        sys.argv = list(args)
+        runpy.run_path(args[0], run_name="__main__")
+
+
 def run_child(request: dict) -> None:
-    """In the forked child: become ``python -m nanlab ARGS`` and exit. Never returns."""
+    """In the forked child: become ``python ARGS`` and exit. Never returns."""
     code = 1
     try:
         for fd, path, flags in ((0, os.devnull, os.O_RDONLY),
@@ -72,10 +91,8 @@ def run_child(request: dict) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
-        sys.path[0] = os.getcwd()  # what `python -m` puts first
         importlib.invalidate_caches()
-        sys.argv = ["-m", *request["args"]]
-        runpy.run_module("nanlab", run_name="__main__", alter_sys=True)
+        run_python_args(request["args"])
         code = 0
     except SystemExit as exit:
         code = _exit_code(exit)

@@ -34,7 +34,7 @@ _IMPORT_TIME_ENV = ("PYTHON", "OMP_", "MKL_", "KMP_", "TORCH", "CUDA", "KERAS", 
 
 
 class WarmCLI:
-    """``python -m nanlab`` forked from a server that has imported torch, Hydra and
+    """``python ...`` forked from a server that has imported torch, Hydra and
     matplotlib once (tests/cli_server.py): the same exit status and output as a new
     interpreter, without paying its imports on every command."""
 
@@ -51,7 +51,7 @@ class WarmCLI:
         return not any(key.startswith(_IMPORT_TIME_ENV) and os.environ.get(key) != value
                        for key, value in (env or {}).items())
 
-    def run(self, args, cwd, env, timeout):
+    def run(self, python_args, cwd, env, timeout):
         import select
         import signal
         import tempfile
@@ -60,7 +60,7 @@ class WarmCLI:
             self._start()
         with tempfile.TemporaryDirectory() as scratch:
             out, err = Path(scratch, "stdout"), Path(scratch, "stderr")
-            request = {"args": list(args), "cwd": str(Path(cwd or os.getcwd()).resolve()), "env": _cli_env(env),
+            request = {"args": list(python_args), "cwd": str(Path(cwd or os.getcwd()).resolve()), "env": _cli_env(env),
                        "stdout": str(out), "stderr": str(err)}
             self.server.stdin.write(json.dumps(request) + "\n")
             self.server.stdin.flush()
@@ -70,7 +70,7 @@ class WarmCLI:
                 os.kill(pid, signal.SIGKILL)
             status = json.loads(self.server.stdout.readline())["status"]
             stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
-        command = [sys.executable, "-m", "nanlab", *args]
+        command = [sys.executable, *python_args]
         if not ready:
             raise subprocess.TimeoutExpired(command, timeout, stdout, stderr)
         return subprocess.CompletedProcess(command, status, stdout, stderr)
@@ -79,11 +79,18 @@ class WarmCLI:
 _warm_cli = WarmCLI()
 
 
+def run_python(*python_args, cwd=None, env=None, timeout=300):
+    """``python ARGS`` (``-m MODULE ...``, ``-c CODE ...`` or ``SCRIPT ...``) as a user
+    runs it, forked warm where the environment allows; returns CompletedProcess."""
+    if not _warm_cli.serves(env):
+        return subprocess.run([sys.executable, *python_args], capture_output=True, text=True,
+                              cwd=cwd, env=_cli_env(env), timeout=timeout)
+    return _warm_cli.run(python_args, cwd, env, timeout)
+
+
 def run_cli(*args, cwd=None, env=None, timeout=300):
     """``python -m nanlab ARGS`` as a user runs it; returns CompletedProcess."""
-    if not _warm_cli.serves(env):
-        return run_cli_fresh(*args, cwd=cwd, env=env, timeout=timeout)
-    return _warm_cli.run(args, cwd, env, timeout)
+    return run_python("-m", "nanlab", *args, cwd=cwd, env=env, timeout=timeout)
 
 
 def training_step(optimizer, compute_loss):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 # The pages whose commands and Python blocks are run here. docs/kernels.md shows
@@ -165,11 +165,9 @@ def run_documented(command: str, cwd: Path, site: Path) -> subprocess.CompletedP
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     if "log_of_zero_feature" in command:
         env["PYTHONPATH"] = str(site)
-    if words[:3] == ["python", "-m", "nanlab"]:
-        return run_cli(*words[3:], cwd=cwd, env=env, timeout=600)
     if words[0] == "python" and words[1] != "-m":
         words[1] = str(ROOT / words[1])  # an example script, run from a scratch folder
-    return subprocess.run([sys.executable, *words[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return run_python(*words[1:], cwd=cwd, env=env, timeout=600)
 
 
 # One test per command, so that pytest-xdist spreads them over its workers.
@@ -188,7 +186,7 @@ def test_every_documented_command_runs_and_shows_what_it_promises(command, tmp_p
 def test_every_python_block_runs(index, tmp_path, result_of):
     if '"result.json"' in python_blocks()[index]:  # a block that loads a saved run gets one
         (tmp_path / "result.json").write_text(result_of("softmax_overflow").to_json())
-    proc = subprocess.run([sys.executable, "-c", python_blocks()[index]], cwd=tmp_path, capture_output=True, text=True)
+    proc = run_python("-c", python_blocks()[index], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
 
