@@ -41,6 +41,12 @@ class WarmCLI:
     def __init__(self):
         self.server = None
 
+    def close(self):
+        if self.server is not None:
+            self.server.stdin.close()  # the server's loop ends; wait so its CPU time is counted as ours
+            self.server.wait(timeout=30)
+            self.server = None
+
     def _start(self):
         self.server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("cli_server.py"))],
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -77,6 +83,10 @@ class WarmCLI:
 
 
 _warm_cli = WarmCLI()
+
+
+def pytest_unconfigure(config):
+    _warm_cli.close()
 
 
 def run_python(*python_args, cwd=None, env=None, timeout=300):
