@@ -625,11 +625,10 @@ def _passing(why: str) -> str:
 class _Deadline:
     """SIGALRM after ``seconds``, then again every RETRY_S while armed, raising CheckTimedOut.
 
-    Why a signal in this process, not a child process with a deadline: a forked child
-    that runs torch ops hangs on this CPU build once the parent has used its OpenMP
-    pool (measured: a softmax in the child never returns unless the child drops to one
-    thread), CUDA cannot be used in a forked child at all, and a spawned one cannot
-    receive lambdas or closures as kernels. The alarm interrupts pure-Python loops, and
+    The deadline of a check run in this process (the library's default). An isolated
+    check (isolate=True, and the CLI) is instead killed from outside at its deadline
+    (nanlab.kernels.isolate); running in this process keeps CUDA, debuggers and the
+    caller's threads usable, which a forked child cannot. The alarm interrupts pure-Python loops, and
     torch code between ops (each op returns to the interpreter, where the handler
     runs; sleeps and lock waits are interrupted too). What it cannot stop is one native
     call that never returns; the docs say so. Repeating the alarm gets past a kernel
@@ -714,16 +713,41 @@ def _run_all(fn, grad_fn, framework, pairs, seed, timeout) -> tuple[list, str]:
     except CheckTimedOut:
         if len(results) == len(pairs):  # the alarm landed after the last case: nothing was cut short
             return results, ""
-        return results, cut_short(pairs, results, *timed_out(timeout))
+        return results, _cut_short(pairs, results, *_timed_out(timeout))
     return results, ""
 
 
-def timed_out(timeout: float) -> tuple[str, str]:
+def _run_isolated(fn, grad_fn, framework, pairs, seed, timeout) -> tuple[list, str]:
+    """_run_all in a forked child (nanlab.kernels.isolate): the kernel's exit, crash or
+    signal ends the child, and fails the case it was on; the deadline kills the child."""
+    from nanlab.kernels.isolate import run_forked
+
+    def prepare():
+        global STOPS_THE_CHECK
+        STOPS_THE_CHECK = (CheckTimedOut,)  # SIGINT is ignored there: a KeyboardInterrupt is the kernel's own
+        torch.set_num_threads(1)  # a forked child's OpenMP pool hangs if the parent's had started
+
+    # autograd's first call imports sympy (about 0.6 s of CPU in torch 2.13): pay it here once, on a
+    # scalar (no OpenMP pool started), rather than in every child, where it is lost when the child ends.
+    x = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    torch.autograd.grad(x * 2.0, x, torch.ones((), dtype=torch.float64))
+    forked = run_forked(len(pairs), lambda i: asdict(run_case(fn, *pairs[i], framework, grad_fn, seed)), timeout,
+                        prepare)
+    results = [CaseResult(**r) for r in forked.results]
+    if forked.timed_out:
+        return results, _cut_short(pairs, results, *_timed_out(timeout))
+    if forked.ended:
+        how = f"the process running the kernel {forked.ended}"
+        return results, _cut_short(pairs, results, f"{how} during this case", how)
+    return results, ""
+
+
+def _timed_out(timeout: float) -> tuple[str, str]:
     """(the reason of the case a deadline cut short, why the check stopped)."""
     return f"timed out: the check passed its {timeout:g} s limit during this case", f"timed out after {timeout:g} s"
 
 
-def cut_short(pairs: list, results: list, reason: str, stop: str) -> str:
+def _cut_short(pairs: list, results: list, reason: str, stop: str) -> str:
     """The check stopped during the pair after ``results``: that case fails with
     ``reason`` (appended to results), and the returned line says ``stop``, on which
     case, and how many pairs did not run."""
@@ -938,12 +962,8 @@ def check(fn: Callable, kind: Union[str, Case, None] = None, framework: str = "t
     if before is not None and before.kind != kind:
         raise ConfigError("baseline", source, f"is a check of kind {before.kind}, not {kind}")
     pairs = [(case, dtype) for case in selected for dtype in chosen]
-    if isolate:
-        from nanlab.kernels.isolate import run_isolated
-
-        results, stopped = run_isolated(fn, grad_fn, framework, pairs, seed, timeout)
-    else:
-        results, stopped = _run_all(fn, grad_fn, framework, pairs, seed, timeout)
+    run = _run_isolated if isolate else _run_all
+    results, stopped = run(fn, grad_fn, framework, pairs, seed, timeout)
     _apply_xfail(results, listed)
     report = Report(kernel_name(fn), kind, framework, results, stopped, len(pairs) - len(results))
     if before is not None:

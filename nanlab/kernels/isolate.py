@@ -1,5 +1,9 @@
 """Run a kernel's cases in a forked child process, so that the kernel cannot end the check.
 
+This module knows jobs, not cases: nanlab.kernels.check hands it one job per case
+and dtype, and turns what comes back into the report (so the two never import each
+other in a cycle).
+
 A kernel is the user's code, and some of what it can do ends the process it runs
 in: ``os._exit``, a segfault in a native extension, a signal it sends itself, the
 kernel OOM killer. Run in a child, that ends the child only. The child sends each
@@ -16,7 +20,7 @@ thread.
 Why fork rather than spawn: a kernel may be a lambda or a closure, which a spawned
 interpreter could not receive, and a forked child starts at once with torch already
 imported (a spawned one pays torch's import again, about 1 to 2 s). What fork costs:
-the child runs torch on one thread, because a child forked after the parent used its
+the child runs torch on one thread (check() sets it up so), because a child forked after the parent used its
 OpenMP pool hangs in its first parallel op (measured here with a matmul and a
 softmax); the loss kernels checked here are small, and one thread runs them fastest
 (nanlab.lab.threads). A child cannot use CUDA once the parent has initialised it; a
@@ -34,8 +38,8 @@ import sys
 import time
 import traceback
 import warnings
-from dataclasses import asdict
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 # While no line arrives, how often the parent looks whether the child is still alive
 # (a child that died while a grandchild of it holds the pipe open gives no end of file).
@@ -43,9 +47,22 @@ POLL_S = 0.05
 DONE = "done"
 
 
-def run_isolated(fn, grad_fn, framework, pairs, seed, timeout) -> tuple[list, str]:
-    """check()'s run of every (case, dtype) pair, in a forked child; returns (results,
-    why it stopped early or "") as nanlab.kernels.check._run_all does."""
+@dataclass
+class Forked:
+    """What came back from the child: each finished job's result, in order; and, when
+    it did not finish them all, whether the deadline stopped it or how it ended."""
+
+    results: list = field(default_factory=list)
+    timed_out: bool = False
+    ended: str = ""  # "exited with status 0 (...)" or "was killed by SIGSEGV (...)"; "" when it finished
+
+
+def run_forked(jobs: int, run_one: Callable[[int], dict], timeout: Optional[float],
+               prepare: Callable[[], None] = lambda: None) -> Forked:
+    """Run ``run_one(0) .. run_one(jobs - 1)`` in a forked child, after ``prepare()``
+    there; each returns a JSON-able dict, sent back as soon as it is made. The child
+    is killed at ``timeout`` seconds. A job that raises (the caller's own bug, not the
+    code under test, which run_one must catch) raises RuntimeError here with its traceback."""
     if not hasattr(os, "fork"):
         raise ValueError("check(isolate=True) forks a child process, which this platform cannot; "
                          "leave isolate=False to check in this process")
@@ -53,48 +70,41 @@ def run_isolated(fn, grad_fn, framework, pairs, seed, timeout) -> tuple[list, st
         stream.flush()
     read_end, write_end = os.pipe()
     with warnings.catch_warnings():
-        # Python 3.12 warns about forking a threaded process; the child only runs torch on one
-        # thread and exits with os._exit, which is what makes that fork safe.
+        # Python 3.12 warns about forking a threaded process; the child runs torch on one
+        # thread and leaves with os._exit, which is what makes this fork safe.
         warnings.simplefilter("ignore", DeprecationWarning)
         pid = os.fork()
     if pid == 0:
         os.close(read_end)
-        _child(write_end, fn, grad_fn, framework, pairs, seed)  # never returns
+        _child(write_end, jobs, run_one, prepare)  # never returns
     os.close(write_end)
     child = _Child(pid)
-    results: list = []
+    forked = Forked()
     try:
-        stopped = _collect(child, read_end, pairs, results, timeout)
+        _collect(child, read_end, jobs, forked, timeout)
     finally:
         os.close(read_end)
         child.end()
-    return results, stopped
+    return forked
 
 
 def _send(pipe, message) -> None:
     pipe.write(json.dumps(message) + "\n")
-    pipe.flush()  # before the next case starts: the child's death must not lose this line
+    pipe.flush()  # before the next job starts: the child's death must not lose this line
 
 
-def _child(fd: int, fn, grad_fn, framework, pairs, seed) -> None:
+def _child(fd: int, jobs: int, run_one, prepare) -> None:
     code = 0
     pipe = os.fdopen(fd, "w", encoding="utf-8")
     try:
-        import importlib
-
-        import torch
-
-        check = importlib.import_module("nanlab.kernels.check")  # the module: nanlab.kernels.check is also a function
-
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it ends the child
         if faulthandler.is_enabled():  # a crash is the parent's to report, in one line
             faulthandler.disable()
-        check.STOPS_THE_CHECK = (check.CheckTimedOut,)  # here a KeyboardInterrupt is the kernel's own
-        torch.set_num_threads(1)
-        for case, dtype in pairs:
-            _send(pipe, asdict(check.run_case(fn, case, dtype, framework, grad_fn, seed)))
+        prepare()
+        for i in range(jobs):
+            _send(pipe, run_one(i))
         _send(pipe, DONE)
-    except BaseException:  # the checker's own failure: the parent raises it with this text
+    except BaseException:  # the caller's own failure: the parent raises it with this text
         code = 1
         try:
             _send(pipe, {"error": traceback.format_exc()})
@@ -134,9 +144,7 @@ class _Child:
             self.wait()
 
 
-def _collect(child: _Child, fd: int, pairs: list, results: list, timeout: Optional[float]) -> str:
-    from nanlab.kernels.check import cut_short, timed_out
-
+def _collect(child: _Child, fd: int, jobs: int, forked: Forked, timeout: Optional[float]) -> None:
     deadline = None if timeout is None else time.monotonic() + timeout
     pending = b""
     while True:
@@ -144,46 +152,41 @@ def _collect(child: _Child, fd: int, pairs: list, results: list, timeout: Option
         ready, _, _ = select.select([fd], [], [], wait)
         chunk = os.read(fd, 1 << 16) if ready else None
         if chunk:
-            pending = _take_lines(pending + chunk, pairs, results)
+            pending = _take_lines(pending + chunk, forked.results)
             if pending is None:
-                return ""
+                return
             continue
         if chunk == b"":  # end of file: the child has closed the pipe, so it is ending
             child.wait()
         elif child.poll() is None:
             if deadline is not None and time.monotonic() >= deadline:
                 child.end()
-                if len(results) == len(pairs):
-                    return ""
-                return cut_short(pairs, results, *timed_out(timeout))
+                forked.timed_out = len(forked.results) < jobs
+                return
             continue
         else:  # ended, but a process it started holds the pipe: read what it had sent
-            while select.select([fd], [], [], 0)[0] and pending is not None:
+            while pending is not None and select.select([fd], [], [], 0)[0]:
                 chunk = os.read(fd, 1 << 16)
                 if not chunk:
                     break
-                pending = _take_lines(pending + chunk, pairs, results)
+                pending = _take_lines(pending + chunk, forked.results)
             if pending is None:
-                return ""
-        if len(results) == len(pairs):  # it ended after its last case: nothing was cut short
-            return ""
-        how = f"the process running the kernel {_how_it_ended(child.status)}"
-        return cut_short(pairs, results, f"{how} during this case", how)
+                return
+        if len(forked.results) < jobs:  # ended after its last job: nothing was cut short
+            forked.ended = _how_it_ended(child.status)
+        return
 
 
-def _take_lines(data: bytes, pairs: list, results: list) -> Optional[bytes]:
+def _take_lines(data: bytes, results: list) -> Optional[bytes]:
     """Add each whole line's result; returns the unfinished rest, or None once the child said it is done."""
-    from nanlab.kernels.check import CaseResult
-
     *lines, rest = data.split(b"\n")
     for line in lines:
         message = json.loads(line)
         if message == DONE:
             return None
-        if isinstance(message, dict) and "error" in message:
-            case, dtype = pairs[len(results)]
-            raise RuntimeError(f"the checker failed in its child process on {case} [{dtype}]:\n{message['error']}")
-        results.append(CaseResult(**message))
+        if isinstance(message, dict) and set(message) == {"error"}:
+            raise RuntimeError(f"the check failed in its child process, on job {len(results)}:\n{message['error']}")
+        results.append(message)
     return rest
 
 
