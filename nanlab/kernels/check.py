@@ -431,7 +431,9 @@ def _array_values(out, who: str) -> np.ndarray:
     try:
         with np.errstate(all="ignore"):
             array = np.asarray(out)
-    except Exception as err:  # NumPy refuses ragged nestings (rows of different lengths)
+    except STOPS_THE_CHECK:
+        raise
+    except BaseException as err:  # NumPy refuses ragged nestings; a hostile __array__ may raise anything
         raise KernelRaised(f"{who} a {type(out).__name__} that is no array, ragged or holding other than numbers "
                            f"({_first_line(err)})") from None
     if array.dtype not in TORCH_DTYPES_OF_NUMPY:
