@@ -938,8 +938,9 @@ def check(fn: Callable, kind: Union[str, Case, None] = None, framework: str = "t
     A keyword the kernel's signature lacks makes that case "unsupported", except in
     a core case, which every kernel of the kind must run: there it fails.
     ``timeout``: seconds for the whole check (None, the default: no limit); past
-    it, the case running fails and the check stops. A timeout uses SIGALRM, so it
-    needs the main thread (ValueError elsewhere); the CLI sets one (kernel.timeout). ``xfail``: case names (``name`` or
+    it, the case running fails and the check stops. In this process a timeout uses
+    SIGALRM, so it needs the main thread (ValueError elsewhere); an isolated check's
+    child is killed at it instead, from any thread. The CLI sets one (kernel.timeout). ``xfail``: case names (``name`` or
     ``name@dtype``) expected to fail; one that passes fails the check (xpass).
     ``baseline``: a check.json path or a Report; a failure the baseline shares
     fails the check only if it got worse. ``isolate``: run the cases in a forked
