@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from nanlab.errors import ConfigError
 from nanlab.kernels import cases, check
 from nanlab.kernels.cli import run_check
+from nanlab.kernels.isolate import run_forked
 
 # Three float32 softmax pairs: the hostile kernels below misbehave on the middle one.
 PICKED = ("random", "some_neg_inf", "dim_0_rank2")
@@ -139,6 +141,26 @@ def _in_thread(call):
     worker.join(60)
     if caught:
         raise caught[0]
+
+
+def test_the_child_s_own_failure_is_raised_with_its_traceback_not_blamed_on_a_kernel():
+    with pytest.raises(RuntimeError, match="(?s)on job 1:.*ZeroDivisionError"):
+        run_forked(3, lambda i: {"i": 1 / (1 - i)}, None)
+
+
+def test_a_child_that_dies_while_its_own_child_holds_the_pipe_is_still_seen_dying():
+    def run_one(i):
+        if i == 1 and os.fork() == 0:  # a grandchild that keeps the pipe open for a while
+            time.sleep(2)
+            os._exit(0)
+        if i == 1:
+            os._exit(5)
+        return {"i": i}
+
+    start = time.monotonic()
+    forked = run_forked(3, run_one, None)
+    assert time.monotonic() - start < 1.5  # seen by polling, not by the pipe's end
+    assert forked.results == [{"i": 0}] and forked.ended.startswith("exited with status 5")
 
 
 # ---------------------------------------------------------------- the CLI: one subprocess, the rest in process
