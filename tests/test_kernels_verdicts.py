@@ -37,16 +37,16 @@ def zero_loss(logits, target):
     return torch.zeros((), requires_grad=True)
 
 
-def test_a_kernel_without_reduction_fails_its_84_cases_instead_of_passing_them_as_unsupported():
+def test_a_kernel_without_reduction_fails_its_core_cases_instead_of_passing_them_as_unsupported():
     report = check(zero_loss, kind="cross_entropy")
-    assert len(report.cases) == 84 and not report.passed
+    assert len(report.cases) == len(cases("cross_entropy")) * len(options.DTYPES) and not report.passed
     core = {c.name for c in cases("cross_entropy") if c.core}
     for c in report.cases:
         if c.name in core:
             assert c.status == "fail" and "takes no reduction" in c.reason and "core case" in c.reason
         else:
             assert c.status == "unsupported"
-    assert len(report.failures) == 4 * len(core) == 52
+    assert len(report.failures) == 4 * len(core)
 
 
 def test_the_same_kernel_with_reduction_runs_the_core_cases():
@@ -96,7 +96,7 @@ def test_sys_exit_in_a_kernel_fails_the_case_and_the_check_goes_on():
 
     report = check(exits_on_neg_inf, kind="softmax", dtypes=["float32"])
     failed = {c.name: c.reason for c in report.failures}
-    assert failed == {"some_neg_inf": "raised SystemExit: 0", "fully_neg_inf_row": "raised SystemExit: 0"}
+    assert failed == {name: "raised SystemExit: 0" for name in ("some_neg_inf", "fully_neg_inf_row", "fully_neg_inf_dim_0")}
     assert len(calls) == len(report.cases) == len(cases("softmax"))  # it went on after the exits
 
 
@@ -143,8 +143,9 @@ def test_a_hanging_kernel_is_stopped_and_the_case_it_was_on_named(how):
     assert not report.passed
     assert [c.status for c in report.cases] == ["pass"] * 5 + ["fail"]  # random .. all_equal ran, then some_neg_inf
     assert report.cases[-1].name == "some_neg_inf" and report.cases[-1].reason.startswith("timed out")
-    assert report.stopped == "timed out after 2 s on some_neg_inf [float32]; 9 case-dtype pairs not run"
-    assert report.not_run == 9 and "stopped: timed out" in report.table()
+    left = len(cases("softmax")) - 6
+    assert report.stopped == f"timed out after 2 s on some_neg_inf [float32]; {left} case-dtype pairs not run"
+    assert report.not_run == left and "stopped: timed out" in report.table()
 
 
 def test_the_deadline_puts_back_the_alarm_it_found():
@@ -220,7 +221,7 @@ def test_an_output_of_the_wrong_shape_fails_with_both_shapes():
         return x.softmax(-1)[None]
 
     report = check(extra_axis, kind="softmax", dtypes=["float32", "float64", "float16"])
-    assert len(report.cases) == 45 and len(report.failures) == 45  # 15 cases x 3 dtypes
+    assert len(report.cases) == len(report.failures) == 3 * len(cases("softmax"))  # every case x 3 dtypes
     assert report.cases[0].reason == "forward: shape (1, 8, 5) where the reference has shape (8, 5)"
 
     def np_extra_axis(x, dim=-1):  # no gradient to trip over: the forward alone must catch it
@@ -228,7 +229,7 @@ def test_an_output_of_the_wrong_shape_fails_with_both_shapes():
         return (e / e.sum(dim, keepdims=True))[None]
 
     report = check(np_extra_axis, kind="softmax", framework="numpy", dtypes=["float32", "float64", "float16"])
-    assert len(report.failures) == 45 and all("shape (1, " in c.reason for c in report.failures)
+    assert len(report.failures) == 3 * len(cases("softmax")) and all("shape (1, " in c.reason for c in report.failures)
     assert check(lambda x, dim=-1: x.softmax(dim), kind="softmax", dtypes=["float32"]).passed
 
 
@@ -584,7 +585,8 @@ def test_cli_timeout_and_sys_exit(cli, tmp_path, kernels_module):
     proc = cli("mode=check", "kernel.fn=user_kernels:hangs", "kernel.kind=softmax", "kernel.dtypes=[float32]",
                "kernel.timeout=1", f"hydra.run.dir={tmp_path / 'hang'}", env=kernels_module, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "stopped: timed out after 1 s on random [float32]; 14 case-dtype pairs not run" in proc.stdout
+    left = len(cases("softmax")) - 1
+    assert f"stopped: timed out after 1 s on random [float32]; {left} case-dtype pairs not run" in proc.stdout
     assert json.loads((tmp_path / "hang" / "check.json").read_text())["stopped"].startswith("timed out")
     proc = cli("mode=check", "kernel.fn=user_kernels:exits", "kernel.kind=softmax", "kernel.dtypes=[float32]",
                f"hydra.run.dir={tmp_path / 'exit'}", env=kernels_module)
@@ -657,7 +659,7 @@ def test_textbook_max_subtracted_softmax_and_log_softmax_pass_and_the_naive_soft
     # Less precise than torch.softmax in float16/bfloat16: said, with its own word, never failed.
     imprecise = [c for c in softmax.cases if c.status == "imprecise"]
     assert imprecise and {c.dtype for c in imprecise} <= {"float16", "bfloat16"}
-    assert "15 imprecise" in softmax.summary() and "-> PASSED" in softmax.summary()
+    assert "16 imprecise" in softmax.summary() and "-> PASSED" in softmax.summary()
     # The case is fully_neg_inf_row, but the value that was off sits on a finite row: the reason says which.
     row = by_label(softmax)["fully_neg_inf_row", "float16"]
     assert row.status == "imprecise" and "at [4, 3] (input 1.87305)" in row.reason

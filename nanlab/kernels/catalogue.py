@@ -266,8 +266,12 @@ def _gap(g, n, c):
     return x
 
 
+def _signs(g, *shape):
+    return torch.where(torch.rand(*shape, generator=g) < 0.5, -1.0, 1.0).double()
+
+
 def _near_fp16_max(g, n, c):
-    return _uniform(g, 6.0e4, 6.5e4, n, c) * torch.where(torch.rand(n, c, generator=g) < 0.5, -1.0, 1.0).double()
+    return _uniform(g, 6.0e4, 6.5e4, n, c) * _signs(g, n, c)
 
 
 def _noncontiguous(g, n, c):
@@ -317,6 +321,12 @@ def _row_cases(kind: str) -> list[Case]:
         case("dim_1_rank3", "x [2, 5, 3] ~ N(0, 1), dim=1", lambda g: _randn(g, 2, 5, 3), dim=1),
         case("dim_neg3_rank3", "x [4, 2, 3] ~ N(0, 1), dim=-3", lambda g: _randn(g, 4, 2, 3), dim=-3),
         case("dim_last_rank1", "x [6] ~ N(0, 1), dim=0", lambda g: _randn(g, 6), dim=0),
+        # The hard inputs along an axis other than the last: a kernel that is stable only
+        # when dim=-1 (and naive otherwise) passes the N(0, 1) dim cases above, not these.
+        case("large_dim_0", "|x| [6, 4] ~ U(1e3, 1e4), both signs, dim=0",
+             lambda g: _uniform(g, 1e3, 1e4, 6, 4) * _signs(g, 6, 4), dim=0),
+        case("fully_neg_inf_dim_0", "x [5, 6] with column 2 entirely -inf, dim=0",
+             lambda g: _fully_masked_row(g, 6, 5).T.contiguous(), undefined, dim=0),
     ]
 
 
@@ -345,7 +355,21 @@ def _ce_cases() -> list[Case]:
         return _randn(g, 8, 5), t
 
     def large(g):
-        return _uniform(g, 1e3, 1e4, 6, 7) * torch.where(torch.rand(6, 7, generator=g) < 0.5, -1.0, 1.0).double(), _targets(g, 6, 7)
+        return _uniform(g, 1e3, 1e4, 6, 7) * _signs(g, 6, 7), _targets(g, 6, 7)
+
+    def ignored_as(value):
+        def make(g):
+            t = _targets(g, 8, 5)
+            t[::3] = value
+            return _randn(g, 8, 5), t
+
+        return make
+
+    def masked_target(g):
+        x = _with_neg_inf(g, 5, 6)
+        t = 2 * torch.randint(0, 3, (5,), generator=g)
+        t[1] = 3  # an odd class: masked
+        return x, t
 
     ignored_row_nan = _failures({d: math.inf for d in options.DTYPES}, "gradient",
                                 "NaN gradient for the ignored all -inf row, where the exact gradient is 0: the "
@@ -377,7 +401,20 @@ def _ce_cases() -> list[Case]:
              "none"),
         case("odd_sizes", "logits [7, 13]", lambda g: (_randn(g, 7, 13), _targets(g, 7, 13))),
         case("many_classes", "logits [4, 32768] ~ N(0, 4)", lambda g: (2 * _randn(g, 4, 32768), _targets(g, 4, 32768))),
+        # A target on a -inf logit: that class has probability 0, so the exact loss is +inf.
+        # A kernel that swaps -inf for the dtype's lowest finite value returns about 3.4e38.
+        case("target_on_neg_inf_logit", "every other logit -inf; row 1's target on a -inf logit (its loss is +inf)",
+             masked_target, "none"),
+        case("target_on_neg_inf_logit", "every other logit -inf; row 1's target on a -inf logit (the mean is +inf)",
+             masked_target),
     ]
+    # ignore_index over several values, so a kernel that hard-codes -100 fails: a real
+    # class index (its targets are ignored, its logits still count in other rows'
+    # softmax), the common -1, and the number of classes (one past the last class).
+    for value, name in ((2, "ignore_index_real_class"), (-1, "ignore_index_minus_1"), (5, "ignore_index_num_classes")):
+        for reduction in (("none", "mean") if value == 2 else ("mean",)):
+            cases.append(case(name, f"ignore_index={value}; every third target is {value}", ignored_as(value),
+                              reduction, ignore_index=value))
     return cases
 
 

@@ -364,18 +364,83 @@ def judge(out: torch.Tensor, ref: torch.Tensor, dtype, framework: Callable[[], O
 # ---------------------------------------------------------------- running one case
 
 class KernelRaised(Exception):
-    """The kernel (or its backward, or its grad_fn) raised; the case fails with this reason."""
+    """The kernel (or its backward, or its grad_fn) raised, or gave something that is
+    no output; the case fails with this reason."""
+
+
+class CheckTimedOut(BaseException):
+    """Raised by the deadline's alarm. A BaseException, so that a kernel's
+    ``except Exception`` cannot swallow it."""
+
+
+# What a kernel may raise that stops the whole check instead of failing its case: the
+# deadline, and Ctrl-C, which is the user's. Anything else the kernel raises (SystemExit
+# from sys.exit, GeneratorExit, any other BaseException) fails the case, and the check
+# goes on. The isolated child (nanlab.kernels.isolate) ignores SIGINT, so there a
+# KeyboardInterrupt can only be the kernel's own, and it drops it from this tuple.
+STOPS_THE_CHECK: tuple = (CheckTimedOut, KeyboardInterrupt)
+
+
+def _first_line(err: BaseException) -> str:
+    try:  # a hostile exception's __str__ may raise in turn
+        text = str(err)
+    except Exception:
+        return ""
+    return text.splitlines()[0][:80] if text.strip() else ""
 
 
 def _call_kernel(function, *args, **kwargs):
-    # SystemExit is the kernel's doing too (sys.exit inside it): it fails the case and
-    # does not end the check. KeyboardInterrupt is the user's, so it still stops everything.
+    grad_mode = torch.is_grad_enabled()
     try:
         with np.errstate(all="ignore"):
-            return function(*args, **kwargs)
-    except (Exception, SystemExit) as err:
-        message = str(err).splitlines()[0][:80] if str(err) else ""
-        raise KernelRaised(f"raised {type(err).__name__}" + (f": {message}" if message else "")) from err
+            out = function(*args, **kwargs)
+    except STOPS_THE_CHECK:
+        torch.set_grad_enabled(grad_mode)
+        raise
+    except BaseException as err:
+        torch.set_grad_enabled(grad_mode)
+        message = _first_line(err)
+        raise KernelRaised(f"raised {type(err).__name__}" + (f": {message}" if message else "")) from None
+    if torch.is_grad_enabled() != grad_mode:
+        # Left switched (torch.set_grad_enabled(False) with no restore): put it back, so the
+        # next case and its reference run with autograd as before, and blame this case.
+        torch.set_grad_enabled(grad_mode)
+        raise KernelRaised(f"left grad mode {'off' if grad_mode else 'on'}: it called torch.set_grad_enabled("
+                           f"{not grad_mode}) and did not restore it, which breaks its caller's autograd")
+    return out
+
+
+def _tensor_values(out, who: str) -> torch.Tensor:
+    """A torch kernel's output (or gradient) as a dense float tensor on the CPU, or
+    KernelRaised saying what it was instead: one that holds no values (meta), a sparse
+    layout, a dtype that is not floating point."""
+    if not isinstance(out, torch.Tensor):
+        raise KernelRaised(f"{who} {type(out).__name__}, not a torch.Tensor")
+    if out.layout != torch.strided:
+        raise KernelRaised(f"{who} a {str(out.layout).removeprefix('torch.')} tensor, not a dense (strided) one")
+    if out.device.type == "meta":
+        raise KernelRaised(f"{who} a meta tensor, which holds no values")
+    if out.dtype not in TOLERANCES:
+        raise KernelRaised(f"{who} {out.dtype} values, not float16, bfloat16, float32 or float64")
+    return _call_kernel(lambda: out.detach().cpu())  # a tensor subclass runs its own code here
+
+
+def _array_values(out, who: str) -> np.ndarray:
+    """A NumPy kernel's output (or grad_fn's gradient) as a float16/32/64 array, or
+    KernelRaised saying what it was instead (None, a string, a ragged list)."""
+    try:
+        with np.errstate(all="ignore"):
+            array = np.asarray(out)
+    except STOPS_THE_CHECK:
+        raise
+    except BaseException as err:  # NumPy refuses ragged nestings; a hostile __array__ may raise anything
+        raise KernelRaised(f"{who} a {type(out).__name__} that is no array, ragged or holding other than numbers "
+                           f"({_first_line(err)})") from None
+    if array.dtype not in TORCH_DTYPES_OF_NUMPY:
+        what = (f"{array.dtype} values" if array.dtype.kind in "biufc"
+                else "None" if out is None else f"a {type(out).__name__} ({array.dtype} array)")
+        raise KernelRaised(f"{who} {what}, not a float16, float32 or float64 array")
+    return array
 
 
 def _missing_keywords(fn: Callable, keywords: dict) -> list[str]:
@@ -414,17 +479,13 @@ class _Kernel:
         if framework == "torch":
             self.x = inputs[0].requires_grad_(True)
             self.args = [self.x, *inputs[1:]]
-            out = _call_kernel(fn, *self.args, **keywords)
-            if not isinstance(out, torch.Tensor):
-                raise KernelRaised(f"returned {type(out).__name__}, not a torch.Tensor")
-            self.out, self.dtype = out, out.dtype
+            self.graph = _call_kernel(fn, *self.args, **keywords)  # what autograd differentiates
+            self.out = _tensor_values(self.graph, "returned")
+            self.dtype = self.out.dtype
         else:
             self.args = [t.numpy() for t in inputs]
-            out = np.asarray(_call_kernel(fn, *self.args, **keywords))
-            self.dtype = TORCH_DTYPES_OF_NUMPY.get(out.dtype)
-            self.out = torch.from_numpy(out.astype(np.float64)) if self.dtype is not None else None
-        if self.dtype not in TOLERANCES:
-            raise KernelRaised(f"returned {self.dtype or out.dtype} values, not float16, bfloat16, float32 or float64")
+            out = _array_values(_call_kernel(fn, *self.args, **keywords), "returned")
+            self.out, self.dtype = torch.from_numpy(out.astype(np.float64)), TORCH_DTYPES_OF_NUMPY[out.dtype]
 
     @property
     def checks_gradient(self) -> bool:
@@ -434,12 +495,12 @@ class _Kernel:
         """The gradient with respect to the first input for ``upstream`` (already in the
         output's dtype), or None when none reaches the input."""
         if self.framework == "torch":
-            if not self.out.requires_grad:
+            if not self.graph.requires_grad:
                 return None
-            (grad,) = _call_kernel(torch.autograd.grad, self.out, self.x, upstream, allow_unused=True)
-            return grad
-        grad = np.asarray(_call_kernel(self.grad_fn, *self.args, upstream=upstream.numpy(), **self.keywords))
-        return torch.from_numpy(grad)
+            (grad,) = _call_kernel(torch.autograd.grad, self.graph, self.x, upstream, allow_unused=True)
+            return None if grad is None else _tensor_values(grad, "its gradient is")
+        grad = _call_kernel(self.grad_fn, *self.args, upstream=upstream.numpy(), **self.keywords)
+        return torch.from_numpy(_array_values(grad, "grad_fn returned"))
 
 
 class _Reference:
@@ -497,6 +558,7 @@ class _FrameworkOp:
         return compare(grad.double(), self.ref.gradient(upstream), grad.dtype)
 
 
+@torch.enable_grad()  # the reference and a torch kernel's gradient need autograd, even under a caller's no_grad
 def run_case(fn: Callable, case: Case, dtype, framework: str = "torch", grad_fn: Optional[Callable] = None,
              seed: int = 0) -> CaseResult:
     """Check fn on one case at one dtype."""
@@ -536,10 +598,7 @@ def run_case(fn: Callable, case: Case, dtype, framework: str = "torch", grad_fn:
         return result("fail", reason=str(err))
     if grad is None:
         return result("fail", forward_error, None, "gradient: no gradient reached the input", "gradient")
-    grad_dtype = grad.dtype if isinstance(grad, torch.Tensor) and grad.dtype in TOLERANCES else None
-    if grad_dtype is None:
-        return result("fail", forward_error, None, f"gradient: a {grad.dtype} gradient, not floating point", "gradient")
-    ok, grad_error, why_grad = judge(grad.double(), ref.gradient(upstream), judged_in(grad_dtype, dtype), bench.gradient,
+    ok, grad_error, why_grad = judge(grad.double(), ref.gradient(upstream), judged_in(grad.dtype, dtype), bench.gradient,
                                       case.known_failure(dname, "gradient"), inputs, "gradient")
     if not ok:
         return result("fail", forward_error, grad_error, f"gradient: {why_grad}", "gradient")
@@ -565,19 +624,13 @@ def _passing(why: str) -> str:
 
 # ---------------------------------------------------------------- the deadline
 
-class CheckTimedOut(BaseException):
-    """Raised by the deadline's alarm. A BaseException, so that a kernel's
-    ``except Exception`` cannot swallow it."""
-
-
 class _Deadline:
     """SIGALRM after ``seconds``, then again every RETRY_S while armed, raising CheckTimedOut.
 
-    Why a signal in this process, not a child process with a deadline: a forked child
-    that runs torch ops hangs on this CPU build once the parent has used its OpenMP
-    pool (measured: a softmax in the child never returns unless the child drops to one
-    thread), CUDA cannot be used in a forked child at all, and a spawned one cannot
-    receive lambdas or closures as kernels. The alarm interrupts pure-Python loops, and
+    The deadline of a check run in this process (the library's default). An isolated
+    check (isolate=True, and the CLI) is instead killed from outside at its deadline
+    (nanlab.kernels.isolate); running in this process keeps CUDA, debuggers and the
+    caller's threads usable, which a forked child cannot. The alarm interrupts pure-Python loops, and
     torch code between ops (each op returns to the interpreter, where the handler
     runs; sleeps and lock waits are interrupted too). What it cannot stop is one native
     call that never returns; the docs say so. Repeating the alarm gets past a kernel
@@ -633,13 +686,15 @@ class _Deadline:
             signal.setitimer(signal.ITIMER_REAL, max(delay - (time.monotonic() - self.started), 1e-3), interval)
 
 
-def _check_timeout(timeout) -> Optional[float]:
+def _check_timeout(timeout, isolate: bool = False) -> Optional[float]:
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (math.isfinite(timeout) and timeout > 0):
         raise ConfigError("timeout", timeout, "must be a finite number of seconds > 0, or None for no limit")
     if timeout > MAX_TIMEOUT_S:
         raise ConfigError("timeout", timeout, f"must be at most {MAX_TIMEOUT_S:g} seconds (a day), or None for no limit")
+    if isolate:  # the parent kills the child at the deadline: no signal, so any thread will do
+        return float(timeout)
     if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
         raise ValueError("check() enforces timeout= with SIGALRM, which works in the main thread of a "
                          "POSIX process only; leave timeout=None (the default) to check without a time limit")
@@ -660,14 +715,49 @@ def _run_all(fn, grad_fn, framework, pairs, seed, timeout) -> tuple[list, str]:
     except CheckTimedOut:
         if len(results) == len(pairs):  # the alarm landed after the last case: nothing was cut short
             return results, ""
-        case, dtype = pairs[len(results)]
-        dname = dtype_name(dtype)
-        results.append(CaseResult(case.name, dname, case.description, "fail",
-                                  reason=f"timed out: the check passed its {timeout:g} s limit during this case"))
-        left = len(pairs) - len(results)
-        return results, (f"timed out after {timeout:g} s on {case.name} [{dname}]; "
-                         f"{left} case-dtype pair{'s' if left != 1 else ''} not run")
+        return results, _cut_short(pairs, results, *_timed_out(timeout))
     return results, ""
+
+
+def _run_isolated(fn, grad_fn, framework, pairs, seed, timeout) -> tuple[list, str]:
+    """_run_all in a forked child (nanlab.kernels.isolate): the kernel's exit, crash or
+    signal ends the child, and fails the case it was on; the deadline kills the child."""
+    from nanlab.kernels.isolate import run_forked
+
+    def prepare():
+        global STOPS_THE_CHECK
+        STOPS_THE_CHECK = (CheckTimedOut,)  # SIGINT is ignored there: a KeyboardInterrupt is the kernel's own
+        torch.set_num_threads(1)  # a forked child's OpenMP pool hangs if the parent's had started
+
+    # autograd's first call imports sympy (about 0.6 s of CPU in torch 2.13): pay it here once, on a
+    # scalar (no OpenMP pool started), rather than in every child, where it is lost when the child ends.
+    x = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    torch.autograd.grad(x * 2.0, x, torch.ones((), dtype=torch.float64))
+    forked = run_forked(len(pairs), lambda i: asdict(run_case(fn, *pairs[i], framework, grad_fn, seed)), timeout,
+                        prepare)
+    results = [CaseResult(**r) for r in forked.results]
+    if forked.timed_out:
+        return results, _cut_short(pairs, results, *_timed_out(timeout))
+    if forked.ended:
+        how = f"the process running the kernel {forked.ended}"
+        return results, _cut_short(pairs, results, f"{how} during this case", how)
+    return results, ""
+
+
+def _timed_out(timeout: float) -> tuple[str, str]:
+    """(the reason of the case a deadline cut short, why the check stopped)."""
+    return f"timed out: the check passed its {timeout:g} s limit during this case", f"timed out after {timeout:g} s"
+
+
+def _cut_short(pairs: list, results: list, reason: str, stop: str) -> str:
+    """The check stopped during the pair after ``results``: that case fails with
+    ``reason`` (appended to results), and the returned line says ``stop``, on which
+    case, and how many pairs did not run."""
+    case, dtype = pairs[len(results)]
+    dname = dtype_name(dtype)
+    results.append(CaseResult(case.name, dname, case.description, "fail", reason=reason))
+    left = len(pairs) - len(results)
+    return f"{stop} on {case.name} [{dname}]; {left} case-dtype pair{'s' if left != 1 else ''} not run"
 
 
 # ---------------------------------------------------------------- xfail and baselines
@@ -834,7 +924,7 @@ def _dtypes(dtypes) -> list:
 
 def check(fn: Callable, kind: Union[str, Case, None] = None, framework: str = "torch", dtypes=None,
           grad_fn: Optional[Callable] = None, cases: Optional[list] = None, seed: int = 0,
-          timeout: Optional[float] = None, xfail=(), baseline=None) -> Report:
+          timeout: Optional[float] = None, xfail=(), baseline=None, isolate: bool = False) -> Report:
     """Check ``fn`` against every case of ``kind`` at each dtype; returns a Report.
 
     ``check(fn, case)`` checks one Case alone (for pytest.mark.parametrize), and
@@ -848,19 +938,26 @@ def check(fn: Callable, kind: Union[str, Case, None] = None, framework: str = "t
     A keyword the kernel's signature lacks makes that case "unsupported", except in
     a core case, which every kernel of the kind must run: there it fails.
     ``timeout``: seconds for the whole check (None, the default: no limit); past
-    it, the case running fails and the check stops. A timeout uses SIGALRM, so it
-    needs the main thread (ValueError elsewhere); the CLI sets one (kernel.timeout). ``xfail``: case names (``name`` or
+    it, the case running fails and the check stops. In this process a timeout uses
+    SIGALRM, so it needs the main thread (ValueError elsewhere); an isolated check's
+    child is killed at it instead, from any thread. The CLI sets one (kernel.timeout). ``xfail``: case names (``name`` or
     ``name@dtype``) expected to fail; one that passes fails the check (xpass).
     ``baseline``: a check.json path or a Report; a failure the baseline shares
-    fails the check only if it got worse.
+    fails the check only if it got worse. ``isolate``: run the cases in a forked
+    child process (nanlab.kernels.isolate), so a kernel that exits, crashes or is
+    killed stops the check with a reason naming its case instead of ending the
+    caller; the CLI always isolates. POSIX only, and not with CUDA already in use.
     """
     kind, cases = _kind_and_cases(kind, cases)
     if kind not in options.KERNEL_KINDS:
         raise ValueError(f"unknown kernel kind {kind!r}; choose one of {', '.join(options.KERNEL_KINDS)}")
     if framework not in options.KERNEL_FRAMEWORKS:
         raise ValueError(f"unknown framework {framework!r}; choose {' or '.join(options.KERNEL_FRAMEWORKS)}")
+    if grad_fn is not None and framework != "numpy":
+        raise ConfigError("grad_fn", kernel_name(grad_fn), f"applies to framework numpy only: a {framework} "
+                                                           "kernel's gradient is checked through autograd")
     chosen = _dtypes(dtypes)
-    timeout = _check_timeout(timeout)
+    timeout = _check_timeout(timeout, isolate)
     selected = cases if cases is not None else catalogue_cases(kind)
     listed = _xfail_matcher(xfail, kind, selected)
     before = load_report(baseline) if baseline is not None else None
@@ -868,7 +965,8 @@ def check(fn: Callable, kind: Union[str, Case, None] = None, framework: str = "t
     if before is not None and before.kind != kind:
         raise ConfigError("baseline", source, f"is a check of kind {before.kind}, not {kind}")
     pairs = [(case, dtype) for case in selected for dtype in chosen]
-    results, stopped = _run_all(fn, grad_fn, framework, pairs, seed, timeout)
+    run = _run_isolated if isolate else _run_all
+    results, stopped = run(fn, grad_fn, framework, pairs, seed, timeout)
     _apply_xfail(results, listed)
     report = Report(kernel_name(fn), kind, framework, results, stopped, len(pairs) - len(results))
     if before is not None:

@@ -1,7 +1,9 @@
 """mode=check: check a kernel named by import path; exit 0 pass, 1 fail, 2 bad input.
 
 ``kernel.fn`` (and ``kernel.grad_fn``) are imported and run: the check executes
-that code, so name only code you trust.
+that code, so name only code you trust. It runs in a forked child process
+(nanlab.kernels.isolate), so a kernel that exits or crashes fails the case it was
+on and stops the check, with the table and check.json, instead of ending nanlab.
 """
 from __future__ import annotations
 
@@ -41,16 +43,17 @@ def run_check(cfg, run_dir) -> int:
     grad_fn = resolve(kernel.grad_fn, "kernel.grad_fn") if kernel.grad_fn else None
     from nanlab.kernels.check import check, load_report
 
-    # The CLI runs on the main thread, so it keeps the deadline that check() leaves off by default.
+    # The CLI keeps the deadline that check() leaves off by default; the isolated child is killed at it.
 
     baseline = load_report(kernel.baseline, key="kernel.baseline") if kernel.baseline else None
     if baseline is not None and baseline.kind != kernel.kind:
         raise ConfigError("kernel.baseline", kernel.baseline, f"is a check of kind {baseline.kind}, not {kernel.kind}")
     try:
         report = check(fn, kind=kernel.kind, framework=kernel.framework, dtypes=list(kernel.dtypes), grad_fn=grad_fn,
-                       timeout=kernel.timeout, xfail=list(kernel.xfail), baseline=baseline)
-    except ConfigError as err:  # check() names its own arguments; here they are kernel.* keys
-        raise ConfigError(f"kernel.{err.key}", err.value, err.allowed) from None
+                       timeout=kernel.timeout, xfail=list(kernel.xfail), baseline=baseline, isolate=True)
+    except ConfigError as err:  # check() names its own arguments; here they are kernel.* keys, as the user wrote them
+        value = kernel.grad_fn if err.key == "grad_fn" else err.value
+        raise ConfigError(f"kernel.{err.key}", value, err.allowed) from None
     if baseline is not None:
         report.baseline = kernel.baseline
     path = jsonio.write_json(Path(run_dir) / "check.json", report.to_dict())
