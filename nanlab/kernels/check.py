@@ -54,6 +54,12 @@ FRAMEWORK_OPS = {
     "softmax": torch.softmax,
     "log_softmax": torch.log_softmax,
     "logsumexp": torch.logsumexp,
+    "kl_div": torch.nn.functional.kl_div,
+    "nll_loss": torch.nn.functional.nll_loss,
+    "softplus": torch.nn.functional.softplus,
+    "log_sigmoid": torch.nn.functional.logsigmoid,
+    "rms_norm": torch.nn.functional.rms_norm,
+    "layer_norm": torch.nn.functional.layer_norm,
 }
 assert set(FRAMEWORK_OPS) == set(options.KERNEL_KINDS), "FRAMEWORK_OPS must have one entry per options.KERNEL_KINDS"
 # torch.testing.assert_close's defaults: (rtol, atol)
@@ -518,6 +524,9 @@ def run_case(fn: Callable, case: Case, dtype, framework: str = "torch", grad_fn:
         return result("unsupported", reason="NumPy has no bfloat16")
     # .to() keeps a non-contiguous case's strides, so the kernel sees the layout the case built.
     inputs = [t.to(dtype) if t.is_floating_point() else t for t in tensors]
+    # A keyword tensor (a class weight, a norm's weight and bias) comes in the case's dtype as well.
+    keywords = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                for k, v in keywords.items()}
     ref = _Reference(case, inputs, keywords)
     upstream64 = _upstream(ref.out.shape, gen)
     bench = _FrameworkOp(case.kind, inputs, keywords, ref, upstream64)
