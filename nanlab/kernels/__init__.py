@@ -16,7 +16,9 @@ check gradients too. See docs/kernels.md.
 from nanlab.config import options
 from nanlab.kernels.catalogue import Case, KnownFailure, cases
 from nanlab.kernels.check import CaseResult, Report, check, load_report
+from nanlab.kernels.kinds import Arg, Kind, register
 
 KINDS = options.KERNEL_KINDS  # kept for compatibility; the table is options.KERNEL_KINDS
 
-__all__ = ["KINDS", "Case", "CaseResult", "KnownFailure", "Report", "cases", "check", "load_report"]
+__all__ = ["KINDS", "Arg", "Case", "CaseResult", "Kind", "KnownFailure", "Report", "cases", "check", "load_report",
+           "register"]

@@ -817,10 +817,27 @@ _NEW_KIND_CASES = {"kl_div": _kl_cases, "nll_loss": _nll_cases, "softplus": _sof
                    "layer_norm": lambda: _norm_cases("layer_norm")}
 
 
+# Kinds a user declared (nanlab.kernels.kinds.Kind), by name: register() and check() add them.
+USER_KINDS: dict = {}
+
+
+def unknown_kind(kind) -> str:
+    declared = f"; or declare it as a nanlab.kernels.Kind (declared: {', '.join(USER_KINDS)})" if USER_KINDS else (
+        "; or declare your own with nanlab.kernels.Kind")
+    return f"unknown kernel kind {kind!r}; choose one of {', '.join(options.KERNEL_KINDS)}{declared}"
+
+
+def required_keywords(kind: str) -> tuple:
+    """The keywords every kernel of the kind must take (a user kind's are its declared keywords)."""
+    return REQUIRED_KEYWORDS[kind] if kind in REQUIRED_KEYWORDS else USER_KINDS[kind].required
+
+
 def cases(kind: str) -> list[Case]:
-    """Every case for one kind; works with pytest.mark.parametrize (ids=str)."""
+    """Every case for one kind (built-in or declared); works with pytest.mark.parametrize (ids=str)."""
+    if kind in USER_KINDS:
+        return USER_KINDS[kind].all_cases()
     if kind not in options.KERNEL_KINDS:
-        raise ValueError(f"unknown kernel kind {kind!r}; choose one of {', '.join(options.KERNEL_KINDS)}")
+        raise ValueError(unknown_kind(kind))
     if kind == "cross_entropy":
         return _ce_cases()
     if kind == "binary_cross_entropy":
@@ -836,5 +853,6 @@ def cases(kind: str) -> list[Case]:
 def reference(case: Case, tensors, keywords):
     """The float64 reference output for a case (tensors already float64, the first
     one requiring grad): differentiable, so autograd gives the reference gradient."""
-    formula = case.reference_fn or REFERENCES[case.kind]
+    formula = case.reference_fn or (REFERENCES[case.kind] if case.kind in REFERENCES
+                                    else USER_KINDS[case.kind].reference_fn())
     return formula(*tensors, **keywords)
