@@ -854,5 +854,5 @@ def reference(case: Case, tensors, keywords):
     """The float64 reference output for a case (tensors already float64, the first
     one requiring grad): differentiable, so autograd gives the reference gradient."""
     formula = case.reference_fn or (REFERENCES[case.kind] if case.kind in REFERENCES
-                                    else USER_KINDS[case.kind].reference_fn())
+                                    else USER_KINDS[case.kind].reference_fn)
     return formula(*tensors, **keywords)

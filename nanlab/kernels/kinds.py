@@ -19,6 +19,7 @@ cases and references stay in the catalogue.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -60,7 +61,7 @@ class Arg:
 
     def extremal_values(self) -> list:
         """EXTREMAL_VALUES within the domain, the domain's finite edges, then the declared extremes."""
-        edges = [v for v in (self.low, self.high) if isinstance(v, float) and math.isfinite(v)]
+        edges = [float(v) for v in (self.low, self.high) if not isinstance(v, str) and math.isfinite(v)]
         values = [v for v in EXTREMAL_VALUES if self.contains(v)] + edges + list(self.extremes)
         values += [v for v in (INF, -INF) if self.contains(v)]  # an infinite edge that the domain includes
         return list(dict.fromkeys(values))
@@ -98,6 +99,9 @@ class Kind:
             raise ValueError(f"kind {self.name}: the first argument is the one differentiated: a float tensor")
         if (self.reference is None) == (self.mp_reference is None):
             raise ValueError(f"kind {self.name}: give exactly one of reference= and mp_reference=")
+        strays = [str(c) for c in self.cases if c.kind != self.name]
+        if strays:
+            raise ValueError(f"kind {self.name}: cases= holds cases of other kinds ({', '.join(strays)})")
 
     @property
     def required(self) -> tuple:
@@ -109,7 +113,9 @@ class Kind:
             words.setdefault(k, values[0])
         return {**words, **(chosen or {})}
 
+    @functools.cached_property
     def reference_fn(self) -> Callable:
+        """The reference as the checker calls it: ``reference``, or the mpmath one wrapped as a torch function."""
         return self.reference if self.reference is not None else _mp_elementwise(self)
 
     def case(self, name: str, description: str, tensors: list, keywords: Optional[dict] = None) -> Case:
@@ -117,7 +123,7 @@ class Kind:
         fixed = [t.clone() for t in tensors]
         words = dict(keywords if keywords is not None else self.keywords_for(self.sizes))
         return Case(name, self.name, description, lambda g: ([t.clone() for t in fixed], dict(words)),
-                    reference_fn=self.reference_fn())
+                    reference_fn=self.reference_fn)
 
     def generated_cases(self) -> list:
         """The extremal cases every declared kind gets from its domain."""
@@ -131,15 +137,14 @@ class Kind:
             probe = fill(self, torch.Generator().manual_seed(0), dict(self.sizes))
             if probe is None:  # the domain holds no such values (a [0, 1] input has no large magnitudes)
                 continue
-            made.append(Case(name, self.name, description, build, reference_fn=self.reference_fn()))
+            made.append(Case(name, self.name, description, build, reference_fn=self.reference_fn))
         return made
 
     def all_cases(self) -> list:
-        own = [c if c.reference_fn is not None or self.name in REFERENCES
-               else Case(c.name, c.kind, c.description, c.build, c.undefined, c.core, self.reference_fn(),
-                         c.framework_failures) for c in self.cases]
-        names = {c.name for c in own}
-        return own + [c for c in self.generated_cases() if c.name not in names]
+        """The hand-written cases (of this kind: the catalogue finds its reference by the
+        kind's name), then the generated ones whose names they do not take."""
+        names = {c.name for c in self.cases}
+        return list(self.cases) + [c for c in self.generated_cases() if c.name not in names]
 
 
 # ---------------------------------------------------------------- generated cases
@@ -192,7 +197,7 @@ def _magnitudes(lo: float, hi: float, log: bool = False) -> Callable:
         size = torch.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * u) if log else lo + (hi - lo) * u
         pick = torch.randint(0, len(signs), shape, generator=g)
         values = size * torch.tensor(signs, dtype=torch.float64)[pick]
-        return values.clamp(arg.low, arg.high) if math.isfinite(arg.low) or math.isfinite(arg.high) else values
+        return values.clamp(arg.low, arg.high)
 
     return draw
 
