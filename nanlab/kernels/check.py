@@ -68,6 +68,8 @@ assert set(FRAMEWORK_OPS) == set(options.KERNEL_KINDS), "FRAMEWORK_OPS must have
 def framework_op(kind: str) -> Optional[Callable]:
     """The benchmark op of a kind: torch's for a built-in one, the declared one (or None) for a user kind."""
     return FRAMEWORK_OPS[kind] if kind in FRAMEWORK_OPS else USER_KINDS[kind].framework_op
+
+
 # torch.testing.assert_close's defaults: (rtol, atol)
 TOLERANCES = {torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5), torch.float32: (1.3e-6, 1e-5),
               torch.float64: (1e-7, 1e-7)}
