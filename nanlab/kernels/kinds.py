@@ -90,7 +90,6 @@ class Kind:
     framework_op: Optional[Callable] = field(default=None, repr=False)
     cases: tuple = ()
     sizes: dict = field(default_factory=lambda: {"N": 8, "C": 5})
-    description: str = ""
 
     def __post_init__(self):
         if not self.name.isidentifier():
