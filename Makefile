@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	# The launchers and every framework (framework=keras-*|jax) are optional extras for
 	# users; the tests cover each one, so they all go in here.
-	$(PY) -m pip install -q -e '.[test,parallel,cluster,keras,jax,tensorflow]'
+	$(PY) -m pip install -q -e '.[test,parallel,cluster,keras,jax,tensorflow,search]'
 	touch $(STAMP)
 
 demo: install

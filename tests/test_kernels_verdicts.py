@@ -351,7 +351,10 @@ def test_the_catalogue_records_torch_s_failures_on_these_cases():
                         ("binary_cross_entropy", "probs_0_and_1_agreeing[none]"),
                         ("binary_cross_entropy", "probs_0_and_1_disagreeing[none]"),
                         ("binary_cross_entropy", "probs_near_0_and_1[none]"),
-                        ("logsumexp", "all_equal"), ("logsumexp", "huge_close_values")}
+                        ("logsumexp", "all_equal"), ("logsumexp", "huge_close_values"),
+                        ("kl_div", "zero_targets_next_to_neg_inf[none]"),
+                        ("kl_div", "zero_targets_next_to_neg_inf[batchmean]"), ("kl_div", "log_target_neg_inf[batchmean]"),
+                        ("layer_norm", "constant_rows"), ("layer_norm", "large_offset")}
 
 
 # ---------------------------------------------------------------- 4. every case checks the gradient

@@ -17,7 +17,7 @@ CLIPS = ("none", "norm", "value")
 # own constant, which the batched engine and the JAX worker must add as torch does.
 CLIP_NORM_EPS = 1e-6
 KERNEL_KINDS = ("cross_entropy", "binary_cross_entropy", "binary_cross_entropy_with_logits", "softmax",
-                "log_softmax", "logsumexp")
+                "log_softmax", "logsumexp", "kl_div", "nll_loss", "softplus", "log_sigmoid", "rms_norm", "layer_norm")
 KERNEL_FRAMEWORKS = ("torch", "numpy")
 KERNEL_VIEWS = ("all", "failures")  # kernel.show: the whole table, or only what failed
 

@@ -77,6 +77,8 @@ class KernelConf:
     xfail: List[str] = field(default_factory=list)
     # all: every case in the table; failures: only the cases that failed.
     show: KernelView = KernelView.all
+    # Examples for a property-based search of each kind's input domain (the search extra); null: no search.
+    search: Optional[int] = None
 
 
 @dataclass
@@ -187,6 +189,7 @@ ALLOWED = {
     "threads": "must be an integer in [1, 1024], or 0 or auto for torch's default",
     "kernel.dtypes": "must list at least one of " + ", ".join(options.DTYPES) + ", each once",
     "kernel.timeout": "must be a finite number of seconds > 0, or null for no limit",
+    "kernel.search": "must be a number of examples >= 1, or null for no search",
     **{f"sweep.{axis}": _sweep_axis_allowed(a) for axis, a in options.SWEEP_AXES.items()},
     "sweep.max_points": ("must be an integer >= 1, or null for the default limit of "
                          f"{options.SWEEP_DEFAULT_MAX_POINTS} points"),
@@ -281,6 +284,7 @@ def validate(cfg) -> None:
     dtypes = [getattr(d, "value", d) for d in kernel.dtypes]
     _check(len(dtypes) >= 1 and len(set(dtypes)) == len(dtypes), "kernel.dtypes", dtypes)
     _check(kernel.timeout is None or _positive(kernel.timeout), "kernel.timeout", kernel.timeout)
+    _check(kernel.get("search") is None or kernel.search >= 1, "kernel.search", kernel.get("search"))
     if cfg.get("sweep") is not None:
         _validate_sweep(cfg.sweep)
     if cfg.get("boundary") is not None:

@@ -48,6 +48,14 @@ REQUIRED_KEYWORDS = {
     "softmax": ("dim",),
     "log_softmax": ("dim",),
     "logsumexp": ("dim",),
+    "kl_div": ("reduction",),
+    "nll_loss": ("reduction",),
+    "softplus": (),
+    "log_sigmoid": (),
+    # eps is required: the reference is float64, so it cannot guess the default eps a
+    # kernel would take for its own dtype (F.rms_norm's eps=None is finfo(dtype).eps).
+    "rms_norm": ("normalized_shape", "eps"),
+    "layer_norm": ("normalized_shape", "eps"),
 }
 assert set(REQUIRED_KEYWORDS) == set(options.KERNEL_KINDS), "REQUIRED_KEYWORDS must have one entry per options.KERNEL_KINDS"
 
@@ -222,6 +230,111 @@ def mp_logsumexp(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return _PreciseLogSumExp.apply(x)
 
 
+def _float64(t):
+    """A keyword tensor (weight, bias) as the float64 reference uses it: the kernel got it in its dtype."""
+    return None if t is None else t.double()
+
+
+class _ExactSoftplus(torch.autograd.Function):
+    """softplus(x) = log(1 + exp(beta x)) / beta, linear above ``threshold`` as torch documents it,
+    with the exact gradient sigmoid(beta x) (1 above the threshold)."""
+
+    @staticmethod
+    def forward(ctx, x, beta, threshold):
+        z = beta * x
+        ctx.save_for_backward(z)
+        ctx.threshold = threshold
+        smooth = (z.clamp_min(0) + torch.log1p(torch.exp(-z.abs()))) / beta
+        return torch.where(z > threshold, x, smooth)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (z,) = ctx.saved_tensors
+        return grad * torch.where(z > ctx.threshold, torch.ones_like(z), torch.sigmoid(z)), None, None
+
+
+def ref_softplus(x, beta=1.0, threshold=20.0):
+    return _ExactSoftplus.apply(x, beta, threshold)
+
+
+class _ExactLogSigmoid(torch.autograd.Function):
+    """log(sigmoid(x)) = -softplus(-x), exact at both ends (x itself far below 0, -exp(-x)
+    far above), with the exact gradient sigmoid(-x)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return -((-x).clamp_min(0) + torch.log1p(torch.exp(-x.abs())))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * torch.sigmoid(-x)
+
+
+def ref_log_sigmoid(x):
+    return _ExactLogSigmoid.apply(x)
+
+
+def ref_kl_div(x, target, reduction="mean", log_target=False):
+    """Pointwise p (log p - x) with p the target (exp(target) when log_target). A term with
+    p = 0 is 0 whatever x is, -inf included (0 log(0/q) = 0 by the usual convention), and
+    so is its gradient. mean divides by every element, batchmean by the first dimension."""
+    if log_target:
+        p = torch.exp(target)
+        present = target > NEG_INF
+        log_p = torch.where(present, target, torch.zeros_like(target))
+    else:
+        p = target
+        present = target > 0
+        log_p = torch.log(torch.where(present, target, torch.ones_like(target)))
+    safe_x = torch.where(present, x, torch.zeros_like(x))  # no -inf reaches a term that is 0
+    pointwise = torch.where(present, p * (log_p - safe_x), torch.zeros_like(x))
+    if reduction == "batchmean":
+        return pointwise.sum() / x.shape[0]
+    return reduce_loss(pointwise, reduction)
+
+
+def ref_nll_loss(x, target, weight=None, ignore_index=IGNORE, reduction="mean"):
+    """-weight[t] x[n, t] per row; ignored rows are 0 and take no part in the mean, which
+    divides by the summed weight of the rows that count."""
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target, 0)
+    w = torch.ones(x.shape[1], dtype=x.dtype) if weight is None else _float64(weight)
+    w_row = torch.where(valid, w[safe_target], torch.zeros_like(w[safe_target]))
+    picked = torch.where(valid, x.gather(1, safe_target[:, None]).squeeze(1), torch.zeros(len(target), dtype=x.dtype))
+    per_row = -w_row * picked
+    if reduction == "mean":
+        return per_row.sum() / w_row.sum()
+    return reduce_loss(per_row, reduction)
+
+
+def _norm_dims(x, normalized_shape):
+    shape = tuple(normalized_shape) if isinstance(normalized_shape, (tuple, list)) else (int(normalized_shape),)
+    if tuple(x.shape[x.dim() - len(shape):]) != shape:
+        raise ValueError(f"normalized_shape {shape} is not the end of the input's shape {tuple(x.shape)}")
+    return tuple(range(x.dim() - len(shape), x.dim()))
+
+
+def ref_rms_norm(x, normalized_shape, weight=None, eps=None):
+    if eps is None:
+        raise ValueError("ref_rms_norm needs eps: the reference cannot know the kernel's dtype default")
+    dims = _norm_dims(x, normalized_shape)
+    y = x * torch.rsqrt((x * x).mean(dims, keepdim=True) + eps)
+    return y if weight is None else y * _float64(weight)
+
+
+def ref_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    # Two passes (mean, then the mean square of x - mean): float64 keeps every digit that a
+    # float32 input has, so E[x^2] - E[x]^2's cancellation never reaches the reference.
+    dims = _norm_dims(x, normalized_shape)
+    centred = x - x.mean(dims, keepdim=True)
+    y = centred * torch.rsqrt((centred * centred).mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        y = y * _float64(weight)
+    return y if bias is None else y + _float64(bias)
+
+
 REFERENCES = {
     "cross_entropy": ref_cross_entropy,
     "binary_cross_entropy": ref_binary_cross_entropy,
@@ -229,6 +342,12 @@ REFERENCES = {
     "softmax": ref_softmax,
     "log_softmax": ref_log_softmax,
     "logsumexp": ref_logsumexp,
+    "kl_div": ref_kl_div,
+    "nll_loss": ref_nll_loss,
+    "softplus": ref_softplus,
+    "log_sigmoid": ref_log_sigmoid,
+    "rms_norm": ref_rms_norm,
+    "layer_norm": ref_layer_norm,
 }
 assert set(REFERENCES) == set(options.KERNEL_KINDS), "REFERENCES must have one entry per options.KERNEL_KINDS"
 
@@ -482,6 +601,240 @@ def _bce_logits_cases() -> list[Case]:
     return cases
 
 
+def _log_probs(g, n, c):
+    """Rows of log-probabilities (a log_softmax of N(0, 1) logits)."""
+    return ref_log_softmax(_randn(g, n, c), 1)
+
+
+def _probs(g, n, c):
+    return torch.exp(_log_probs(g, n, c))
+
+
+# Past exp's overflow: float32's exp overflows above 88.7, float16's above 11.1; and past
+# sigmoid's underflow: float32's sigmoid(x) is 0 below -103.9, float16's below -17.3.
+_PAST_EXP_OVERFLOW = (12.0, 20.0, 50.0, 89.0, 100.0, 710.0, 1e3, 1e4)
+
+
+def _kl_cases() -> list[Case]:
+    def case(name, description, make, reduction="mean", failures=(), **kw):
+        return _loss_case("kl_div", name, description, make, reduction, failures=failures, **kw)
+
+    def random(g):
+        return _log_probs(g, 6, 5), _probs(g, 6, 5)
+
+    def zero_targets_next_to_neg_inf(g):
+        x, t = _log_probs(g, 4, 6), _probs(g, 4, 6)
+        x[:, ::2], t[:, ::2] = NEG_INF, 0.0  # the model rules out exactly the classes the target never has
+        return x, t
+
+    def tiny_targets(g):
+        x, t = _log_probs(g, 4, 5), _probs(g, 4, 5)
+        t[:, 0] = torch.tensor([1e-30, 1e-10, 1e-6, 1e-40])  # 0 in float16, and 1e-40 a float32 subnormal
+        return x, t / t.sum(1, keepdim=True)
+
+    def confident_wrong(g):
+        x = torch.full((3, 4), -1e4, dtype=torch.float64)
+        x[:, 0] = 0.0
+        t = torch.zeros(3, 4, dtype=torch.float64)
+        t[:, 1:] = 1 / 3
+        return x, t
+
+    def log_random(g):
+        return _log_probs(g, 6, 5), _log_probs(g, 6, 5)
+
+    def log_neg_inf(g):
+        x, t = _log_probs(g, 4, 6), _log_probs(g, 4, 6)
+        x[:, ::2], t[:, ::2] = NEG_INF, NEG_INF
+        return x, t
+
+    nan_at_zero_target = ("NaN where a target of 0 meets an input of -inf: torch computes xlogy(t, t) - t * x, "
+                          "and 0 * -inf is NaN where the exact term is 0")
+    nan_everywhere = {d: math.inf for d in options.DTYPES}
+    cases = [case("random", "input log-probs [6, 5], target probs", random, r)
+             for r in ("none", "sum", "mean", "batchmean")]
+    for reduction in ("none", "batchmean"):
+        cases.append(case("zero_targets_next_to_neg_inf", "target 0 exactly where the input is -inf (each such "
+                          "term is 0): catches t * (log t - x), which is 0 * (-inf) = NaN there",
+                          zero_targets_next_to_neg_inf, reduction,
+                          failures=_failures(nan_everywhere, "forward", nan_at_zero_target)))
+    cases += [
+        case("tiny_targets", "targets 1e-40 to 1e-6 (0 in float16): catches log(t) of a target that rounds to 0",
+             tiny_targets, "none"),
+        case("confident_wrong", "input log-probs -1e4 where the target has its mass: a large finite loss",
+             confident_wrong, "sum"),
+        case("log_target", "log_target=True, input and target log-probs", log_random, "none", log_target=True),
+        case("log_target_neg_inf", "log_target=True, target -inf where the input is -inf (each such term is 0): "
+             "catches exp(t) * (t - x) = 0 * NaN", log_neg_inf, "batchmean", log_target=True,
+             failures=_failures(nan_everywhere, "forward", "NaN where both are -inf: torch computes exp(t) * (t - x), "
+                                                          "and -inf - -inf is NaN")),
+    ]
+    return cases
+
+
+def _nll_cases() -> list[Case]:
+    def case(name, description, make, reduction="mean", undef="", **kw):
+        return _loss_case("nll_loss", name, description, make, reduction, undef, **kw)
+
+    def random(g):
+        return _log_probs(g, 8, 5), _targets(g, 8, 5)
+
+    def very_negative_target(g):
+        x = _log_probs(g, 6, 4)
+        t = torch.zeros(6, dtype=torch.long)
+        x[:, 0] = torch.tensor([-20.0, -120.0, -800.0, -1e4, -6e4, -3.0])  # past exp's underflow at every dtype
+        return x, t
+
+    def neg_inf_elsewhere(g):
+        x = _log_probs(g, 5, 6)
+        x[:, 1::2] = NEG_INF
+        return x, 2 * torch.randint(0, 3, (5,), generator=g)
+
+    def neg_inf_at_target(g):
+        x = _log_probs(g, 4, 5)
+        x[1, 2] = NEG_INF
+        return x, torch.tensor([0, 2, 1, 3])
+
+    def ignored_some(g):
+        t = _targets(g, 8, 5)
+        t[::3] = IGNORE
+        return _log_probs(g, 8, 5), t
+
+    def weighted(g):
+        return _log_probs(g, 8, 5), _targets(g, 8, 5)
+
+    cases = [case("random", "input log-probs [8, 5]", random, r) for r in ("none", "sum", "mean")]
+    cases += [
+        case("very_negative_target_log_prob", "log-probs at the target from -20 to -6e4: catches -log(exp(x)), "
+             "whose exp underflows to 0 and whose log is then -inf", very_negative_target, "none"),
+        case("neg_inf_off_target", "every other log-prob -inf, targets on finite ones", neg_inf_elsewhere),
+        case("neg_inf_at_target", "one target's log-prob is -inf: the loss is +inf and its gradient still -1 (not "
+             "the NaN of exp then log)", neg_inf_at_target, "none"),
+        case("ignore_index_rows", "every third target = ignore_index", ignored_some, ignore_index=IGNORE),
+        case("all_rows_ignored", "every target ignore_index: the mean is 0/0",
+             lambda g: (_log_probs(g, 4, 5), torch.full((4,), IGNORE)), undef="the mean over no targets is undefined",
+             ignore_index=IGNORE),
+        case("all_rows_ignored", "every target ignore_index: the sum is 0",
+             lambda g: (_log_probs(g, 4, 5), torch.full((4,), IGNORE)), "sum", ignore_index=IGNORE),
+        case("class_weights", "weight = [0, 0.5, 1, 2, 4]: the mean divides by the targets' summed weight", weighted,
+             weight=torch.tensor([0.0, 0.5, 1.0, 2.0, 4.0], dtype=torch.float64)),
+        case("large_log_probs_fp16", "log-probs from -1e3 to -6e4, at float16's range",
+             lambda g: (-_uniform(g, 1e3, 6e4, 4, 6), _targets(g, 4, 6)), "sum"),
+    ]
+    return cases
+
+
+def _elementwise_case(kind, name, description, make, failures=(), **keywords) -> Case:
+    """A case for softplus or log_sigmoid: core unless it passes a keyword (beta, threshold)."""
+    return Case(name, kind, description, lambda g: ([make(g)], dict(keywords)), core=not keywords,
+                framework_failures=failures)
+
+
+def _both_signs(values):
+    v = torch.tensor(values, dtype=torch.float64)
+    return torch.cat([v, -v])
+
+
+def _softplus_cases() -> list[Case]:
+    def case(name, description, make, **kw):
+        return _elementwise_case("softplus", name, description, make, **kw)
+
+    return [
+        case("random", "x [8, 5] ~ N(0, 3)", lambda g: 3 * _randn(g, 8, 5)),
+        case("past_exp_overflow", "x = 12 to 1e4: catches log(1 + exp(x)), whose exp overflows (float16 above 11.1, "
+             "float32 above 88.7)", lambda g: torch.tensor(_PAST_EXP_OVERFLOW, dtype=torch.float64)),
+        case("very_negative", "x = -12 to -1e4: softplus is exp(x), down to subnormal and 0",
+             lambda g: -torch.tensor(_PAST_EXP_OVERFLOW, dtype=torch.float64)),
+        case("infinities", "x = +inf and -inf: softplus is inf and 0, its gradient 1 and 0 (exp(x) / (1 + exp(x)) "
+             "is inf/inf there)", lambda g: torch.tensor([math.inf, NEG_INF, 0.0, 1.0], dtype=torch.float64)),
+        case("near_fp16_max", "|x| ~ U(6e4, 6.5e4), both signs", lambda g: _near_fp16_max(g, 2, 4)),
+        case("near_zero", "|x| from 1e-30 to 1e-3: softplus is log 2 + x / 2",
+             lambda g: _both_signs([1e-30, 1e-8, 1e-5, 1e-3])),
+        case("beta_threshold", "beta=2, threshold=5: linear above x = 2.5, smooth below; catches a kernel that "
+             "ignores either", lambda g: _both_signs([0.5, 2.0, 2.4, 2.6, 30.0, 200.0]), beta=2.0, threshold=5.0),
+        case("small_beta", "beta=0.05 with x up to 3e3: exp(beta x) overflows float16 past x = 222 and float32 past 1775",
+             lambda g: _both_signs([1.0, 100.0, 500.0, 1e3, 3e3]), beta=0.05),
+    ]
+
+
+def _log_sigmoid_cases() -> list[Case]:
+    def case(name, description, make):
+        return _elementwise_case("log_sigmoid", name, description, make)
+
+    return [
+        case("random", "x [8, 5] ~ N(0, 3)", lambda g: 3 * _randn(g, 8, 5)),
+        case("past_sigmoid_underflow", "x = -12 to -1e4: catches log(sigmoid(x)), whose sigmoid underflows to 0 "
+             "(float16 below -17.3, float32 below -103.9) where the exact value is about x",
+             lambda g: -torch.tensor(_PAST_EXP_OVERFLOW, dtype=torch.float64)),
+        case("large_positive", "x = 12 to 1e4: log_sigmoid is -exp(-x), down to subnormal and 0",
+             lambda g: torch.tensor(_PAST_EXP_OVERFLOW, dtype=torch.float64)),
+        case("infinities", "x = -inf and +inf: log_sigmoid is -inf and 0, its gradient 1 and 0",
+             lambda g: torch.tensor([NEG_INF, math.inf, 0.0, -1.0], dtype=torch.float64)),
+        case("near_fp16_max", "|x| ~ U(6e4, 6.5e4), both signs", lambda g: _near_fp16_max(g, 2, 4)),
+    ]
+
+
+_LAYER_NORM_CONSTANT_ROW = ("the gradient of the constant row of -1e3 is 462.562 times the upstream where the exact one "
+                            "is 462.52 (348 ulp): torch's float32 variance of that row is not 0, and against eps = "
+                            "1e-5 that shows")
+_LAYER_NORM_HALF_OFFSET = ("the gradient is up to 14% off (float16: 0.0146 where the exact one is 0.0169): torch's "
+                           "half-precision backward loses the mean's digits at 1e4, where the row's spread is 100")
+
+
+def _norm_cases(kind: str) -> list[Case]:
+    """rms_norm and layer_norm: eps is all that stands between a constant (layer_norm) or
+    all-zero (both) row and 0/0."""
+
+    def case(name, description, make, eps=1e-5, shape=None, failures=(), **kw):
+        def build(g):
+            x = make(g)
+            return [x], {"normalized_shape": shape or (x.shape[-1],), "eps": eps, **kw}
+
+        return Case(name, kind, description, build, core=not kw, framework_failures=failures)
+
+    def with_rows(g, rows):
+        x = _randn(g, 4, 8)
+        x[1], x[2] = rows
+        return x
+
+    zero = torch.zeros(8, dtype=torch.float64)
+    what = "x / sqrt(mean(x^2))" if kind == "rms_norm" else "(x - mean) / sqrt(var)"
+    weight = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0, 1.0, -1.0, 0.25], dtype=torch.float64)
+    cases = [
+        case("random", "x [6, 8] ~ N(0, 1)", lambda g: _randn(g, 6, 8)),
+        case("all_zero_row", f"rows 1 and 2 all 0: catches {what} without eps (0/0)",
+             lambda g: with_rows(g, (zero, zero))),
+        case("constant_rows", "rows of 3.0 and of -1e3" + (": catches (x - mean) / sqrt(var) without eps (0/0)"
+                                                           if kind == "layer_norm" else ""),
+             lambda g: with_rows(g, (torch.full((8,), 3.0, dtype=torch.float64),
+                                     torch.full((8,), -1e3, dtype=torch.float64))),
+             failures=_failures({"float32": 0.0425}, "gradient", _LAYER_NORM_CONSTANT_ROW) if kind == "layer_norm" else ()),
+        case("tiny_eps", "eps=1e-9 (0 in float16) with an all-0 row: catches eps added in float16, and the "
+             "exact gradient there is 31623 times the upstream", lambda g: with_rows(g, (zero, 1e-3 * _randn(g, 8))),
+             eps=1e-9),
+        case("huge_eps", "eps=1e4, larger than every mean square: catches a kernel that ignores eps or takes "
+             "max(ms, eps)", lambda g: _randn(g, 4, 8), eps=1e4),
+        case("fp16_range", "|x| ~ U(300, 6e4), both signs: x^2 overflows float16 (above 256)",
+             lambda g: _uniform(g, 300, 6e4, 4, 8) * torch.where(torch.rand(4, 8, generator=g) < 0.5, -1.0, 1.0).double()),
+        case("tiny_values", "|x| ~ 1e-20 to 1e-6: x^2 underflows in float32 and float16",
+             lambda g: torch.logspace(-20, -6, 8, dtype=torch.float64).repeat(3, 1) * _randn(g, 3, 8).sign()),
+        case("normalized_shape_2d", "x [2, 3, 4] normalized over (3, 4): catches a kernel that normalizes the last "
+             "dim only", lambda g: 2 * _randn(g, 2, 3, 4) + 1, shape=(3, 4)),
+        case("weight", "an elementwise weight with a 0 and negative entries", lambda g: _randn(g, 5, 8),
+             weight=weight),
+    ]
+    if kind == "layer_norm":
+        cases += [
+            # A mean 100 standard deviations from 0: E[x^2] - E[x]^2 loses about 1e-3 of the variance in
+            # float32 (and x^2 overflows float16), while x - mean loses nothing a careful float32 kernel keeps.
+            case("large_offset", "x = 1e4 + 100 N(0, 1): catches E[x^2] - E[x]^2, which cancels in float32 and "
+                 "overflows float16", lambda g: 1e4 + 100 * _randn(g, 4, 8),
+                 failures=_failures({"float16": 0.00231, "bfloat16": 0.00812}, "gradient", _LAYER_NORM_HALF_OFFSET)),
+            case("weight_and_bias", "a weight and a bias", lambda g: _randn(g, 5, 8), weight=weight,
+                 bias=torch.linspace(-2, 2, 8, dtype=torch.float64)),
+        ]
+    return cases
+
+
 def _precise_lse_case() -> Case:
     """Huge logits that differ in their low bits: mpmath gives the reference and its gradient."""
 
@@ -496,16 +849,40 @@ def _precise_lse_case() -> Case:
                                              _LSE_HUGE_ROUNDED_FORWARD))
 
 
+_NEW_KIND_CASES = {"kl_div": _kl_cases, "nll_loss": _nll_cases, "softplus": _softplus_cases,
+                   "log_sigmoid": _log_sigmoid_cases, "rms_norm": lambda: _norm_cases("rms_norm"),
+                   "layer_norm": lambda: _norm_cases("layer_norm")}
+
+
+# Kinds a user declared (nanlab.kernels.kinds.Kind), by name: register() and check() add them.
+USER_KINDS: dict = {}
+
+
+def unknown_kind(kind) -> str:
+    declared = f"; or declare it as a nanlab.kernels.Kind (declared: {', '.join(USER_KINDS)})" if USER_KINDS else (
+        "; or declare your own with nanlab.kernels.Kind")
+    return f"unknown kernel kind {kind!r}; choose one of {', '.join(options.KERNEL_KINDS)}{declared}"
+
+
+def required_keywords(kind: str) -> tuple:
+    """The keywords every kernel of the kind must take (a user kind's are its declared keywords)."""
+    return REQUIRED_KEYWORDS[kind] if kind in REQUIRED_KEYWORDS else USER_KINDS[kind].required
+
+
 def cases(kind: str) -> list[Case]:
-    """Every case for one kind; works with pytest.mark.parametrize (ids=str)."""
+    """Every case for one kind (built-in or declared); works with pytest.mark.parametrize (ids=str)."""
+    if kind in USER_KINDS:
+        return USER_KINDS[kind].all_cases()
     if kind not in options.KERNEL_KINDS:
-        raise ValueError(f"unknown kernel kind {kind!r}; choose one of {', '.join(options.KERNEL_KINDS)}")
+        raise ValueError(unknown_kind(kind))
     if kind == "cross_entropy":
         return _ce_cases()
     if kind == "binary_cross_entropy":
         return _bce_cases()
     if kind == "binary_cross_entropy_with_logits":
         return _bce_logits_cases()
+    if kind in _NEW_KIND_CASES:
+        return _NEW_KIND_CASES[kind]()
     extra = [_precise_lse_case()] if kind == "logsumexp" else []
     return _row_cases(kind) + extra
 
@@ -513,5 +890,6 @@ def cases(kind: str) -> list[Case]:
 def reference(case: Case, tensors, keywords):
     """The float64 reference output for a case (tensors already float64, the first
     one requiring grad): differentiable, so autograd gives the reference gradient."""
-    formula = case.reference_fn or REFERENCES[case.kind]
+    formula = case.reference_fn or (REFERENCES[case.kind] if case.kind in REFERENCES
+                                    else USER_KINDS[case.kind].reference_fn)
     return formula(*tensors, **keywords)

@@ -43,7 +43,8 @@ from nanlab.config import options
 from nanlab.lab.build import DTYPES
 from nanlab.errors import ConfigError
 from nanlab.config.schema import KernelConf
-from nanlab.kernels.catalogue import REQUIRED_KEYWORDS, Case, reference
+from nanlab.kernels.catalogue import USER_KINDS, Case, reference, required_keywords, unknown_kind
+from nanlab.kernels.kinds import Kind, resolve
 from nanlab.kernels.catalogue import cases as catalogue_cases
 
 # The framework's own op for each kind: the benchmark a kernel beyond tolerance is held to.
@@ -54,8 +55,21 @@ FRAMEWORK_OPS = {
     "softmax": torch.softmax,
     "log_softmax": torch.log_softmax,
     "logsumexp": torch.logsumexp,
+    "kl_div": torch.nn.functional.kl_div,
+    "nll_loss": torch.nn.functional.nll_loss,
+    "softplus": torch.nn.functional.softplus,
+    "log_sigmoid": torch.nn.functional.logsigmoid,
+    "rms_norm": torch.nn.functional.rms_norm,
+    "layer_norm": torch.nn.functional.layer_norm,
 }
 assert set(FRAMEWORK_OPS) == set(options.KERNEL_KINDS), "FRAMEWORK_OPS must have one entry per options.KERNEL_KINDS"
+
+
+def framework_op(kind: str) -> Optional[Callable]:
+    """The benchmark op of a kind: torch's for a built-in one, the declared one (or None) for a user kind."""
+    return FRAMEWORK_OPS[kind] if kind in FRAMEWORK_OPS else USER_KINDS[kind].framework_op
+
+
 # torch.testing.assert_close's defaults: (rtol, atol)
 TOLERANCES = {torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5), torch.float32: (1.3e-6, 1e-5),
               torch.float64: (1e-7, 1e-7)}
@@ -525,11 +539,13 @@ class _FrameworkOp:
     tolerance (most never are), and then once for both parts."""
 
     def __init__(self, kind, inputs, keywords, ref: _Reference, upstream64):
-        self.op, self.inputs, self.keywords, self.ref, self.upstream64 = FRAMEWORK_OPS[kind], inputs, keywords, ref, upstream64
+        self.op, self.inputs, self.keywords, self.ref, self.upstream64 = framework_op(kind), inputs, keywords, ref, upstream64
         self._run = None
 
     def _output(self):
         """(input, output) of the op, or None where it raised."""
+        if self.op is None:  # a declared kind without a framework op: nothing to compare with
+            return None
         if self._run is None:
             x = self.inputs[0].detach().requires_grad_(True)
             try:
@@ -572,7 +588,7 @@ def run_case(fn: Callable, case: Case, dtype, framework: str = "torch", grad_fn:
     missing = _missing_keywords(fn, keywords)
     if missing:
         if case.core:
-            required = ", ".join(REQUIRED_KEYWORDS[case.kind])
+            required = ", ".join(required_keywords(case.kind))
             return result("fail", reason=f"the kernel takes no {', '.join(missing)}; every {case.kind} kernel must "
                                          f"take {required} (a core case)")
         return result("unsupported", reason=f"the kernel takes no {', '.join(missing)}")
@@ -580,6 +596,9 @@ def run_case(fn: Callable, case: Case, dtype, framework: str = "torch", grad_fn:
         return result("unsupported", reason="NumPy has no bfloat16")
     # .to() keeps a non-contiguous case's strides, so the kernel sees the layout the case built.
     inputs = [t.to(dtype) if t.is_floating_point() else t for t in tensors]
+    # A keyword tensor (a class weight, a norm's weight and bias) comes in the case's dtype as well.
+    keywords = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                for k, v in keywords.items()}
     ref = _Reference(case, inputs, keywords)
     upstream64 = _upstream(ref.out.shape, gen)
     bench = _FrameworkOp(case.kind, inputs, keywords, ref, upstream64)
@@ -948,9 +967,11 @@ def check(fn: Callable, kind: Union[str, Case, None] = None, framework: str = "t
     killed stops the check with a reason naming its case instead of ending the
     caller; the CLI always isolates. POSIX only, and not with CUDA already in use.
     """
+    if isinstance(kind, Kind):  # a declared kind is registered, so that xfail and baselines find its cases by name
+        kind = resolve(kind).name
     kind, cases = _kind_and_cases(kind, cases)
-    if kind not in options.KERNEL_KINDS:
-        raise ValueError(f"unknown kernel kind {kind!r}; choose one of {', '.join(options.KERNEL_KINDS)}")
+    if kind not in options.KERNEL_KINDS and kind not in USER_KINDS:
+        raise ValueError(unknown_kind(kind))
     if framework not in options.KERNEL_FRAMEWORKS:
         raise ValueError(f"unknown framework {framework!r}; choose {' or '.join(options.KERNEL_FRAMEWORKS)}")
     if grad_fn is not None and framework != "numpy":

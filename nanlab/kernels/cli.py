@@ -41,6 +41,11 @@ def run_check(cfg, run_dir) -> int:
         raise ConfigError("kernel.kind", None, "is required; choose one of " + ", ".join(options.KERNEL_KINDS))
     fn = resolve(kernel.fn, "kernel.fn")
     grad_fn = resolve(kernel.grad_fn, "kernel.grad_fn") if kernel.grad_fn else None
+    examples = kernel.get("search")
+    if examples:
+        from nanlab.kernels.search import require
+
+        require("kernel.search", examples)  # before the check runs: one line naming the extra
     from nanlab.kernels.check import check, load_report
 
     # The CLI keeps the deadline that check() leaves off by default; the isolated child is killed at it.
@@ -56,7 +61,16 @@ def run_check(cfg, run_dir) -> int:
         raise ConfigError(f"kernel.{err.key}", value, err.allowed) from None
     if baseline is not None:
         report.baseline = kernel.baseline
-    path = jsonio.write_json(Path(run_dir) / "check.json", report.to_dict())
+    found = None
+    if examples and not report.stopped:  # a check that timed out has a kernel that hangs: no search after it
+        from nanlab.kernels.search import search
+
+        found = search(fn, kernel.kind, examples, dtypes=list(kernel.dtypes), framework=kernel.framework,
+                       grad_fn=grad_fn)
+    record = report.to_dict() if found is None else {**report.to_dict(), "search": found.to_dict()}
+    path = jsonio.write_json(Path(run_dir) / "check.json", record)
     print(report.table(failures_only=kernel.show == "failures"))
+    if found is not None:
+        print(found.text())
     print(f"Wrote {path}")
-    return 0 if report.passed else EXIT_FAIL
+    return 0 if report.passed and (found is None or found.passed) else EXIT_FAIL

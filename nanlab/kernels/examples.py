@@ -78,6 +78,70 @@ def cross_entropy_masks_after_lse(logits, target, reduction="mean", ignore_index
     return _reduce(per_row, reduction, valid.sum())
 
 
+def naive_logsumexp(x, dim=-1):
+    """log(sum(exp(x))): exp overflows to inf above 88.7 in float32, and underflows to log(0) = -inf far below 0."""
+    return torch.log(torch.exp(x).sum(dim))
+
+
+def naive_softplus(x, beta=1.0, threshold=20.0):
+    """log(1 + exp(x)): inf once exp overflows (x > 88.7 in float32, 11.1 in float16)."""
+    return torch.log(1 + torch.exp(beta * x)) / beta
+
+
+def log_of_sigmoid(x):
+    """log(sigmoid(x)): sigmoid underflows to 0 far below 0 (x < -103.9 in float32), and log(0) = -inf."""
+    return torch.log(torch.sigmoid(x))
+
+
+def naive_kl_div(x, target, reduction="mean", log_target=False):
+    """t * (log t - x): a target of 0 gives 0 * (-inf - x) = NaN (and 0 * (log 0 - (-inf)) too)."""
+    p = torch.exp(target) if log_target else target
+    log_p = target if log_target else torch.log(target)
+    pointwise = p * (log_p - x)
+    if reduction == "batchmean":
+        return pointwise.sum() / x.shape[0]
+    return _reduce(pointwise, reduction)
+
+
+def nll_loss_via_exp_log(x, target, weight=None, ignore_index=IGNORE, reduction="mean"):
+    """-log(exp(x)[target]): exp underflows to 0 for a log-prob far below 0 (-104 in float32), and log(0) = -inf."""
+    valid = target != ignore_index
+    probs = torch.exp(x)
+    picked = probs.gather(1, torch.where(valid, target, 0)[:, None]).squeeze(1)
+    w = torch.ones(x.shape[1], dtype=x.dtype) if weight is None else weight
+    w_row = torch.where(valid, w[torch.where(valid, target, 0)], torch.zeros((), dtype=x.dtype))
+    per_row = -w_row * torch.log(picked)
+    return _reduce(per_row, reduction, w_row.sum())
+
+
+def rms_norm_without_eps(x, normalized_shape, weight=None, eps=None):
+    """x / sqrt(mean(x^2)), eps taken and ignored: an all-zero row is 0/0 = NaN."""
+    dims = tuple(range(x.dim() - len(normalized_shape), x.dim()))
+    y = x / torch.sqrt((x * x).mean(dims, keepdim=True))
+    return y if weight is None else y * weight
+
+
+def layer_norm_without_eps(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """(x - mean) / sqrt(var), eps taken and ignored: a constant row is 0/0 = NaN."""
+    dims = tuple(range(x.dim() - len(normalized_shape), x.dim()))
+    centred = x - x.mean(dims, keepdim=True)
+    y = centred / torch.sqrt((centred * centred).mean(dims, keepdim=True))
+    if weight is not None:
+        y = y * weight
+    return y if bias is None else y + bias
+
+
+def layer_norm_one_pass_variance(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """var = E[x^2] - E[x]^2 in the input's dtype: cancels when the mean is far from 0, and x^2 overflows float16."""
+    dims = tuple(range(x.dim() - len(normalized_shape), x.dim()))
+    mean = x.mean(dims, keepdim=True)
+    var = (x * x).mean(dims, keepdim=True) - mean * mean
+    y = (x - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    return y if bias is None else y + bias
+
+
 # ---------------------------------------------------------------- stable: must pass
 
 torch_cross_entropy = F.cross_entropy  # fails fully_neg_inf_row_ignored: see the case's framework_failures
@@ -85,6 +149,44 @@ torch_binary_cross_entropy_with_logits = F.binary_cross_entropy_with_logits
 torch_log_softmax = torch.log_softmax
 torch_softmax = torch.softmax
 torch_logsumexp = torch.logsumexp  # its gradient fails all_equal and huge_close_values: see those cases
+
+torch_softplus = F.softplus
+torch_log_sigmoid = F.logsigmoid
+torch_nll_loss = F.nll_loss
+torch_rms_norm = F.rms_norm
+torch_kl_div = F.kl_div  # NaN where a target of 0 meets an input of -inf: see zero_targets_next_to_neg_inf
+torch_layer_norm = F.layer_norm  # fails constant_rows and large_offset: see those cases
+
+
+def stable_kl_div(x, target, reduction="mean", log_target=False):
+    """p (log p - x) with every term where p = 0 set to 0 before any arithmetic reaches it,
+    so neither 0 * -inf nor -inf - -inf is ever computed."""
+    if log_target:
+        present = target > float("-inf")
+        p = torch.exp(target)
+        log_p = torch.where(present, target, torch.zeros_like(target))
+    else:
+        present = target > 0
+        p = target
+        log_p = torch.log(torch.where(present, target, torch.ones_like(target)))
+    pointwise = torch.where(present, p * (log_p - torch.where(present, x, torch.zeros_like(x))), torch.zeros_like(x))
+    if reduction == "batchmean":
+        return pointwise.sum() / x.shape[0]
+    return _reduce(pointwise, reduction)
+
+
+def upcast_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """Two-pass layer norm in float32 or wider (mean, then the mean square of x - mean), cast back to
+    the input's dtype: a constant row has variance exactly 0, and float16 never squares a large value."""
+    dims = tuple(range(x.dim() - len(normalized_shape), x.dim()))
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    centred = wide - wide.mean(dims, keepdim=True)
+    y = centred * torch.rsqrt((centred * centred).mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(y.dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(x.dtype)
 
 
 def stable_logsumexp(x, dim=-1):
@@ -137,6 +239,14 @@ NAIVE = {
     "naive_softmax": "softmax",
     "cross_entropy_none_backward_uses_first_upstream": "cross_entropy",
     "cross_entropy_masks_after_lse": "cross_entropy",
+    "naive_logsumexp": "logsumexp",
+    "naive_softplus": "softplus",
+    "log_of_sigmoid": "log_sigmoid",
+    "naive_kl_div": "kl_div",
+    "nll_loss_via_exp_log": "nll_loss",
+    "rms_norm_without_eps": "rms_norm",
+    "layer_norm_without_eps": "layer_norm",
+    "layer_norm_one_pass_variance": "layer_norm",
 }
 STABLE = {
     "torch_cross_entropy": "cross_entropy",
@@ -146,6 +256,12 @@ STABLE = {
     "stable_logsumexp": "logsumexp",
     "max_subtracted_softmax": "softmax",
     "max_subtracted_log_softmax": "log_softmax",
+    "torch_softplus": "softplus",
+    "torch_log_sigmoid": "log_sigmoid",
+    "torch_nll_loss": "nll_loss",
+    "torch_rms_norm": "rms_norm",
+    "stable_kl_div": "kl_div",
+    "upcast_layer_norm": "layer_norm",
 }
 
 

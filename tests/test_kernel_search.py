@@ -1,0 +1,128 @@
+"""kernel.search: a Hypothesis search of a kind's input domain, shrunk to a case to paste into a test."""
+import json
+import math
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from nanlab.errors import ConfigError
+from nanlab.kernels import Arg, Case, Kind, check
+from nanlab.kernels import examples as ex
+from nanlab.kernels import search as search_module
+from nanlab.kernels.catalogue import USER_KINDS
+from nanlab.kernels.search import search
+
+pytest.importorskip("hypothesis")
+
+# The four naive kernels the search must find, within seconds of CPU at the default examples.
+NAIVE = {"naive_softmax": "softmax", "naive_logsumexp": "logsumexp", "naive_softplus": "softplus",
+         "layer_norm_without_eps": "layer_norm"}
+BUDGET_S = 5.0
+
+
+@pytest.mark.parametrize("name,kind", NAIVE.items())
+def test_the_search_finds_each_naive_kernel_and_shrinks_it_to_a_case_that_fails(name, kind):
+    fn = getattr(ex, name)
+    started = time.process_time()
+    found = search(fn, kind)
+    seconds = time.process_time() - started
+    print(f"{name}: {found.examples} examples, {seconds:.2f} s CPU")
+    assert not found.passed and seconds < BUDGET_S, found.text()
+    assert sum(t.numel() for t in found.tensors) <= 2, found.text()  # shrunk: one row of at most two values
+    # The printed case, pasted into a test, fails the same way; the kernel's correct
+    # counterpart passes it.
+    pasted = eval(found.case_source(), {"Case": Case, "torch": torch, "math": math})
+    assert not check(fn, pasted, dtypes=[found.found.dtype]).passed
+    correct = {"softmax": torch.softmax, "logsumexp": ex.stable_logsumexp, "softplus": F.softplus,
+               "layer_norm": ex.upcast_layer_norm}[kind]
+    assert check(correct, pasted).passed
+    assert f"assert check({name}, case, dtypes=" in found.text()
+
+
+@pytest.mark.parametrize("fn,kind,dtypes", [
+    (torch.softmax, "softmax", ["float32", "float64"]),
+    (torch.log_softmax, "log_softmax", None),
+    (ex.stable_logsumexp, "logsumexp", None),
+    (F.softplus, "softplus", None),
+    (ex.upcast_layer_norm, "layer_norm", None),
+])
+def test_the_search_finds_nothing_on_correct_kernels(fn, kind, dtypes):
+    found = search(fn, kind, examples=30, dtypes=dtypes)
+    assert found.passed and found.examples == 30, found.text()
+    assert found.text().endswith("nothing failed")
+
+
+def test_the_search_finds_what_the_catalogue_misses_in_a_declared_kind():
+    def ref_log1p_exp(x):
+        return torch.nn.functional.softplus(x.double(), threshold=1e300)
+
+    kind = Kind("softplus_as_declared", (Arg("x", ("N",), -200.0, 200.0),), reference=ref_log1p_exp)
+    try:
+        found = search(ex.naive_softplus, kind, examples=100, dtypes=["float32"])
+        assert not found.passed and found.tensors[0].tolist() == [89.0], found.text()
+        assert search(F.softplus, kind, examples=30, dtypes=["float32"]).passed
+    finally:
+        USER_KINDS.pop("softplus_as_declared", None)
+
+
+def test_the_search_is_deterministic():
+    first, second = (search(ex.naive_softplus, "softplus", dtypes=["float32"]) for _ in range(2))
+    assert first.case_source() == second.case_source() and first.examples == second.examples
+
+
+def test_without_hypothesis_the_search_is_one_line_naming_the_extra(monkeypatch):
+    monkeypatch.setattr(search_module, "available", lambda: False)
+    with pytest.raises(ConfigError) as info:
+        search(ex.naive_softplus, "softplus", 10)
+    assert "needs the optional extra search" in str(info.value) and "\n" not in str(info.value)
+    cfg = OmegaConf.create({"kernel": {"fn": "nanlab.kernels.examples:naive_softplus", "kind": "softplus",
+                                       "grad_fn": None, "search": 10}})
+    from nanlab.kernels.cli import run_check
+
+    with pytest.raises(ConfigError, match=r"^kernel.search=10: needs the optional extra search"):
+        run_check(cfg, "unused")  # before any check runs
+    with pytest.raises(ConfigError, match="must be a number of examples >= 1"):
+        monkeypatch.undo()
+        search(ex.naive_softplus, "softplus", 0)
+
+
+PLUGIN_TESTS = """
+import torch
+import torch.nn.functional as F
+
+def softplus_nan_far_below(x, beta=1.0, threshold=20.0):
+    # Right on every case of the catalogue (which stops at -6.5e4), NaN from -9e4 down.
+    y = F.softplus(x, beta, threshold)
+    return torch.where((x <= -9e4) & torch.isfinite(x), torch.full_like(y, float("nan")), y)
+
+def test_far_below(nanlab_check):
+    nanlab_check(softplus_nan_far_below, kind="softplus", dtypes=["float32"])
+
+def test_naive(nanlab_check):
+    from nanlab.kernels.examples import naive_softplus
+    nanlab_check(naive_softplus, kind="softplus")
+"""
+
+
+def test_the_plugin_flags_the_naive_kernel_and_its_search_option_finds_what_the_cases_miss(pytester):
+    pytester.makepyfile(PLUGIN_TESTS)
+    plain = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    plain.assert_outcomes(passed=1, failed=1)
+    plain.stdout.fnmatch_lines(["*past_exp_overflow ?float32?: forward: inf where the reference is*"])
+    searched = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--nanlab-search=100")
+    searched.assert_outcomes(failed=2)
+    searched.stdout.fnmatch_lines(["*search: softplus_nan_far_below (softplus)*FAILED*",
+                                   "*paste into a test*"])
+
+
+def test_cli_flags_a_naive_new_kind_and_its_search_writes_the_case(cli, tmp_path):
+    proc = cli("mode=check", "kernel.fn=nanlab.kernels.examples:naive_softplus", "kernel.kind=softplus",
+               "kernel.dtypes=[float32]", "kernel.search=50", "kernel.show=failures", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "past_exp_overflow" in proc.stdout and "search: naive_softplus (softplus)" in proc.stdout
+    record = json.loads((tmp_path / "check.json").read_text())
+    assert not record["passed"] and not record["search"]["passed"]
+    assert record["search"]["found"]["case"].startswith('Case("found_by_search", "softplus"')
