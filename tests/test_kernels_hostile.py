@@ -182,7 +182,7 @@ def user_kernels(tmp_path, monkeypatch):
 
 def kernel_conf(**settings):
     conf = dict(fn=None, kind="softmax", framework="torch", grad_fn=None, dtypes=["float32"], timeout=60.0,
-                baseline=None, xfail=[], show="all")
+                baseline=None, xfail=[], show="all", search=None)
     return SimpleNamespace(kernel=SimpleNamespace(**{**conf, **settings}))
 
 

@@ -41,7 +41,7 @@ def run_check(cfg, run_dir) -> int:
         raise ConfigError("kernel.kind", None, "is required; choose one of " + ", ".join(options.KERNEL_KINDS))
     fn = resolve(kernel.fn, "kernel.fn")
     grad_fn = resolve(kernel.grad_fn, "kernel.grad_fn") if kernel.grad_fn else None
-    examples = kernel.get("search")
+    examples = kernel.search
     if examples:
         from nanlab.kernels.search import require
 
