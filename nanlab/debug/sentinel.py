@@ -572,7 +572,6 @@ class _UpdateWatch:
         self.active = False
         self._updates = [{id(p) for g in opt.param_groups for p in g["params"]} for opt in self.optimizers]
         self._last_versions: Optional[list] = None
-        self.prechecked: set = set()
         self.proven: set = set()
         self.copied: set = set()
         ref = weakref.ref(self)
@@ -586,7 +585,8 @@ class _UpdateWatch:
 
     @contextmanager
     def watching(self):
-        self.prechecked, self.proven, self.copied, self.pending = set(), set(), set(), {}
+        self.proven, self.copied, self.pending = set(), set(), {}
+        self.grads_checked = False
         self.written_outside = False
         self.versions = self._versions()
         if self.versions != self._last_versions:
@@ -612,14 +612,16 @@ class _UpdateWatch:
         if self._versions() != self.versions:
             self.written_outside = True
         opt = self.optimizers[index]
-        with_grad = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        # Every gradient, not only this optimizer's: once the update is made, a bad
+        # gradient found after it could not be undone.
+        with_grad = [p for p in self.params if p.grad is not None]
         grads = [p.grad for p in with_grad]
         closure = args[1] if len(args) > 1 else kwargs.get("closure")  # args[0] is the optimizer
         if closure is not None or any(map(_IS_SPARSE, grads)) or not _fusable(grads):
             self._copy(index)  # the closure makes its own gradients: nothing to check before
             return
         grad_norms = self._check_before(grads)
-        self.prechecked.add(index)
+        self.grads_checked = True
         if (len(self.optimizers) == 1 and self.fallback is None and not self.written_outside
                 and update_bound.is_known(opt)):
             largest = {id(p): n for p, n in zip(with_grad, grad_norms)}
@@ -683,14 +685,13 @@ class _UpdateWatch:
         return None
 
     def unchecked(self) -> dict:
-        """What the sentinel still checks after the step: the gradients not checked
-        before an update, the parameters no proven update covers, and the state of
-        the optimizers whose update was not proven."""
+        """What the sentinel still checks after the step: the gradients, unless they
+        were checked before an update, the parameters no proven update covers, and
+        the state of the optimizers whose update was not proven."""
         if self.written_outside:
             return dict(state=float_state(self.optimizers))
-        checked = set().union(*(self._updates[i] for i in self.prechecked))
         proven = set().union(*(self._updates[i] for i in self.proven))
-        return dict(grads_of=[p for p in self.model_params if id(p) not in checked],
+        return dict(grads_of=[] if self.grads_checked else None,
                     params=[p for p in self.model_params if id(p) not in proven],
                     state=float_state([self.optimizers[i] for i in sorted(self.copied)]))
 
