@@ -1,14 +1,19 @@
 """The sentinel and the guard: cheap checks every step, the exact tracer only once.
 
-Every step, :class:`Guard` takes a pre-step snapshot (:class:`Snapshot`: one fused
-copy of parameters, buffers, the gradients still being accumulated and optimizer
-state, plus hyperparameters, schedulers and the RNG state), runs the step, then
-checks loss, gradients, parameters and floating point buffers, with one host sync
-on a GPU (:class:`Sentinel`), reusing any norm the step already computed and passes
-back. At the first
-non-finite step it restores the snapshot, replays that step once under the tracer
-to find the first bad op, restores again and raises :class:`nanlab.NonFiniteError`.
-A step that raises its own exception is restored too, and the exception re-raised.
+Every step, :class:`Guard` takes a small pre-step snapshot (:class:`Snapshot`:
+buffers, the gradients still being accumulated, hyperparameters, schedulers and the
+RNG state). Just before each optimizer update, a hook (:class:`_UpdateWatch`) reads
+the norms of the gradients, buffers and loss; a non-finite one refuses the update,
+and otherwise the optimizer's parameters and state are copied only if a running
+bound (:mod:`nanlab.debug.update_bound`) cannot show the update stays finite.
+After the step the sentinel (:class:`Sentinel`) checks, with one host sync on a
+GPU, the loss and what the hook did not cover, optimizer state included, reusing
+any norm the step already computed and passes back. At the first non-finite step
+it restores the snapshot, replays that step once under the tracer to find the
+first bad op, restores again and raises :class:`nanlab.NonFiniteError`. A step that
+raises its own exception is restored too, and the exception re-raised.
+``snapshot="always"`` copies parameters and optimizer state before every step
+instead, as the guard did before it could prove updates finite.
 """
 from __future__ import annotations
 
@@ -558,9 +563,8 @@ class _UpdateWatch:
     """The guard's default mode: checks each update before it is made, and copies an
     optimizer's parameters and state only when it cannot prove the update harmless.
 
-    A hook on each optimizer's ``step`` reads, with one host sync, the norm of each
-    gradient the optimizer is about to apply, each floating point buffer, and the
-    loss the step called backward on. If any is non-finite, the hook raises
+    A hook on each optimizer's ``step`` reads, with one host sync, the norm of every
+    gradient, every floating point buffer and the loss the step called backward on. If any is non-finite, the hook raises
     :class:`_Refused` through the step, so the update is never made and the
     parameters and optimizer state need no restore. Otherwise, for the one optimizer
     of a guard with a known update rule (:mod:`nanlab.debug.update_bound`), it shows
@@ -668,14 +672,18 @@ class _UpdateWatch:
         norms = _norms(tensors, self._one_device) if tensors else []
         grad_norms, buffer_norms, root_norms = (norms[:len(grads)], norms[len(grads):len(grads) + len(buffers)],
                                                 norms[len(grads) + len(buffers):])
-        loss = float(roots[0].double()) if len(roots) == 1 and roots[0].numel() == 1 else None
         if not all(map(math.isfinite, root_norms)):
-            raise _Refused("loss", loss)
+            raise _Refused("loss", self._loss(roots))
         if not _all_finite([g for g, n in zip(grads, grad_norms) if not math.isfinite(n)]):
-            raise _Refused("gradients", loss)
+            raise _Refused("gradients", self._loss(roots))
         if not _all_finite([b for b, n in zip(buffers, buffer_norms) if not math.isfinite(n)]):
-            raise _Refused("buffers", loss)
+            raise _Refused("buffers", self._loss(roots))
         return grad_norms
+
+    @staticmethod
+    def _loss(roots: list) -> Optional[float]:
+        """The loss, read back only for a refused step: the one tensor backward ran on."""
+        return float(roots[0].double()) if len(roots) == 1 and roots[0].numel() == 1 else None
 
     def _prove(self, index: int, opt, grad_norms: dict) -> Optional[list]:
         """Next bounds for every param group if the update provably stays finite, else
