@@ -22,8 +22,9 @@ the sentinel) is also timed from inside, and added to plain's median step.
 
     python benchmarks/guard.py [--steps 4] [--rounds 8] [--quick]
 
-``--quick`` runs a tiny model (d=32, 2 layers, vocabulary 64, batch 2 x 16) to
-check the script, not to measure.
+``--quick`` runs a tiny model (d=32, 2 layers, vocabulary 64, batch 2 x 16), and
+the three memory runs one after another in a single worker process, to check the
+script, not to measure.
 """
 import argparse
 import os
@@ -87,31 +88,38 @@ def batches(size: dict, count: int) -> list:
             for _ in range(count)]
 
 
-def worker(way: str, size: dict, steps: int) -> None:
-    """Train ``steps`` steps one way; print the peak RSS in MiB and how many steps copied."""
+def worker(ways: list, size: dict, steps: int) -> None:
+    """Train ``steps`` steps each way, in turn; after each, print the way, the peak RSS
+    so far in MiB and how many steps copied."""
     torch.set_num_threads(1)
-    step, _ = make(way, size)
-    copied = 0
-    for tokens in batches(size, steps):
-        step(tokens).item()
-        copied += bool(getattr(step, "copied", False))
-    print(f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f} {copied}")
+    for way in ways:
+        step, _ = make(way, size)
+        copied = 0
+        for tokens in batches(size, steps):
+            step(tokens).item()
+            copied += bool(getattr(step, "copied", False))
+        print(f"{way}\t{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}\t{copied}")
 
 
-def peak_memory(size_flag: list, steps: int) -> dict:
+def peak_memory(size_flag: list, steps: int, together: bool) -> dict:
     # A fixed mmap threshold: glibc otherwise raises it as large blocks are freed, and
     # later tensors land on a heap it does not give back, so the peak RSS of the same
     # run moves by tens of MiB. With it, every tensor of 64 KiB or more is mapped and
     # unmapped as it lives and dies, and the peak follows the memory in use.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    # Side by side: a process's peak RSS does not depend on what else runs.
+    groups = [list(WAYS)] if together else [[way] for way in WAYS]
+    procs = [subprocess.Popen([sys.executable, __file__, "--steps", str(steps), *size_flag, "--worker", *ways],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for ways in groups]
     found = {}
-    for way in WAYS:
-        proc = subprocess.run([sys.executable, __file__, "--worker", way, "--steps", str(steps), *size_flag],
-                              capture_output=True, text=True, env=env)
+    for ways, proc in zip(groups, procs):
+        out, err = proc.communicate()
         if proc.returncode != 0:
-            sys.exit(f"guard.py: the {way!r} worker failed:\n{proc.stderr}")
-        rss, copied = proc.stdout.split()
-        found[way] = (float(rss), int(copied))
+            sys.exit(f"guard.py: the worker for {', '.join(ways)} failed:\n{err}")
+        for line in out.splitlines():
+            way, rss, copied = line.split("\t")
+            found[way] = (float(rss), int(copied))
     return found
 
 
@@ -167,13 +175,13 @@ def positive_int(text):
     return value
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=positive_int, default=4, help="steps each memory worker trains")
     parser.add_argument("--rounds", type=positive_int, default=8, help="interleaved timing rounds")
     parser.add_argument("--quick", action="store_true", help="a tiny model, to check the script")
-    parser.add_argument("--worker", choices=WAYS, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--worker", nargs="+", choices=WAYS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
     size = QUICK if args.quick else FULL
     if args.worker:
         worker(args.worker, size, args.steps)
@@ -181,9 +189,10 @@ def main():
     parameters = sum(p.numel() for p in LanguageModel(**size).parameters())
     print(f"TransformerEncoder LM, {parameters / 1e6:.1f}M parameters, AdamW, batch {size['batch']}x{size['length']}, "
           f"1 thread{' (--quick: not a measurement)' if args.quick else ''}")
-    memory = peak_memory(["--quick"] if args.quick else [], args.steps)
+    memory = peak_memory(["--quick"] if args.quick else [], args.steps, together=args.quick)
     plain_rss = memory["plain"][0]
-    print(f"\npeak memory (ru_maxrss), each way in a fresh process, {args.steps} steps:")
+    where = "all ways in one process, one after another" if args.quick else "each way in a fresh process"
+    print(f"\npeak memory (ru_maxrss), {where}, {args.steps} steps:")
     for way, (rss, copied) in memory.items():
         extra = "" if way == "plain" else f"   {rss - plain_rss:+8.1f} MiB over plain, {copied} of {args.steps} steps copied"
         print(f"{way:<13} {rss:9.1f} MiB{extra}")
