@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nanlab
-from nanlab.debug import update_bound
+from nanlab.debug.sentinel import next_bounds
 
 
 def _params(model):
@@ -142,12 +142,12 @@ def test_the_bound_for_each_rule_stops_where_its_intermediate_overflows():
     bounds = dict(param=1.0, exp_avg=0.0, exp_avg_sq=0.0, max_exp_avg_sq=0.0)
     limit = torch.finfo(torch.float32).max / 4
     adam = torch.optim.Adam([nn.Parameter(torch.ones(1))])
-    assert update_bound.next_bounds(adam, group, 1e18, bounds, limit, {torch.float32}) is not None
-    assert update_bound.next_bounds(adam, group, 1e19, bounds, limit, {torch.float32}) is None  # g*g
+    assert next_bounds(adam, group, 1e18, bounds, limit, {torch.float32}) is not None
+    assert next_bounds(adam, group, 1e19, bounds, limit, {torch.float32}) is None  # g*g
     # In float16, eps=1e-8 rounds to zero: no denominator is bounded away from it.
-    assert update_bound.next_bounds(adam, group, 1.0, bounds, 65504 / 4, {torch.float16}) is None
+    assert next_bounds(adam, group, 1.0, bounds, 65504 / 4, {torch.float16}) is None
     rms = torch.optim.RMSprop([nn.Parameter(torch.ones(1))], centered=True)
-    assert update_bound.next_bounds(rms, dict(rms.param_groups[0]), 1.0, dict(param=1.0, square_avg=0.0,
+    assert next_bounds(rms, dict(rms.param_groups[0]), 1.0, dict(param=1.0, square_avg=0.0,
                                     momentum_buffer=0.0, grad_avg=0.0), limit, {torch.float32}) is None
 
 
