@@ -7,7 +7,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import nanlab
+from nanlab.debug import sentinel
 from nanlab.debug.sentinel import next_bounds
+
+
+@pytest.fixture(autouse=True)
+def prove_small_models(monkeypatch):
+    """These models are small enough to be copied before every update: prove their
+    updates as the guard does a large model's."""
+    monkeypatch.setattr(sentinel, "COPY_BELOW_BYTES", 0)
 
 
 def _params(model):
@@ -258,3 +266,18 @@ def test_without_an_optimizer_or_with_snapshot_always_everything_is_copied():
     assert nanlab.guard(lambda: None, model, opt, snapshot="always").fallback == "snapshot='always'"
     with pytest.raises(ValueError, match="snapshot='never' is not allowed; use one of 'auto', 'always'"):
         nanlab.guard(lambda: None, model, opt, snapshot="never")
+
+
+def test_a_small_model_is_copied_before_each_update_and_a_step_raising_after_it_is_undone(monkeypatch):
+    monkeypatch.setattr(sentinel, "COPY_BELOW_BYTES", 1 << 20)
+    model, opt, guarded = _one_weight(lr=0.1)
+    guarded(torch.ones(1, 1))
+    assert guarded.copied and guarded.fallback is None
+    params, state = _params(model), _state(opt)
+    with pytest.raises(nanlab.NonFiniteError) as info:
+        guarded(torch.full((1, 1), 1e21))  # the freeze, caught by the same state check
+    assert info.value.quantity == "optimizer_state"
+    assert _same(params, _params(model)) and _same_state(state, _state(opt))
+    with pytest.raises(nanlab.NonFiniteError) as info:
+        guarded(torch.full((1, 1), float("nan")))  # refused before the update by the fused flag
+    assert info.value.quantity == "loss" and _same(params, _params(model))

@@ -278,6 +278,7 @@ class Snapshot:
         self._states: list = []  # (optimizer, its state entries), in a full snapshot
         self._groups: list = []  # (optimizer, its param groups' hyperparameters)
         self._partial: list = []  # (tensors, their copies, optimizer, its state entries): take_optimizer
+        self._kept_copies: dict = {}  # optimizer index -> (state tensor ids, copies): take_optimizer(keep=True)
         self._schedulers: list = []
         position = {id(p): i for i, p in enumerate(self._params)}
         self._updated_by = [sorted({position[id(p)] for g in opt.param_groups for p in g["params"] if id(p) in position})
@@ -345,13 +346,24 @@ class Snapshot:
         self._rng = torch.default_generator.get_state()
         self._cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
 
-    def take_optimizer(self, index: int) -> None:
+    def take_optimizer(self, index: int, keep: bool = False) -> None:
         """Copy one optimizer's parameters and state, now (its update is about to
-        run). Held until the next take or release, so a restore puts them back."""
+        run). Held until the next take or release, so a restore puts them back.
+        ``keep``: hold on to the copies afterwards too, to copy into them next time
+        (for a small model, whose copies cost less to keep than to allocate)."""
         opt = self.optimizers[index]
         saved, tensors = _state_entries(opt)
         live = [self._param_data[i] for i in self._updated_by[index]] + tensors
-        self._partial.append((live, [t.detach().clone() for t in live], opt, saved))
+        layout = [id(t) for t in tensors]
+        kept = self._kept_copies.get(index)
+        if kept is not None and kept[0] == layout:
+            copies = kept[1]
+            torch._foreach_copy_(copies, live)
+        else:
+            copies = [t.detach().clone() for t in live]
+            if keep:
+                self._kept_copies[index] = (layout, copies)
+        self._partial.append((live, copies, opt, saved))
 
     def release(self) -> None:
         """Free the copies take_optimizer made, once the step is known to be good."""
@@ -724,6 +736,12 @@ def _rmsprop(group, grad, b, dtypes, decoupled):
 _RULES = {torch.optim.SGD: _sgd, torch.optim.Adam: _adam, torch.optim.AdamW: _adam, torch.optim.RMSprop: _rmsprop}
 
 
+# Parameters under this many bytes are copied before each update instead of proven
+# finite: on the 15-tensor MLP of benchmarks/tracer_overhead.py the copy and a fused
+# flag cost less than the norms and the proof.
+COPY_BELOW_BYTES = 1 << 20
+
+
 class _UpdateWatch:
     """The guard's default mode: checks each update before it is made, and copies an
     optimizer's parameters and state only when it cannot prove the update harmless.
@@ -756,6 +774,10 @@ class _UpdateWatch:
         self._dense = (all(p.is_floating_point() and p.layout == torch.strided for p in self.params)
                        and not any(getattr(m, "sparse", False) is True for m in snapshot.model.modules()))
         self._one_device = len({p.device for p in self.params}) <= 1
+        # A small model is copied before each update rather than proven: the copy
+        # costs less than the norms, and undoes even an update the step raises after.
+        self._small = sum(p.numel() * p.element_size() for p in self.params) < COPY_BELOW_BYTES
+        self._flag: Optional[torch.Tensor] = None  # the fused flag of _flag_before, and its scale of 1
         self._groups: dict = {}  # optimizer index -> (signature, [(limit, dtypes)] per group)
         self._last_versions: Optional[list] = None
         self.proven: set = set()
@@ -805,6 +827,12 @@ class _UpdateWatch:
         if closure is not None or not self._dense:
             self._copy(index)  # the closure makes its own gradients: nothing to check before
             return
+        if self._small and self._one_device:
+            self._flag_before(grads)
+            self.grads_checked = True
+            self.snapshot.take_optimizer(index, keep=True)
+            self.copied.add(index)
+            return
         grad_norms = self._check_before(grads)
         self.grads_checked = True
         if (len(self.optimizers) == 1 and self.fallback is None and not self.written_outside
@@ -827,6 +855,21 @@ class _UpdateWatch:
     def _copy(self, index: int) -> None:
         self.snapshot.take_optimizer(index)
         self.copied.add(index)
+
+    def _flag_before(self, grads: list) -> None:
+        """_check_before for a small model: one fused non-finite flag, no norms."""
+        roots = [r.detach() for r in self.roots.roots] if self.check_loss else []
+        tensors = [t for t in grads + self.snapshot.float_buffers + roots if t.is_floating_point()]
+        if not tensors:
+            return
+        if self._flag is None:
+            self._flag, self._one = torch.zeros(1, device=tensors[0].device), torch.ones(1, device=tensors[0].device)
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, self._flag, self._one)
+        if self._flag.item():
+            self._flag.zero_()  # the fused check only ever sets it
+            for quantity, group in (("loss", roots), ("gradients", grads), ("buffers", self.snapshot.float_buffers)):
+                if not _all_finite(group):
+                    raise _Refused(quantity, self._loss(roots))
 
     def _check_before(self, grads: list) -> list[float]:
         """The norm of each gradient; raises _Refused if the loss, a gradient or a
