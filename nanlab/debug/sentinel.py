@@ -1082,7 +1082,10 @@ def guard(step_fn: Callable, model: torch.nn.Module,
     their state before that step, replays the step once under the exact tracer, and
     raises NonFiniteError carrying the step number, the quantity the sentinel saw and
     the tracer's Event. A step that raises its own exception is restored and the
-    exception re-raised.
+    exception re-raised; an update the guard proved finite, and so did not copy,
+    is kept when the step fails after it (a note on the exception, or a warning,
+    says so). ``guard.copied`` says whether the last step copied parameters or
+    optimizer state, and ``guard.fallback`` why every step is copied, if it is.
 
     ``step_fn`` takes its batch as arguments, ``guarded(x, y)``: the replay calls it
     again with the same arguments, and a step that draws its batch from an iterator
