@@ -75,3 +75,25 @@ def test_threads_benchmark_rejects_a_bad_count_in_one_line():
     rc, out = run("threads.py", "--rounds", "0")
     assert rc == 2 and "Traceback" not in out
     assert "error: argument --rounds: '0' is not a whole number >= 1" in out
+
+
+def test_guard_benchmark_prints_memory_and_time_for_each_way(capsys):
+    """In this process, but for its one worker process (--quick trains the three ways
+    there one after another)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("guard_benchmark", BENCHMARKS / "guard.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    benchmark.main(["--quick", "--steps", "2", "--rounds", "1"])
+    out = capsys.readouterr().out
+    for way in ("plain", "guard", "guard always"):
+        assert re.search(rf"^{way} +\d+\.\d MiB", out, re.M), (way, out)
+        assert re.search(rf"^{way} +\d+\.\d ms median, +\d+\.\d ms least +\d+\.\d{{4}}x plain", out, re.M), (way, out)
+    # The memory workers really trained: the guard proved both steps and copied none,
+    # snapshot="always" copied both.
+    assert re.search(r"^guard +[\d.]+ MiB +[+-][\d.]+ MiB over plain, 0 of 2 steps copied", out, re.M), out
+    assert re.search(r"^guard always +[\d.]+ MiB +[+-][\d.]+ MiB over plain, 2 of 2 steps copied", out, re.M), out
+    assert re.search(r"guard extra peak memory = [+-]\d+\.\d MiB \(target <= 16 MiB\): (met|MISSED)", out), out
+    assert len(re.findall(r"guard / plain = \d+\.\d{4}x \(target <= 1\.005x\): (met|MISSED)", out)) == 2, out
+    assert re.search(r"^guard +\d+\.\d\d ms = \d+\.\d{3}% of plain's median step", out, re.M), out

@@ -276,7 +276,7 @@ def test_gradients_an_optimizer_step_already_applied_come_back_cleared():
 
 # -- 14: a step's own exception -----------------------------------------------------
 
-def _failing_step_guard(fail):
+def _failing_step_guard(fail, snapshot="auto", before_update=False):
     torch.manual_seed(6)
     model = nn.Linear(2, 1)
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
@@ -285,20 +285,38 @@ def _failing_step_guard(fail):
         opt.zero_grad()
         loss = model(x).pow(2).mean()
         loss.backward()
+        if fail and before_update:
+            raise ValueError("the data loader's next batch is malformed")
         opt.step()  # the update lands before the step fails
         if fail:
             raise ValueError("the data loader's next batch is malformed")
         return loss
 
-    return model, opt, nanlab.guard(step, model, opt)
+    return model, opt, nanlab.guard(step, model, opt, snapshot=snapshot)
 
 
-def test_a_step_that_raises_is_restored_and_its_exception_re_raised():
-    model, opt, guarded = _failing_step_guard(fail=True)
+@pytest.mark.parametrize("snapshot, before_update", [("always", False), ("auto", False), ("auto", True)])
+def test_a_step_that_raises_is_restored_and_its_exception_re_raised(snapshot, before_update):
+    model, opt, guarded = _failing_step_guard(fail=True, snapshot=snapshot, before_update=before_update)
     before = _params(model)
-    with pytest.raises(ValueError, match="malformed"):
+    with pytest.raises(ValueError, match="malformed") as info:
         guarded(torch.randn(4, 2))
     assert _same(before, _params(model)) and len(opt.state) == 0
+    assert not getattr(info.value, "__notes__", None)
+
+
+def test_a_step_that_raises_after_an_update_the_guard_proved_and_did_not_copy_keeps_it_and_says_so(monkeypatch):
+    from nanlab.debug import sentinel
+
+    monkeypatch.setattr(sentinel, "COPY_BELOW_BYTES", 0)  # prove even this small model's updates
+    model, opt, guarded = _failing_step_guard(fail=True)
+    kept, _, plain = _failing_step_guard(fail=False)
+    x = torch.randn(4, 2)
+    with pytest.raises(ValueError, match="malformed") as info:
+        guarded(x)
+    assert "the update is kept" in info.value.__notes__[0]
+    plain.step_fn(x)  # the same step, unguarded
+    assert _same(_params(kept), _params(model)) and len(opt.state) == 2
 
 
 def test_a_step_that_returns_keeps_its_update():
@@ -357,12 +375,13 @@ def test_a_step_that_takes_its_batch_as_an_argument_replays_it_without_a_warning
     (lambda loss: loss.expand(4), "it returned a tensor of shape (4,) (reduce it first"),
     (lambda loss: {"loss": loss}, "it returned a dict (return the loss entry"),
 ])
-def test_a_step_that_returns_something_else_than_a_loss_tensor_is_told_what_the_guard_expects(returned, says):
+@pytest.mark.parametrize("snapshot", ["always", "auto"])
+def test_a_step_that_returns_something_else_than_a_loss_tensor_is_told_what_the_guard_expects(returned, says, snapshot):
     model = nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     step = _linear_step(model, opt)
     before = _params(model)
-    guarded = nanlab.guard(lambda x: returned(step(x)), model, opt)
+    guarded = nanlab.guard(lambda x: returned(step(x)), model, opt, snapshot=snapshot)
     with pytest.raises(TypeError) as info:
         guarded(torch.randn(4, 2))
     message = str(info.value)

@@ -76,6 +76,33 @@ def test_a_constant_writer_passing_an_overflow_on_does_not_make_it_a_mask():
     assert tr.first is None and tr.transient == []
 
 
+_TWICE = torch.tensor([0, 0])  # two writes into entry 0
+
+
+@pytest.mark.parametrize("op, write", [
+    ("aten.index_put_", lambda x, v: x.index_put_((_TWICE,), v, accumulate=True)),
+    ("aten.index_put", lambda x, v: torch.index_put(x, (_TWICE,), v, accumulate=True)),
+    ("aten.index_add_", lambda x, v: x.index_add_(0, _TWICE, v)),
+    ("aten.scatter_add_", lambda x, v: x.scatter_add_(0, _TWICE, v)),
+    ("aten.scatter_reduce_", lambda x, v: x.scatter_reduce_(0, _TWICE, v, reduce="sum")),
+])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_an_accumulating_write_that_overflows_is_that_ops_overflow_not_a_mask(op, write, sign):
+    x = torch.full((3,), sign * 2e38)
+    ev = traced(lambda: write(x.clone(), torch.full((2,), sign * 2e38)).sum()).first  # 6e38: past float32
+    assert (ev.op, ev.kind, ev.origin) == (op, "inf", "op")
+
+
+def test_the_same_index_put_writing_minus_inf_without_accumulating_is_a_mask():
+    x = torch.tensor([1.0, 2.0, 3.0])
+    masked = lambda: torch.exp(x.clone().index_put_((_TWICE,), torch.full((2,), NEG_INF))).sum()  # noqa: E731
+    tr = traced(masked)
+    assert tr.first is None and tr.transient == []
+    # Accumulating the same -inf into it is a sum that holds a mask, not an overflow.
+    tr = traced(lambda: torch.exp(x.clone().index_put_((_TWICE,), torch.full((2,), NEG_INF), accumulate=True)).sum())
+    assert tr.first is None and tr.transient == []
+
+
 # -- 9. An op that turns a mask into +inf is reported ------------------------------
 
 def _masked_cross_entropy(label):

@@ -1,20 +1,27 @@
 """The sentinel and the guard: cheap checks every step, the exact tracer only once.
 
-Every step, :class:`Guard` takes a pre-step snapshot (:class:`Snapshot`: one fused
-copy of parameters, buffers, the gradients still being accumulated and optimizer
-state, plus hyperparameters, schedulers and the RNG state), runs the step, then
-checks loss, gradients, parameters and floating point buffers, with one host sync
-on a GPU (:class:`Sentinel`), reusing any norm the step already computed and passes
-back. At the first
-non-finite step it restores the snapshot, replays that step once under the tracer
-to find the first bad op, restores again and raises :class:`nanlab.NonFiniteError`.
-A step that raises its own exception is restored too, and the exception re-raised.
+Every step, :class:`Guard` takes a small pre-step snapshot (:class:`Snapshot`:
+buffers, the gradients still being accumulated, hyperparameters, schedulers and the
+RNG state). Just before each optimizer update, a hook (:class:`_UpdateWatch`) reads
+the norms of the gradients, buffers and loss; a non-finite one refuses the update,
+and otherwise the optimizer's parameters and state are copied only if a running
+bound (the update bound, above) cannot show the update stays finite.
+After the step the sentinel (:class:`Sentinel`) checks, with one host sync on a
+GPU, the loss and what the hook did not cover, optimizer state included, reusing
+any norm the step already computed and passes back. At the first non-finite step
+it restores the snapshot, replays that step once under the tracer to find the
+first bad op, restores again and raises :class:`nanlab.NonFiniteError`. A step that
+raises its own exception is restored too, and the exception re-raised.
+``snapshot="always"`` copies parameters and optimizer state before every step
+instead, as the guard did before it could prove updates finite.
 """
 from __future__ import annotations
 
 import copy
 import math
+from contextlib import contextmanager
 import operator
+from itertools import repeat
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -49,7 +56,8 @@ class StepCheck:
     loss: float
     grad_norm: float
     param_norm: float
-    bad: Optional[str]  # None, or the first non-finite quantity: loss, gradients, parameters, buffers
+    # None, or the first non-finite quantity: loss, gradients, parameters, buffers, optimizer_state
+    bad: Optional[str]
 
 
 _IS_SPARSE = operator.attrgetter("is_sparse")
@@ -61,14 +69,14 @@ def _fusable(tensors) -> bool:
 
 
 class Sentinel:
-    """The per-step check of loss, gradients, parameters and buffers, read at once.
+    """The per-step check of loss, gradients, parameters, buffers and optimizer
+    state, read at once.
 
-    Gradients, parameters and buffers each get a non-finite flag from the fused check
-    AMP's GradScaler runs on gradients, with a scale of exactly 1: values are
-    unchanged and version counters are not bumped. On a CPU that is about 7 us for 14
-    tensors, against 25 us for ``_foreach_norm``; on CUDA it is one kernel launch per
-    device. Sparse and complex tensors, which the fused check does not take, are
-    checked one by one.
+    Each of these gets a non-finite flag from the fused check AMP's GradScaler runs
+    on gradients, with a scale of exactly 1: values are unchanged and version
+    counters are not bumped. On a CPU that is about 7 us for 14 tensors, against 25
+    us for ``_foreach_norm``; on CUDA it is one kernel launch per device. Sparse and
+    complex tensors, which the fused check does not take, are checked one by one.
 
     On a GPU the loss, the flags and any norms the step passes back land in one small
     float64 buffer (so that a float64 loss is neither rounded nor overflowed on the
@@ -76,101 +84,89 @@ class Sentinel:
     and each is read directly, which spares the copies.
 
     The sentinel holds on to the parameter tensors it is given, like the snapshot.
-    Buffers are passed to each check, because a module may rebind them.
+    Buffers and optimizer state are passed to each check, because a module may
+    rebind them and an optimizer creates its state in its first step.
     """
 
     def __init__(self, params: list[torch.Tensor]):
         self._params = params
         self._device = device = params[0].device if params else torch.device("cpu")
         self._read_directly = device.type == "cpu"
-        # float32, as the fused check writes: [gradients or parameters bad, buffers bad]
-        self._flags = torch.zeros(2, device=device)
-        self._readings = torch.zeros(5, dtype=torch.float64, device=device)  # loss, grad norm, param norm, flags
+        # float32, as the fused check writes: [gradients or parameters, buffers, optimizer state]
+        self._flags = torch.zeros(3, device=device)
+        self._readings = torch.zeros(6, dtype=torch.float64, device=device)  # loss, grad norm, param norm, flags
         self._slots = [self._readings[i:i + 1] for i in range(3)]
-        self._flag_slots = self._readings[3:5]
+        self._flag_slots = self._readings[3:6]
         self._one = torch.ones(1, device=device)
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for p in params:
-            by_device.setdefault(p.device, []).append(p)
-        self._groups = []
-        for group_device, group in by_device.items():
-            # The first device's group writes its flag in place; another device's is merged in.
-            found = self._flags[0:1] if group_device == device else torch.zeros(1, device=group_device)
-            one = self._one if group_device == device else torch.ones(1, device=group_device)
-            self._groups.append((group, [p.detach() for p in group], _fusable(group), found, one, group_device != device))
-        self._other_devices: dict[torch.device, tuple] = {}  # flags and the scale 1 for buffers elsewhere
+        self._other_devices: dict[torch.device, tuple] = {}  # a flag and the scale 1 for each other device
 
     def check(self, loss: torch.Tensor, grad_norm: Optional[torch.Tensor] = None,
-              param_norm: Optional[torch.Tensor] = None, buffers: Sequence[torch.Tensor] = ()) -> StepCheck:
+              param_norm: Optional[torch.Tensor] = None, buffers: Sequence[torch.Tensor] = (),
+              state: Sequence[torch.Tensor] = (), grads_of: Optional[list] = None,
+              params: Optional[list] = None) -> StepCheck:
         """Check one step. A norm the step already computed and passes back is that
         quantity's check (and is reported); otherwise the fused flag is, and the norm
-        reads NaN (not measured). ``buffers``: the model's floating point buffers."""
-        if grad_norm is None or param_norm is None:
-            self._flag_nonfinite()
-        if buffers:
-            self._flag_buffers(buffers)
+        reads NaN (not measured). ``buffers``: the model's floating point buffers;
+        ``state``: the optimizers' floating point state. ``grads_of`` and ``params``:
+        the parameters whose gradients and values to check (all by default); the
+        guard leaves out those it has already checked or proven finite."""
+        grads_of = self._params if grads_of is None else grads_of
+        params = self._params if params is None else params
+        grads = [g for p in grads_of if (g := p.grad) is not None]
+        watched = (grads if grad_norm is None else []) + ([p.detach() for p in params] if param_norm is None else [])
+        for slot, tensors in enumerate((watched, buffers, state)):
+            if tensors:
+                self._flag(slot, tensors)
         if self._read_directly and loss.device.type == "cpu":
             loss_v = loss.item()
             grad_v = grad_norm.item() if grad_norm is not None else 0.0
             param_v = param_norm.item() if param_norm is not None else 0.0
-            either_flag, buffers_flag = self._flags.tolist()
+            either_flag, buffers_flag, state_flag = self._flags.tolist()
         else:
             for slot, value in zip(self._slots, (loss, grad_norm, param_norm)):
                 if value is not None:
                     slot.copy_(value.detach().reshape(1))
             self._flag_slots.copy_(self._flags)
-            loss_v, grad_v, param_v, either_flag, buffers_flag = self._readings.tolist()
-        if either_flag or buffers_flag:
+            loss_v, grad_v, param_v, either_flag, buffers_flag, state_flag = self._readings.tolist()
+        if either_flag or buffers_flag or state_flag:
             self._clear_flags()
         # One fused flag covers gradients and parameters; only when it is set does an
         # exact check tell which. A norm can overflow on finite values; the exact check
         # runs only then.
         if grad_norm is None:
-            grad_v, grads_bad = float("nan"), either_flag != 0 and not _all_finite(self._grads())
+            grad_v, grads_bad = float("nan"), either_flag != 0 and not _all_finite(grads)
         else:
-            grads_bad = not math.isfinite(grad_v) and not _all_finite(self._grads())
+            grads_bad = not math.isfinite(grad_v) and not _all_finite(grads)
         if param_norm is None:
-            param_v, params_bad = float("nan"), either_flag != 0 and not _all_finite(self._params)
+            param_v, params_bad = float("nan"), either_flag != 0 and not _all_finite(params)
         else:
-            params_bad = not math.isfinite(param_v) and not _all_finite(self._params)
+            params_bad = not math.isfinite(param_v) and not _all_finite(params)
         if not math.isfinite(loss_v):
             bad = "loss"
         elif grads_bad:
             bad = "gradients"
         elif params_bad:
             bad = "parameters"
-        elif buffers and buffers_flag != 0:
+        elif buffers_flag != 0:
             bad = "buffers"
+        elif state_flag != 0:
+            bad = "optimizer_state"
         else:
             bad = None
         return StepCheck(loss_v, grad_v, param_v, bad)
 
-    def _grads(self) -> list[torch.Tensor]:
-        return [p.grad for p in self._params if p.grad is not None]
-
-    def _flag_nonfinite(self) -> None:
-        for params, data, fusable, found, one, elsewhere in self._groups:
-            grads = [g for p in params if (g := p.grad) is not None]
-            if fusable and not any(map(_IS_SPARSE, grads)):
-                # The fused check only ever sets its flag: _clear_flags resets it after a hit.
-                torch._amp_foreach_non_finite_check_and_unscale_(grads + data, found, one)
-            else:
-                found.copy_(torch.maximum(_any_nonfinite(grads, found.device), _any_nonfinite(data, found.device)))
-            if elsewhere:
-                torch.maximum(self._flags[0:1], found.to(self._device), out=self._flags[0:1])
-
     def _clear_flags(self) -> None:
         self._flags.zero_()
-        for group in self._groups:
-            group[3].zero_()
         for found, _ in self._other_devices.values():
             found.zero_()
 
-    def _flag_buffers(self, buffers: Sequence[torch.Tensor]) -> None:
-        flag = self._flags[1:2]
+    def _flag(self, slot: int, tensors: Sequence[torch.Tensor]) -> None:
+        """Set flag ``slot`` if any of the tensors holds a non-finite value. The fused
+        check only ever sets its flag: _clear_flags resets it after a hit."""
+        flag = self._flags[slot:slot + 1]
         by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for b in buffers:
-            by_device.setdefault(b.device, []).append(b)
+        for t in tensors:
+            by_device.setdefault(t.device, []).append(t)
         for device, group in by_device.items():
             if device == self._device:
                 found, one = flag, self._one
@@ -178,10 +174,11 @@ class Sentinel:
                 if device not in self._other_devices:
                     self._other_devices[device] = (torch.zeros(1, device=device), torch.ones(1, device=device))
                 found, one = self._other_devices[device]
-            if _fusable(group):
+                found.zero_()
+            if _fusable(group) and not any(map(_IS_SPARSE, group)):
                 torch._amp_foreach_non_finite_check_and_unscale_(group, found, one)
             else:
-                found.copy_(_any_nonfinite(group, device).reshape(1))
+                torch.maximum(found, _any_nonfinite(group, device).reshape(1), out=found)
             if device != self._device:
                 torch.maximum(flag, found.to(self._device), out=flag)
 
@@ -222,6 +219,11 @@ _PLAIN = {float, int, bool, str, type(None), list}
 class Snapshot:
     """Pre-step copy of everything one step can change: parameters, buffers,
     gradients, optimizer state and hyperparameters, schedulers and the RNG.
+
+    ``take(full=False)`` leaves out the parameters and the optimizer state, the
+    bulk of it: the guard then copies one optimizer's parameters and state with
+    ``take_optimizer`` just before that optimizer's update, and only when it
+    cannot show the update is harmless. ``restore`` puts back what was taken.
 
     Each snapshot re-reads what it copies, so it follows what the step really
     touches: a buffer the module rebinds (``self.buf = ...``), optimizer state that is
@@ -273,7 +275,10 @@ class Snapshot:
         self._kept: list[torch.Tensor] = []  # restored in place from the first len(_kept) copies
         self._saved: list[torch.Tensor] = []
         self._copied: list = []  # positions of the parameters whose gradients were copied
-        self._states: list = []
+        self._states: list = []  # (optimizer, its state entries), in a full snapshot
+        self._groups: list = []  # (optimizer, its param groups' hyperparameters)
+        self._partial: list = []  # (tensors, their copies, optimizer, its state entries): take_optimizer
+        self._kept_copies: dict = {}  # optimizer index -> (state tensor ids, copies): take_optimizer(keep=True)
         self._schedulers: list = []
         position = {id(p): i for i, p in enumerate(self._params)}
         self._updated_by = [sorted({position[id(p)] for g in opt.param_groups for p in g["params"] if id(p) in position})
@@ -291,7 +296,7 @@ class Snapshot:
         self._buffer_data = [t.detach() for _, _, t in self._buffer_bindings]
         self.float_buffers = [t for t in self._buffer_data if t.is_floating_point() and t.numel()]
 
-    def take(self) -> None:
+    def take(self, full: bool = True) -> None:
         # The ids of the buffers the modules hold now: rebinding one changes them.
         count = sum(map(len, self._buffer_dicts))
         if count != self._buffer_count:
@@ -310,21 +315,15 @@ class Snapshot:
         params = self._params
         self._copied = copied = [i for i in candidates if params[i].grad is not None]
         grads = {i: params[i].grad for i in copied}
-        # Optimizer state, entry by entry: the objects themselves (a list is copied, as
-        # LBFGS appends to its history in place), and the tensors among them; and each
-        # param group's hyperparameters (a scheduler may write a tensor lr in place).
         self._states, state_tensors = [], []
+        if full:
+            for opt in self.optimizers:
+                saved, tensors = _state_entries(opt)
+                self._states.append((opt, saved))
+                state_tensors += tensors
+        # Each param group's hyperparameters (a scheduler may write a tensor lr in place).
+        self._groups = []
         for opt in self.optimizers:
-            saved = {}
-            for param, state in opt.state.items():
-                entry = saved[param] = dict(state)
-                for key, value in entry.items():
-                    if isinstance(value, torch.Tensor):
-                        state_tensors.append(value)
-                    elif isinstance(value, (list, tuple)):
-                        if isinstance(value, list):
-                            entry[key] = list(value)
-                        state_tensors += [v for v in value if isinstance(v, torch.Tensor)]
             groups = list(map(dict, opt.param_groups))
             # Most hyperparameters are plain numbers: only the rest need a closer look.
             for value in [v for g in groups for v in g.values() if type(v) not in _PLAIN]:
@@ -332,25 +331,51 @@ class Snapshot:
                     state_tensors.append(value)
                 elif isinstance(value, tuple):  # betas, which may hold tensors
                     state_tensors += [v for v in value if isinstance(v, torch.Tensor)]
-            self._states.append((opt, saved, groups))
+            self._groups.append((opt, groups))
         if self.schedulers:
             self._schedulers = [_scheduler_state(s) for s in self.schedulers]
-        self._kept = kept = self._param_data + self._buffer_data + state_tensors
+        self._kept = kept = (self._param_data if full else []) + self._buffer_data + state_tensors
         live = kept + [grads[i] for i in copied] if copied else kept
-        layout = (buffer_ids, copied, [id(t) for t in state_tensors])
+        layout = (full, buffer_ids, copied, [id(t) for t in state_tensors])
         if layout != self._layout:
             self._layout = layout
             self._saved = [t.detach().clone() for t in live]
         elif live:
             torch._foreach_copy_(self._saved, live)
+        self._partial = []
         self._rng = torch.default_generator.get_state()
         self._cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    def take_optimizer(self, index: int, keep: bool = False) -> None:
+        """Copy one optimizer's parameters and state, now (its update is about to
+        run). Held until the next take or release, so a restore puts them back.
+        ``keep``: hold on to the copies afterwards too, to copy into them next time
+        (for a small model, whose copies cost less to keep than to allocate)."""
+        opt = self.optimizers[index]
+        saved, tensors = _state_entries(opt)
+        live = [self._param_data[i] for i in self._updated_by[index]] + tensors
+        layout = [id(t) for t in tensors]
+        kept = self._kept_copies.get(index)
+        if kept is not None and kept[0] == layout:
+            copies = kept[1]
+            torch._foreach_copy_(copies, live)
+        else:
+            copies = [t.detach().clone() for t in live]
+            if keep:
+                self._kept_copies[index] = (layout, copies)
+        self._partial.append((live, copies, opt, saved))
+
+    def release(self) -> None:
+        """Free the copies take_optimizer made, once the step is known to be good."""
+        self._partial = []
 
     def restore(self) -> None:
         kept = len(self._kept)
         with torch.no_grad():
             if kept:
                 torch._foreach_copy_([t.detach() for t in self._kept], self._saved[:kept])
+            for live, copies, _, _ in self._partial:
+                torch._foreach_copy_([t.detach() for t in live], copies)
         for owner, name, tensor in self._buffer_bindings:
             if owner.get(name) is not tensor:
                 owner[name] = tensor
@@ -361,14 +386,9 @@ class Snapshot:
         for i, saved in zip(self._copied, self._saved[kept:]):
             self._params[i].grad = saved.clone()
         self._stepped = [False] * len(self._stepped)  # copy every gradient next time
-        for opt, saved, groups in self._states:
-            # State created during the failed step (e.g. Adam's moments at step 0) goes away.
-            for param in [p for p in opt.state if p not in saved]:
-                del opt.state[param]
-            for param, entry in saved.items():
-                state = opt.state[param]
-                state.clear()
-                state.update({k: list(v) if isinstance(v, list) else v for k, v in entry.items()})
+        for opt, saved in self._states + [(opt, saved) for _, _, opt, saved in self._partial]:
+            _restore_entries(opt, saved)
+        for opt, groups in self._groups:
             for group, values in zip(opt.param_groups, groups):
                 group.clear()
                 group.update(values)
@@ -377,6 +397,45 @@ class Snapshot:
         torch.default_generator.set_state(self._rng)
         if self._cuda_rng is not None:
             torch.cuda.set_rng_state_all(self._cuda_rng)
+
+
+def _state_entries(opt) -> tuple[dict, list]:
+    """An optimizer's state, entry by entry: the objects themselves (a list is copied,
+    as LBFGS appends to its history in place), and the tensors among them."""
+    saved, tensors = {}, []
+    for param, state in opt.state.items():
+        entry = saved[param] = dict(state)
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors.append(value)
+            elif isinstance(value, (list, tuple)):
+                if isinstance(value, list):
+                    entry[key] = list(value)
+                tensors += [v for v in value if isinstance(v, torch.Tensor)]
+    return saved, tensors
+
+
+def _restore_entries(opt, saved: dict) -> None:
+    # State created during the failed step (e.g. Adam's moments at step 0) goes away.
+    for param in [p for p in opt.state if p not in saved]:
+        del opt.state[param]
+    for param, entry in saved.items():
+        state = opt.state[param]
+        state.clear()
+        state.update({k: list(v) if isinstance(v, list) else v for k, v in entry.items()})
+
+
+def float_state(optimizers) -> list[torch.Tensor]:
+    """The floating point tensors of the optimizers' state (Adam's moments, momentum
+    buffers), for the sentinel."""
+    found = []
+    for opt in optimizers:
+        for state in opt.state.values():
+            for value in state.values():
+                values = value if isinstance(value, (list, tuple)) else (value,)
+                found += [v.detach() for v in values if isinstance(v, torch.Tensor) and v.is_floating_point()
+                          and v.numel()]
+    return found
 
 
 def _scaler_stages(scheduler) -> Optional[dict]:
@@ -440,46 +499,550 @@ def _same_value(a: float, b: float) -> bool:
     return a == b or (math.isnan(a) and math.isnan(b))
 
 
+class _Refused(BaseException):
+    """Raised through the user's step by the guard's hook on ``optimizer.step``, so
+    that an update from a non-finite loss, gradient or buffer is never made. A
+    BaseException, so that an ``except Exception`` in the step lets it through."""
+
+    def __init__(self, quantity: str, loss: Optional[float]):
+        super().__init__(quantity)
+        self.quantity, self.loss = quantity, loss
+
+
+class _BackwardRoots:
+    """Notes the tensors the step calls ``.backward()`` on (its loss, or a GradScaler's
+    scaled loss), so that the check before the update can read them: while the step
+    runs, ``torch.Tensor.backward`` is wrapped, and put back when it ends. (A
+    TorchFunctionMode would see the same calls, but every other torch call of the
+    step would pass through Python too: about 6 us each on this CPU, a third of a
+    small MLP's step.) A loss handed to ``torch.autograd.backward`` directly is not
+    seen; the sentinel still checks it after the step."""
+
+    def __init__(self):
+        self.roots: list[torch.Tensor] = []
+        self._original = None
+
+    def __enter__(self):
+        self._original = original = torch.Tensor.backward
+        roots = self.roots
+
+        def backward(tensor, *args, **kwargs):
+            roots.append(tensor)
+            return original(tensor, *args, **kwargs)
+
+        torch.Tensor.backward = backward
+        return self
+
+    def __exit__(self, *exc):
+        torch.Tensor.backward = self._original
+        self.roots.clear()
+
+
+_WIDE = {torch.float32, torch.float64}
+
+
+def _norms(tensors: list[torch.Tensor], one_device: bool) -> list[float]:
+    """The L2 norm of each tensor (float32 at least), read with one host sync. A
+    non-finite norm flags any NaN or Inf the tensor holds (and, rarely, finite values
+    too large to square: an exact check tells those apart)."""
+    if all(t.dtype in _WIDE for t in tensors):
+        norms = torch._foreach_norm(tensors, 2)  # a fifth faster than with a dtype, on this CPU
+    else:  # float16's norm would overflow at 65504
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+        norms = torch._foreach_norm(tensors, 2, dtype=dtype)
+    if one_device:
+        return torch.stack(norms).tolist()
+    return [n.item() for n in norms]
+
+
+def _step_hook(watch_ref, name: str, index: int):
+    """An optimizer step hook calling ``watch.<name>(index)``, the watch held weakly."""
+    def hook(optimizer, args, kwargs):
+        watch = watch_ref()
+        if watch is not None:
+            getattr(watch, name)(index, args, kwargs)
+    return hook
+
+
+def _signature(optimizer) -> tuple:
+    """What changes when an optimizer's state is replaced (load_state_dict), grows (the
+    first step) or gets a new param group: running bounds from before are stale."""
+    return id(optimizer.state), len(optimizer.state), len(optimizer.param_groups)
+
+
+# -- The update bound ------------------------------------------------------------
+#
+# Whether one optimizer update with finite gradients can overflow a parameter or
+# the optimizer's state: the proof that lets the guard skip its copy.
+#
+# Every quantity is an upper bound on the largest |x| of a tensor, per param group, as
+# a Python float. The update rules of SGD, Adam, AdamW and RMSprop (not centered) are
+# followed one elementwise operation at a time: each intermediate's bound must stay
+# below a quarter of the dtype's largest finite value, so that the rounding of a few
+# operations (a relative error of 2**-8 at most, in bfloat16) cannot reach it. Sums
+# of absolute values bound every sum; a division is bounded only by a denominator
+# that cannot be smaller than ``eps`` rounded to the dtype (an ``eps`` that rounds to
+# zero proves nothing); the bias corrections are bounded by their smallest value,
+# at the first step. What the update writes is then bounded too, and these new
+# bounds carry over to the next step without reading the tensors again (the running
+# bound). Largest |x| is bounded by an L2 norm, per tensor, when the bounds are
+# measured: a pass over the tensors, made only when no running bound is at hand.
+
+# The state tensors each known optimizer keeps, per parameter, that its rule bounds.
+_STATE_KEYS = {
+    torch.optim.SGD: ("momentum_buffer",),
+    torch.optim.Adam: ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+    torch.optim.AdamW: ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+    torch.optim.RMSprop: ("square_avg", "momentum_buffer", "grad_avg"),
+}
+
+
+def bound_known(optimizer) -> bool:
+    """Whether the optimizer's update rule is one this module bounds (its exact class:
+    a subclass may change the rule)."""
+    return type(optimizer) in _STATE_KEYS
+
+
+def _number(value) -> float:
+    return float(value.detach().cpu()) if isinstance(value, torch.Tensor) else float(value)
+
+
+_ROUNDED: dict = {}
+
+
+def _rounded(value: float, dtypes) -> float:
+    """``value`` as the group's least precise dtype stores it: eps=1e-8 is 0 in float16."""
+    found = []
+    for dtype in dtypes:
+        key = (value, dtype)
+        if key not in _ROUNDED:
+            _ROUNDED[key] = torch.tensor(value, dtype=dtype).item()
+        found.append(_ROUNDED[key])
+    return min(found)
+
+
+def group_limit(params) -> Optional[float]:
+    """A quarter of the largest finite value of the group's narrowest dtype, or None
+    for a group this module does not bound (complex or integer parameters)."""
+    if not all(p.is_floating_point() for p in params):
+        return None
+    return min(torch.finfo(p.dtype).max for p in params) / 4
+
+
+def measure_bounds(optimizer, groups_params) -> list:
+    """Bounds of every param group, read from the tensors: {"param": ..., state key:
+    ...}. One pass over the parameters and the state, one host sync."""
+    keys = _STATE_KEYS[type(optimizer)]
+    tensors, slots = [], []
+    for g, params in enumerate(groups_params):
+        for p in params:
+            tensors.append(p.detach())
+            slots.append((g, "param"))
+            state = optimizer.state.get(p, {})
+            for key in keys:
+                value = state.get(key)
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+                    tensors.append(value.detach())
+                    slots.append((g, key))
+    bounds = [dict.fromkeys(("param",) + keys, 0.0) for _ in groups_params]
+    if tensors:
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+        norms = torch.stack([n.to(tensors[0].device) for n in torch._foreach_norm(tensors, 2, dtype=dtype)])
+        for (g, key), norm in zip(slots, norms.tolist()):
+            bounds[g][key] = max(bounds[g][key], norm if math.isfinite(norm) else math.inf)
+    return bounds
+
+
+def next_bounds(optimizer, group: dict, grad: float, bounds: dict, limit: float, dtypes) -> Optional[dict]:
+    """The bounds after one update of this group with gradients of largest |g| at
+    most ``grad``, or None when the rule cannot show that every value it computes
+    stays below ``limit``."""
+    rule = _RULES[type(optimizer)]
+    try:
+        new, computed = rule(group, grad, bounds, dtypes, type(optimizer) is torch.optim.AdamW)
+    except (ZeroDivisionError, OverflowError, ValueError):
+        return None
+    if all(math.isfinite(v) and v <= limit for v in computed):
+        return new
+    return None
+
+
+def _sgd(group, grad, b, dtypes, decoupled):
+    lr, mu, damp = abs(_number(group["lr"])), abs(_number(group["momentum"])), abs(_number(group["dampening"]))
+    g = grad + abs(_number(group["weight_decay"])) * b["param"]
+    computed, new = [g], dict(b)
+    step = g
+    if mu != 0:
+        # The first step clones g; later ones take mu * buf + (1 - dampening) * g.
+        buf = new["momentum_buffer"] = mu * b["momentum_buffer"] + max(1.0, abs(1 - damp)) * g
+        step = g + mu * buf if group["nesterov"] else buf
+        computed += [buf, step]
+    new["param"] = b["param"] + lr * step
+    return new, computed + [lr * step, new["param"]]
+
+
+def _adam(group, grad, b, dtypes, decoupled):
+    lr, wd = abs(_number(group["lr"])), abs(_number(group["weight_decay"]))
+    beta1, beta2 = (_number(x) for x in group["betas"])
+    if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+        raise ValueError("betas outside [0, 1)")
+    eps = _rounded(_number(group["eps"]), dtypes)
+    if eps <= 0:
+        raise ValueError("eps rounds to zero")
+    param = b["param"]
+    if group.get("decoupled_weight_decay", decoupled) or wd == 0:
+        param, g = param * max(1.0, abs(1 - lr * wd)), grad
+    else:
+        g = grad + wd * param
+    exp_avg = beta1 * b["exp_avg"] + (1 - beta1) * g
+    squared = g * g
+    exp_avg_sq = beta2 * b["exp_avg_sq"] + (1 - beta2) * squared
+    new = dict(b, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    denominator_sq = exp_avg_sq
+    if group["amsgrad"]:
+        denominator_sq = new["max_exp_avg_sq"] = max(b["max_exp_avg_sq"], exp_avg_sq)
+    # The bias corrections 1 - beta**t are smallest at t = 1.
+    denominator = math.sqrt(denominator_sq) / math.sqrt(1 - beta2) + eps
+    ratio = exp_avg / eps  # the denominator is at least eps
+    step = lr / (1 - beta1) * ratio
+    new["param"] = param + step
+    return new, [param, g, exp_avg, squared, exp_avg_sq, denominator, ratio, step, new["param"]]
+
+
+def _rmsprop(group, grad, b, dtypes, decoupled):
+    if group["centered"]:
+        # square_avg - grad_avg**2 can round below zero, and its square root is NaN.
+        raise ValueError("centered")
+    lr, alpha, mu = abs(_number(group["lr"])), _number(group["alpha"]), abs(_number(group["momentum"]))
+    if not 0 <= alpha <= 1:
+        raise ValueError("alpha outside [0, 1]")
+    eps = _rounded(_number(group["eps"]), dtypes)
+    if eps <= 0:
+        raise ValueError("eps rounds to zero")
+    g = grad + abs(_number(group["weight_decay"])) * b["param"]
+    squared = g * g
+    square_avg = alpha * b["square_avg"] + (1 - alpha) * squared
+    denominator = math.sqrt(square_avg) + eps
+    step = g / eps
+    new = dict(b, square_avg=square_avg)
+    computed = [g, squared, square_avg, denominator, step]
+    if mu > 0:
+        step = new["momentum_buffer"] = mu * b["momentum_buffer"] + step
+        computed.append(step)
+    new["param"] = b["param"] + lr * step
+    return new, computed + [lr * step, new["param"]]
+
+
+_RULES = {torch.optim.SGD: _sgd, torch.optim.Adam: _adam, torch.optim.AdamW: _adam, torch.optim.RMSprop: _rmsprop}
+
+
+# Parameters under this many bytes are copied before each update instead of proven
+# finite: on the 15-tensor MLP of benchmarks/tracer_overhead.py the copy and a fused
+# flag cost less than the norms and the proof.
+COPY_BELOW_BYTES = 1 << 20
+
+
+class _UpdateWatch:
+    """The guard's default mode: checks each update before it is made, and copies an
+    optimizer's parameters and state only when it cannot prove the update harmless.
+
+    A hook on each optimizer's ``step`` reads, with one host sync, the norm of every
+    gradient, every floating point buffer and the loss the step called backward on. If any is non-finite, the hook raises
+    :class:`_Refused` through the step, so the update is never made and the
+    parameters and optimizer state need no restore. Otherwise, for the one optimizer
+    of a guard with a known update rule (the update bound, above), it shows
+    from the gradient norms and a running bound on the parameters and state that the
+    update cannot overflow them; when it cannot (or the optimizer is unknown, takes
+    a closure, is one of several, or a parameter was written outside its step), it
+    copies that optimizer's parameters and state first, and the sentinel checks them
+    after the step.
+    """
+
+    def __init__(self, snapshot: Snapshot, model_params: list):
+        self.snapshot = snapshot
+        self.optimizers = snapshot.optimizers
+        self.params = snapshot._params
+        self.model_params = model_params
+        self.check_loss = not _scales(snapshot.schedulers)  # a GradScaler's backward is of the scaled loss
+        self.bounds: list = [None] * len(self.optimizers)  # per optimizer: per group bounds, or None
+        self.signatures: list = [None] * len(self.optimizers)
+        self.fallback: Optional[str] = None  # why every later step takes the full snapshot
+        self.active = False
+        self._updates = [{id(p) for g in opt.param_groups for p in g["params"]} for opt in self.optimizers]
+        # Sparse gradients (an embedding with sparse=True) and complex ones are not
+        # for the fused norm: such a model is copied before each update.
+        self._dense = (all(p.is_floating_point() and p.layout == torch.strided for p in self.params)
+                       and not any(getattr(m, "sparse", False) is True for m in snapshot.model.modules()))
+        self._one_device = len({p.device for p in self.params}) <= 1
+        # A small model is copied before each update rather than proven: the copy
+        # costs less than the norms, and undoes even an update the step raises after.
+        self._small = sum(p.numel() * p.element_size() for p in self.params) < COPY_BELOW_BYTES
+        self._flag: Optional[torch.Tensor] = None  # the fused flag of _flag_before, and its scale of 1
+        self._groups: dict = {}  # optimizer index -> (signature, [(limit, dtypes)] per group)
+        self._last_versions: Optional[list] = None
+        self.proven: set = set()
+        self.copied: set = set()
+        ref = weakref.ref(self)
+        handles = [h for i, opt in enumerate(self.optimizers)
+                   for h in (opt.register_step_pre_hook(_step_hook(ref, "before", i)),
+                             opt.register_step_post_hook(_step_hook(ref, "after", i)))]
+        weakref.finalize(self, _remove_hooks, handles)
+
+    def _versions(self) -> list:
+        return [p._version for p in self.params]
+
+    @contextmanager
+    def watching(self):
+        self.proven, self.copied, self.pending = set(), set(), {}
+        self.grads_checked = False
+        self.written_outside = False
+        self.versions = self._versions()
+        if self.versions != self._last_versions:
+            self.bounds = [None] * len(self.optimizers)  # written since the last step: measure again
+        self.roots = _BackwardRoots()
+        self.active = True
+        try:
+            with self.roots:
+                yield
+        finally:
+            self.active = False
+            now = self._versions()
+            if now != self.versions:
+                self.written_outside = True
+            self._last_versions = now
+            if self.written_outside and self.fallback is None:
+                self.fallback = "a parameter was written outside optimizer.step()"
+
+    def before(self, index: int, args, kwargs) -> None:
+        if not self.active:
+            return
+        if self._versions() != self.versions:
+            self.written_outside = True
+        opt = self.optimizers[index]
+        # Every gradient, not only this optimizer's: once the update is made, a bad
+        # gradient found after it could not be undone.
+        with_grad = [p for p in self.params if p.grad is not None]
+        grads = [p.grad for p in with_grad]
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")  # args[0] is the optimizer
+        if closure is not None or not self._dense:
+            self._copy(index)  # the closure makes its own gradients: nothing to check before
+            return
+        if self._small and self._one_device:
+            self._flag_before(grads)
+            self.grads_checked = True
+            self.snapshot.take_optimizer(index, keep=True)
+            self.copied.add(index)
+            return
+        grad_norms = self._check_before(grads)
+        self.grads_checked = True
+        if (len(self.optimizers) == 1 and self.fallback is None and not self.written_outside
+                and bound_known(opt)):
+            largest = {id(p): n for p, n in zip(with_grad, grad_norms)}
+            new = self._prove(index, opt, largest)
+            if new is not None:
+                self.pending[index] = new
+                self.proven.add(index)
+                return
+        self._copy(index)
+
+    def after(self, index: int, args, kwargs) -> None:
+        if not self.active:
+            return
+        self.bounds[index] = self.pending.pop(index, None)
+        self.signatures[index] = _signature(self.optimizers[index])
+        self.versions = self._versions()
+
+    def _copy(self, index: int) -> None:
+        self.snapshot.take_optimizer(index)
+        self.copied.add(index)
+
+    def _flag_before(self, grads: list) -> None:
+        """_check_before for a small model: one fused non-finite flag, no norms."""
+        roots = [r.detach() for r in self.roots.roots] if self.check_loss else []
+        tensors = [t for t in grads + self.snapshot.float_buffers + roots if t.is_floating_point()]
+        if not tensors:
+            return
+        if self._flag is None:
+            self._flag, self._one = torch.zeros(1, device=tensors[0].device), torch.ones(1, device=tensors[0].device)
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, self._flag, self._one)
+        if self._flag.item():
+            self._flag.zero_()  # the fused check only ever sets it
+            for quantity, group in (("loss", roots), ("gradients", grads), ("buffers", self.snapshot.float_buffers)):
+                if not _all_finite(group):
+                    raise _Refused(quantity, self._loss(roots))
+
+    def _check_before(self, grads: list) -> list[float]:
+        """The norm of each gradient; raises _Refused if the loss, a gradient or a
+        buffer is non-finite."""
+        roots = [r.detach() for r in self.roots.roots] if self.check_loss else []
+        buffers = self.snapshot.float_buffers
+        tensors = grads + buffers + roots
+        norms = _norms(tensors, self._one_device) if tensors else []
+        grad_norms, buffer_norms, root_norms = (norms[:len(grads)], norms[len(grads):len(grads) + len(buffers)],
+                                                norms[len(grads) + len(buffers):])
+        if not all(map(math.isfinite, root_norms)):
+            raise _Refused("loss", self._loss(roots))
+        if not _all_finite([g for g, n in zip(grads, grad_norms) if not math.isfinite(n)]):
+            raise _Refused("gradients", self._loss(roots))
+        if not _all_finite([b for b, n in zip(buffers, buffer_norms) if not math.isfinite(n)]):
+            raise _Refused("buffers", self._loss(roots))
+        return grad_norms
+
+    @staticmethod
+    def _loss(roots: list) -> Optional[float]:
+        """The loss, read back only for a refused step: the one tensor backward ran on."""
+        return float(roots[0].double()) if len(roots) == 1 and roots[0].numel() == 1 else None
+
+    def _prove(self, index: int, opt, grad_norms: dict) -> Optional[list]:
+        """Next bounds for every param group if the update provably stays finite, else
+        None. Running bounds first; measured ones if those are too loose."""
+        groups = opt.param_groups
+        signature = _signature(opt)
+        running = self.bounds[index] if self.signatures[index] == signature else None
+        cached = self._groups.get(index)
+        if cached is None or cached[0][1:] != signature[1:]:
+            cached = self._groups[index] = (signature, [(group_limit(g["params"]),
+                                                         {p.dtype for p in g["params"]}) for g in groups])
+        for bounds in ([running] if running is not None else []) + [None]:
+            if bounds is None:
+                bounds = measure_bounds(opt, [g["params"] for g in groups])
+            new = []
+            for group, group_bounds, (limit, dtypes) in zip(groups, bounds, cached[1]):
+                if limit is None:
+                    return None
+                grad = max(map(grad_norms.get, map(id, group["params"]), repeat(0.0)), default=0.0)
+                found = next_bounds(opt, group, grad, group_bounds, limit, dtypes)
+                if found is None:
+                    break
+                new.append(found)
+            else:
+                return new
+        return None
+
+    def unchecked(self) -> dict:
+        """What the sentinel still checks after the step: the gradients, unless they
+        were checked before an update, the parameters no proven update covers, and
+        the state of the optimizers whose update was not proven."""
+        if self.written_outside:
+            return dict(state=float_state(self.optimizers))
+        proven = set().union(*(self._updates[i] for i in self.proven))
+        return dict(grads_of=[] if self.grads_checked else None,
+                    params=[p for p in self.model_params if id(p) not in proven],
+                    state=float_state([self.optimizers[i] for i in sorted(self.copied)]))
+
+    def forget(self) -> None:
+        """After a restore: the running bounds describe a state that is gone."""
+        self.bounds = [None] * len(self.optimizers)
+        self._last_versions = None
+
+
+SNAPSHOT_MODES = ("auto", "always")
+
+
 class Guard:
-    """``guard(step_fn, model, optimizer, schedulers)``: see :func:`nanlab.guard`."""
+    """``guard(step_fn, model, optimizer, schedulers, snapshot)``: see :func:`nanlab.guard`."""
 
     def __init__(self, step_fn: Callable, model: torch.nn.Module,
                  optimizer: Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer], None] = None,
-                 schedulers: Sequence = ()):
+                 schedulers: Sequence = (), snapshot: str = "auto"):
+        if snapshot not in SNAPSHOT_MODES:
+            raise ValueError(f"nanlab.guard: snapshot={snapshot!r} is not allowed; use one of "
+                             f"{', '.join(map(repr, SNAPSHOT_MODES))}")
         self.step_fn, self.model, self.optimizer = step_fn, model, optimizer
         self.optimizers = _as_list(optimizer)
         self.snapshot = Snapshot(model, self.optimizers, schedulers)
-        self._sentinel = Sentinel(list(model.parameters()))
+        model_params = list(model.parameters())
+        self._sentinel = Sentinel(model_params)
+        # Without an optimizer to hook, any write may happen anywhere: snapshot all.
+        self._watch = _UpdateWatch(self.snapshot, model_params) if snapshot == "auto" and self.optimizers else None
         self.step = 0
         self.last: Optional[StepCheck] = None
+        self.copied = False  # whether the last step copied parameters or optimizer state
+
+    @property
+    def fallback(self) -> Optional[str]:
+        """Why this guard copies everything before every step, or None when it copies
+        only what an update it cannot prove harmless would change."""
+        if self._watch is None:
+            return "snapshot='always'" if self.optimizers else "no optimizer to hook"
+        return self._watch.fallback
 
     def __call__(self, *args):
-        self.snapshot.take()
+        watch = self._watch if self._watch is not None and self._watch.fallback is None else None
+        self.snapshot.take(full=watch is None)
         scales = _scales(self.snapshot.schedulers)
+        refused = None
         try:
-            out = self.step_fn(*args)
+            if watch is None:
+                out = self.step_fn(*args)
+            else:
+                with watch.watching():
+                    out = self.step_fn(*args)
             if type(out) is torch.Tensor and out.numel() == 1:  # the common case, checked fast
                 loss, grad_norm, param_norm = out, None, None
             else:
                 loss, grad_norm, param_norm = _unpack(out)
-        except BaseException:
-            self.snapshot.restore()
+        except _Refused as caught:
+            refused = caught
+        except BaseException as error:
+            self._restore_after(watch, error)
             raise
-        self.last = check = self._sentinel.check(loss, grad_norm, param_norm, self.snapshot.float_buffers)
+        self.copied = watch is None or bool(watch.copied)
+        if refused is not None:
+            self.last = check = StepCheck(math.nan if refused.loss is None else refused.loss, math.nan, math.nan,
+                                          refused.quantity)
+        else:
+            unchecked = watch.unchecked() if watch is not None else dict(state=float_state(self.optimizers))
+            self.last = check = self._sentinel.check(loss, grad_norm, param_norm, self.snapshot.float_buffers,
+                                                     **unchecked)
         if check.bad == "gradients" and self._scaler_skipped(scales):
             # A GradScaler found these infinite gradients, skipped the update and
             # lowered its scale: what it is for, and what unguarded training goes on from.
             check.bad = None
         if check.bad is not None:
-            self.snapshot.restore()
-            try:
-                seen = replay(self.step_fn, *args, watch=(self.model, *self.optimizers))
-            finally:
-                self.snapshot.restore()  # even if the replay is interrupted
-            self._warn_if_replay_differs(check, seen)
-            raise NonFiniteError(self.step, check.bad, seen.first)
+            self._fail(check, args, watch, refused)
+        self.snapshot.release()
         self.step += 1
         return out
+
+    def _kept_update(self, watch) -> bool:
+        """Whether an update ran that the guard proved finite and so did not copy:
+        it cannot be undone."""
+        return watch is not None and bool(watch.proven)
+
+    def _restore_after(self, watch, error: BaseException) -> None:
+        if self._kept_update(watch):
+            error.add_note(f"nanlab.guard: step {self.step} raised after an update it had proven finite and "
+                           f"not copied: the update is kept. Raise before optimizer.step(), or use "
+                           f"snapshot='always', to have it undone.")
+            self.snapshot.release()
+            watch.forget()
+            return
+        self.snapshot.restore()
+        if watch is not None:
+            watch.forget()
+
+    def _fail(self, check: StepCheck, args, watch, refused: Optional[_Refused]):
+        kept = refused is None and self._kept_update(watch)
+        if not kept:
+            self.snapshot.restore()
+        if watch is not None:
+            # The replay runs the whole step, update included: copy what it changes.
+            self.snapshot.take()
+            watch.forget()
+        try:
+            seen = replay(self.step_fn, *args, watch=(self.model, *self.optimizers))
+        finally:
+            self.snapshot.restore()  # even if the replay is interrupted
+            self.snapshot.release()
+        if kept:
+            warnings.warn(f"nanlab.guard: step {self.step} went non-finite ({check.bad}) after an update the guard "
+                          f"had proven finite and not copied, so the parameters and optimizer state are left as "
+                          f"that update made them, and the replay started from there. Use snapshot='always' to "
+                          f"have such a step undone.", RuntimeWarning, stacklevel=3)
+        elif refused is None or refused.loss is not None:
+            self._warn_if_replay_differs(check, seen)
+        raise NonFiniteError(self.step, check.bad, seen.first)
 
     def _scaler_skipped(self, scales_before: list) -> bool:
         """Whether a GradScaler lowered its scale this step (so skipped the update),
@@ -507,15 +1070,22 @@ class Guard:
 
 def guard(step_fn: Callable, model: torch.nn.Module,
           optimizer: Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer], None] = None,
-          schedulers: Sequence = ()) -> Guard:
+          schedulers: Sequence = (), snapshot: str = "auto") -> Guard:
     """Wrap one training step (forward, backward, optimizer step; returns the loss).
 
-    The returned callable runs the sentinel after each step. At the first non-finite
+    The returned callable checks the loss, the gradients and the buffers before each
+    optimizer update, and refuses an update they would spoil; it copies an
+    optimizer's parameters and state only before an update it cannot prove finite
+    (``snapshot="always"``: before every step), and runs the sentinel after each
+    step, optimizer state included. At the first non-finite
     step it restores the model, its gradients, the optimizers and the schedulers to
     their state before that step, replays the step once under the exact tracer, and
     raises NonFiniteError carrying the step number, the quantity the sentinel saw and
     the tracer's Event. A step that raises its own exception is restored and the
-    exception re-raised.
+    exception re-raised; an update the guard proved finite, and so did not copy,
+    is kept when the step fails after it (a note on the exception, or a warning,
+    says so). ``guard.copied`` says whether the last step copied parameters or
+    optimizer state, and ``guard.fallback`` why every step is copied, if it is.
 
     ``step_fn`` takes its batch as arguments, ``guarded(x, y)``: the replay calls it
     again with the same arguments, and a step that draws its batch from an iterator
@@ -527,4 +1097,4 @@ def guard(step_fn: Callable, model: torch.nn.Module,
     Build the guard after the model is on its device and dtype: the snapshot holds
     on to the modules it finds then.
     """
-    return Guard(step_fn, model, optimizer, schedulers)
+    return Guard(step_fn, model, optimizer, schedulers, snapshot)

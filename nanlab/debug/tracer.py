@@ -15,7 +15,9 @@ method of :class:`Provenance` that applies it):
 - **From outside** (``_from_outside``). A NaN or +inf in an input that no traced op made is an event
   with origin ``input`` at the first op that reads it.
 - **Masks** (``_masks_from_inputs``, ``_uncovered``). Only -inf that derives from a mask is a mask: the infinities that
-  ``masked_fill``, ``full``, ``where`` and the other constant writers write, a -inf
+  ``masked_fill``, ``full``, ``where`` and the other constant writers write (not
+  ``index_put_`` with ``accumulate=True`` or ``scatter`` with ``reduce``: they sum
+  into their target, and an overflow there is theirs), a -inf
   that enters from outside the trace, and whatever flows from these with its sign
   kept. A NaN, or an infinity of a sign that no input's mask held, is made by the op
   (origin ``op``): a softmax over a fully masked row (NaN), ``exp`` overflowing next
@@ -73,7 +75,10 @@ from nanlab.lab.result import Event
 
 __all__ = ["Event", "Tracer", "Replay", "trace", "replay"]
 
-# Ops whose job is to write a chosen constant: an infinity they write is a mask.
+# Ops whose job is to write a chosen constant: an infinity they write is a mask. An
+# overload that reduces into its target (scatter's ``reduce``) and a call that
+# accumulates (index_put with ``accumulate=True``) compute what they write, so are
+# no constant writers (see ``_plan`` and ``_writes_constants``).
 _MASK_WRITERS = {
     "masked_fill", "masked_fill_", "full", "full_like", "new_full", "fill", "fill_",
     "where", "scalar_tensor", "index_put", "index_put_", "lift_fresh", "lift_fresh_copy",
@@ -388,7 +393,8 @@ class _Plan:
     """How the tracer treats one op overload, worked out once."""
 
     kind: str  # view, carrier, finite, checked
-    writer: bool
+    writer: bool  # a constant writer (_MASK_WRITERS), unless it accumulates
+    accumulate: Optional[int]  # position of an ``accumulate`` flag that makes a constant writer compute
     shape_only: bool
     readout: bool
     foreach: bool
@@ -408,6 +414,9 @@ def _plan(func) -> _Plan:
                   if a.alias_info is not None and a.alias_info.is_write]
         undeclared, flag = _UNDECLARED_WRITES.get(name, ((), None))
         writes += [(i, schema.arguments[i].name, True) for i in undeclared]
+        names = [a.name for a in schema.arguments]
+        writer = name in _MASK_WRITERS and "reduce" not in names
+        accumulate = names.index("accumulate") if writer and "accumulate" in names else None
         if func.is_view:
             kind = "view"
         elif name in _WRITE_FINITE:
@@ -416,13 +425,19 @@ def _plan(func) -> _Plan:
             kind = "carrier"
         else:
             kind = "checked"
-        plan = _PLANS[func] = _Plan(kind, name in _MASK_WRITERS, name in _SHAPE_ONLY, name in _READOUTS,
+        plan = _PLANS[func] = _Plan(kind, writer, accumulate, name in _SHAPE_ONLY, name in _READOUTS,
                                     name.startswith("_foreach_"), tuple(writes), flag)
     return plan
 
 
 def _argument(args, kwargs, position: int, name: str):
     return args[position] if position < len(args) else kwargs.get(name)
+
+
+def _writes_constants(plan: _Plan, args, kwargs) -> bool:
+    """Whether this call writes constants: a constant writer that is not told to add
+    into its target (``index_put_(..., accumulate=True)`` sums, and its overflow is its own)."""
+    return plan.writer and not (plan.accumulate is not None and _argument(args, kwargs, plan.accumulate, "accumulate"))
 
 
 def _written_arguments(plan: _Plan, args, kwargs) -> list[tuple]:
@@ -634,7 +649,7 @@ class Tracer(TorchDispatchMode):
         groups = [([read(t) for t in reads], [wrote(t) for t in ws])
                   for reads, ws in _op_groups(plan, args, kwargs, out, written)]
         where = mode.where(lambda: self._where.context(node, [t for t, _ in written]))
-        mode.record(("checked", name, where, groups, plan.writer))
+        mode.record(("checked", name, where, groups, _writes_constants(plan, args, kwargs)))
         return out
 
 
