@@ -5,7 +5,7 @@ torch is imported only when one of these names is first used.
 
 - ``nanlab.run(scenario, *overrides, **options)`` -> ScenarioResult
 - ``with nanlab.trace() as tr: ...`` -> ``tr.first`` is None or an Event
-- ``nanlab.guard(step_fn, model, optimizer=None)`` -> guarded step callable
+- ``nanlab.guard(step_fn, model, optimizer=None, schedulers=(), snapshot="auto")`` -> guarded step callable
 - ``nanlab.NonFiniteError``, ``nanlab.ConfigError``
 - ``nanlab.validate_labels``, ``nanlab.validate_data`` (data checks before training)
 - ``nanlab.kernels`` (the loss-kernel checker)
