@@ -5,7 +5,7 @@ import io
 
 import pytest
 
-from conftest import need_extra
+from conftest import need_extra, run_cli_fresh
 
 # One grid, three ways. lr 0.5 diverges (at step 12) without clipping; clip=norm keeps it finite.
 GRID = ["scenario=tanh_explosion", "steps=20"]
@@ -45,9 +45,11 @@ def test_multirun_prints_a_line_per_job_then_writes_and_prints_the_summary(seria
     assert "| 0.5 | none | 12 |" in proc.stdout and f"Wrote {folder / 'summary.csv'}" in proc.stdout
 
 
-def test_joblib_launcher_gives_the_serial_summary(serial, cli, tmp_path):
+def test_joblib_launcher_gives_the_serial_summary(serial, tmp_path):
     need_extra("parallel")
-    proc = cli("-m", *GRID, *MULTIRUN_AXES, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+    # A new interpreter: joblib's loky workers hang when the launcher runs in a child
+    # forked from the tests' warm server.
+    proc = run_cli_fresh("-m", *GRID, *MULTIRUN_AXES, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "summary.csv").read_text() == (serial[0] / "summary.csv").read_text()
