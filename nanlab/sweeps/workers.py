@@ -1,0 +1,139 @@
+"""A sweep's chunks on every core, or on a cluster.
+
+A chunk (a few grid points, or a round's candidates) is trained start to end by
+one worker. Every copy's numbers are its own (nanlab.sweeps.engine), so which
+worker trains a chunk changes how fast the sweep runs, never what it finds.
+
+- ``in_workers``: forked processes on this machine, one torch thread each. A worker
+  is handed its next chunk when it returns the last, so a worker that dies loses
+  only the chunk it was training; the others go on with the rest.
+- ``executor``: a submitit executor (``sweep.launcher=submitit_local`` or ``slurm``),
+  the engine of Hydra's own submitit launcher; the caller submits one job per
+  worker, each dealt its chunks round-robin.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterator, Sequence
+
+from nanlab.errors import ConfigError, install_hint
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this platform
+        return os.cpu_count() or 1
+
+
+def one_thread() -> None:
+    """A worker's torch runs on one thread: its cores are the other workers'."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _serve(task: Callable, items: Sequence, conn) -> None:
+    one_thread()
+    while True:
+        index = conn.recv()
+        if index is None:
+            return
+        try:
+            reply = (index, True, task(items[index]))
+        except BaseException as err:  # the parent raises it, as if the task had run there
+            reply = (index, False, err)
+        try:
+            conn.send(reply)
+        except Exception as err:  # an error that does not pickle still says what it was
+            conn.send((index, False, RuntimeError(f"{type(reply[2]).__name__}: {reply[2]} ({err})")))
+
+
+class Lost:
+    """An item no result came back for: its worker died, and the reason."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def in_workers(task: Callable, items: Sequence, workers: int) -> Iterator[tuple]:
+    """``(index, task(items[index]) or Lost)`` for every item, as each is done.
+
+    With one worker (or one item) the tasks run here, in order. Otherwise
+    ``workers`` forked processes take the items in order, each the next one when
+    it is free. An exception a task raised is raised here."""
+    if workers <= 1 or len(items) <= 1:
+        for index, item in enumerate(items):
+            yield index, task(item)
+        return
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    context = multiprocessing.get_context("fork")  # the worker inherits the scenario and configs, unpickled
+    pool = []  # [process, connection, index in hand or None]
+    for _ in range(min(workers, len(items))):
+        here, there = context.Pipe()
+        process = context.Process(target=_serve, args=(task, items, there), daemon=True)
+        process.start()
+        there.close()
+        pool.append([process, here, None])
+    waiting = list(range(len(items)))[::-1]
+
+    def hand_out(worker) -> None:
+        worker[2] = waiting.pop() if waiting else None
+        worker[1].send(worker[2])
+
+    try:
+        for worker in pool:
+            hand_out(worker)
+        while any(worker[2] is not None for worker in pool):
+            busy = [worker for worker in pool if worker[2] is not None]
+            ready = wait([w[1] for w in busy] + [w[0].sentinel for w in busy])
+            for worker in busy:
+                process, conn, index = worker
+                if conn in ready or conn.poll():
+                    try:
+                        _, ok, value = conn.recv()
+                    except EOFError:
+                        ok, value = None, None
+                    if ok is not None:
+                        if not ok:
+                            raise value
+                        yield index, value
+                        hand_out(worker)
+                        continue
+                if process.sentinel in ready or not process.is_alive():
+                    process.join()
+                    worker[2] = None
+                    yield index, Lost(f"its worker (pid {process.pid}) died, exit code {process.exitcode}")
+        for index in waiting[::-1]:  # every worker died before these were handed out
+            yield index, Lost("no worker was left to train it")
+    finally:
+        for process, conn, _ in pool:
+            if process.is_alive():
+                process.terminate()
+            process.join()
+            conn.close()
+
+
+def executor(sweep, folder):
+    """The submitit executor ``sweep.launcher`` names, set up from ``sweep.slurm``;
+    it submits nothing itself."""
+    try:
+        import submitit
+    except ImportError:
+        raise ConfigError("sweep.launcher", sweep.launcher,
+                          f"submitit is not installed; install the cluster extra: {install_hint('cluster')}") from None
+    if sweep.launcher == "submitit_local":
+        made = submitit.LocalExecutor(folder=str(folder))
+        made.update_parameters(timeout_min=int(sweep.slurm.timeout_min))
+        return made
+    slurm = sweep.slurm
+    made = submitit.SlurmExecutor(folder=str(folder))
+    settings = dict(time=int(slurm.timeout_min), cpus_per_task=int(slurm.cpus_per_task),
+                    mem=f"{int(slurm.mem_gb)}G", ntasks_per_node=1, nodes=1, job_name="nanlab-sweep")
+    settings.update({key: str(slurm[key]) for key in ("partition", "account", "qos", "constraint")
+                     if slurm[key] is not None})
+    made.update_parameters(**settings)
+    return made
