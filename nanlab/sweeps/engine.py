@@ -874,22 +874,49 @@ class Schedule:
     looped: dict  # key -> reason
     overrides: list  # per run: the variant's own overrides at that point
 
-    def describe(self) -> list:
-        """One line per engine used: which variants, how many runs, and why the loop."""
+    def tally(self) -> dict:
+        """How the runs train, as counts that add up over schedules (:func:`add_tallies`):
+        "batched" -> [runs, distinct runs, batches, variant names]; (variant, reason) ->
+        [distinct runs the loop trains, because of that reason]."""
         batched = {k for b in self.batches for k in b if k not in self.looped}
-        batches = sum(any(k in batched for k in b) for b in self.batches)
-        lines = []
+        tally: dict = {}
         if batched:
-            names = [n for n in dict.fromkeys(r.variant.name for r, k in zip(self.runs, self.order) if k in batched)]
-            lines.append(f"batched engine: {sum(k in batched for k in self.order)} runs "
-                         f"({len(batched)} distinct) in {batches} batches, for {', '.join(names)}")
+            names = list(dict.fromkeys(r.variant.name for r, k in zip(self.runs, self.order) if k in batched))
+            tally["batched"] = [sum(k in batched for k in self.order), len(batched),
+                                sum(any(k in batched for k in b) for b in self.batches), names]
         reasons: dict = {}
         for run, key in zip(self.runs, self.order):
             if key in self.looped:
                 reasons.setdefault((run.variant.name, self.looped[key]), set()).add(key)
-        for (name, reason), keys in reasons.items():
-            lines.append(f"in-process loop: {len(keys)} runs of {name}, because {reason}")
-        return lines
+        tally.update({what: [len(keys)] for what, keys in reasons.items()})
+        return tally
+
+    def describe(self) -> list:
+        return describe(self.tally())
+
+
+def add_tallies(total: dict, more: dict) -> dict:
+    for what, counts in more.items():
+        if what not in total:
+            total[what] = [list(c) if isinstance(c, list) else c for c in counts]
+            continue
+        for i, count in enumerate(counts):
+            total[what][i] = (total[what][i] + [n for n in count if n not in total[what][i]]
+                              if isinstance(count, list) else total[what][i] + count)
+    return total
+
+
+def describe(tally: dict) -> list:
+    """One line per engine used: which variants, how many runs, and why the loop."""
+    lines = []
+    for what, counts in tally.items():
+        if what == "batched":
+            runs, distinct, batches, names = counts
+            lines.append(f"batched engine: {runs} runs ({distinct} distinct) in {batches} batches, "
+                         f"for {', '.join(names)}")
+        else:
+            lines.append(f"in-process loop: {counts[0]} runs of {what[0]}, because {what[1]}")
+    return lines
 
 
 class Engine:

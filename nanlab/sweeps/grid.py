@@ -182,12 +182,12 @@ class GridJob:
             outcomes = self.engine.train(schedule)
             rows = [self.summary.row(self.grid.columns(point), [o.result for o in outcomes[i:i + n]])
                     for point, i in zip(points, range(0, len(outcomes), n))]
-            return [self.summary.csv_line(row) for row in rows], schedule.describe(), 0
+            return [self.summary.csv_line(row) for row in rows], schedule.tally(), 0
         except (ConfigError, ContractError, KeyboardInterrupt):
             raise
         except Exception as err:
             why = f"failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            return [self.summary.csv_line(self.summary.row(self.grid.columns(p), status=why)) for p in points], [], \
+            return [self.summary.csv_line(self.summary.row(self.grid.columns(p), status=why)) for p in points], {}, \
                 len(points)
 
 
@@ -227,20 +227,24 @@ def sweep(cfg, run_dir, overrides: Sequence[str] = (), out: Callable[[str], None
         finished = _local(job, chunks, workers)
     else:
         finished = _submitted(job, chunks, workers, run_dir)
-    failed, described = 0, set()
+    from nanlab.sweeps.engine import add_tallies, describe
+
+    failed, tally = 0, {}
     with _progress(len(todo)) as bar, open(run_dir / SUMMARY_CSV, "a", encoding="utf-8") as csv_file:
         for lines, how, bad, lost, points_done in finished:
             csv_file.write("".join(lines))
             csv_file.flush()
-            _say_new(how, described, out)
+            add_tallies(tally, how)
             failed += bad + lost[0]
             if lost[0]:
                 out(f"sweep: {lost[0]} points lost: {lost[1]}; sweep.resume=true trains them again")
             bar.update(points_done)
+    for line in describe(tally):
+        out(line)
     by_key = {tuple(r[k] for k in grid.keys): r for r in read_csv_rows(run_dir / SUMMARY_CSV)[1]}
     summary.rows = [by_key[tuple(grid.columns(p).values())] for p in points if tuple(grid.columns(p).values()) in by_key]
     notes = [f"# Sweep summary: {job.scenario.name}", f"{len(summary.rows)} points, in-process sweep (mode=sweep)",
-             *(f"- {line}" for line in sorted(described))]
+             *(f"- {line}" for line in describe(tally))]
     files = summary.write(run_dir, notes)
     out(summary.markdown())
     if bool(cfg.plot):
@@ -269,19 +273,20 @@ def train_job(plain_cfg: dict, overrides: list, chunk: int, chunks: list, rows_p
     own file as it finishes; (how they ran, how many points failed)."""
     from omegaconf import OmegaConf
 
+    from nanlab.sweeps.engine import add_tallies
     from nanlab.sweeps.workers import one_thread
 
     one_thread()
     job = GridJob(OmegaConf.create(plain_cfg), overrides, chunk)
-    described, failed = [], 0
+    tally, failed = {}, 0
     with open(rows_path, "a", encoding="utf-8") as rows:
         for points in chunks:
             lines, how, bad = job.train(points)
             rows.write("".join(lines))
             rows.flush()
-            described += [line for line in how if line not in described]
+            add_tallies(tally, how)
             failed += bad
-    return described, failed
+    return tally, failed
 
 
 def _submitted(job: GridJob, chunks: list, jobs: int, run_dir: Path):
@@ -309,7 +314,7 @@ def _submitted(job: GridJob, chunks: list, jobs: int, run_dir: Path):
             how, failed = handle.result()
             why = ""
         except Exception as err:  # the job died or raised: the rows it wrote still count
-            how, failed = [], 0
+            how, failed = {}, 0
             why = f"job {handle.job_id} failed: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err) else ''}"
         text = path.read_text(encoding="utf-8")
         lines = text[: text.rfind("\n") + 1].splitlines(keepends=True)  # a line cut short is not a row
@@ -317,13 +322,6 @@ def _submitted(job: GridJob, chunks: list, jobs: int, run_dir: Path):
         asked = sum(len(points) for points in mine)
         lost = sum(tuple(job.grid.columns(p).values()) not in written for points in mine for p in points)
         yield lines, how, failed, (lost, why or "its job ended without writing them"), asked
-
-
-def _say_new(lines: list, said: set, out: Callable[[str], None]) -> None:
-    for line in lines:
-        if line not in said:
-            said.add(line)
-            out(line)
 
 
 def _resume(summary: Summary, path: Path, resume: bool, grid: Grid) -> tuple:
