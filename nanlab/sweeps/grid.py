@@ -260,7 +260,7 @@ def _local(job: GridJob, chunks: list, workers: int):
 
     for index, result in in_workers(job.train, chunks, workers):
         if isinstance(result, Lost):
-            yield [], [], 0, (len(chunks[index]), result.reason), len(chunks[index])
+            yield [], {}, 0, (len(chunks[index]), result.reason), len(chunks[index])
         else:
             yield (*result, (0, ""), len(chunks[index]))
 

@@ -130,7 +130,11 @@ def executor(sweep, folder):
         made.update_parameters(timeout_min=int(sweep.slurm.timeout_min))
         return made
     slurm = sweep.slurm
-    made = submitit.SlurmExecutor(folder=str(folder))
+    try:
+        made = submitit.SlurmExecutor(folder=str(folder))
+    except RuntimeError:  # submitit's own check: no srun on the PATH
+        raise ConfigError("sweep.launcher", sweep.launcher, "Slurm's srun is not on this machine's PATH; "
+                          "start the sweep on the cluster's login node") from None
     settings = dict(time=int(slurm.timeout_min), cpus_per_task=int(slurm.cpus_per_task),
                     mem=f"{int(slurm.mem_gb)}G", ntasks_per_node=1, nodes=1, job_name="nanlab-sweep")
     settings.update({key: str(slurm[key]) for key in ("partition", "account", "qos", "constraint")
