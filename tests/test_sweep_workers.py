@@ -109,7 +109,7 @@ def test_bad_worker_settings_are_one_line_errors(key, bad, good, message):
 
 def test_chunks_fill_the_cache_within_their_bounds():
     """tanh_explosion's step holds 2 x 256 x 257 floats of layer outputs and
-    gradients and 4 x 4929 of parameter state: 545,960 bytes a copy."""
+    gradients and 4 x 4929 of parameter state: 605,200 bytes a copy."""
     from nanlab.lab import registry
     from nanlab.sweeps.engine import MAX_CHUNK, MIN_CHUNK, Engine, Run, chunk_copies
 
