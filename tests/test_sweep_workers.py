@@ -111,7 +111,8 @@ def test_chunks_fill_the_cache_within_their_bounds():
     """tanh_explosion's step holds 2 x 256 x 257 floats of layer outputs and
     gradients and 4 x 4929 of parameter state: 605,200 bytes a copy."""
     from nanlab.lab import registry
-    from nanlab.sweeps.engine import MAX_CHUNK, MIN_CHUNK, Engine, Run, chunk_copies
+    from nanlab.sweeps.engine import Engine, Run
+    from nanlab.sweeps.workers import MAX_CHUNK, MIN_CHUNK, chunk_copies
 
     scenario = registry.load("tanh_explosion")
     prepared = Engine(scenario).prepare(Run(scenario.broken, compose(["scenario=tanh_explosion"])))

@@ -114,7 +114,7 @@ SweepConf = make_dataclass("SweepConf", [
     # A grid of more than options.SWEEP_DEFAULT_MAX_POINTS points needs this set.
     ("max_points", Optional[int], field(default=None)),
     # Copies trained together in one chunk at most; None sizes chunks from the model's
-    # tensors (nanlab.sweeps.engine.chunk_copies). Rows are written after each chunk.
+    # tensors (nanlab.sweeps.workers.chunk_copies). Rows are written after each chunk.
     ("max_batch", Optional[int], field(default=None)),
     # Processes (or submitit jobs) that train the chunks; None: the cores this process may use.
     ("workers", Optional[int], field(default=None)),

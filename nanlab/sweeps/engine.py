@@ -45,6 +45,7 @@ from nanlab.lab.build import DTYPES, apply_init, resolve_device
 from nanlab.lab.loop import _to, evaluate, overrides_of, train
 from nanlab.lab.result import FirstNonFinite, VariantResult
 from nanlab.lab.scenario import Context, Data, Scenario, Variant
+from nanlab.sweeps.workers import MIN_CHUNK  # TEMPORARY: a running benchmark imports it from here
 
 # Modules that act on each element alone: they give the same numbers on a
 # [copies, n, features] tensor as on each copy's [n, features] slice.
@@ -625,45 +626,6 @@ class Prepared:
     plan: object  # list of steps, or the reason the model cannot be batched
 
 
-# Copies a chunk trains together (nanlab.sweeps.grid). A step's elementwise kernels
-# slow down once its tensors leave the L2 cache (tanh_backward measured 0.3 ns an
-# element at 16 copies of tanh_explosion, 0.8 at 128), while each step also pays a
-# fixed cost in Python, about a millisecond whatever the copies: batches of 8 took
-# 1.3x the CPU time of batches of 16 on the 64-point grid (36 s against 27 s). So a
-# chunk is as many copies as fit the cache, but no fewer than MIN_CHUNK, and no more
-# than MAX_CHUNK, so that a grid still splits into chunks for the workers.
-MIN_CHUNK, MAX_CHUNK = 16, 64
-DEFAULT_L2_BYTES = 2 * 2 ** 20
-
-
-def l2_bytes() -> int:
-    """The L2 cache of the first CPU (Linux's sysfs), or DEFAULT_L2_BYTES where unknown."""
-    try:
-        text = open("/sys/devices/system/cpu/cpu0/cache/index2/size").read().strip()
-        return int(text[:-1]) * {"K": 2 ** 10, "M": 2 ** 20}[text[-1]] if text[-1] in "KM" else int(text)
-    except (OSError, ValueError, IndexError):
-        return DEFAULT_L2_BYTES
-
-
-def chunk_copies(prepared: "Prepared", cache: Optional[int] = None) -> int:
-    """Copies per chunk for runs like this one: its step's tensors (each layer's output
-    and its gradient, and the parameters with their gradients, update and optimizer
-    state) against the L2 cache, within [MIN_CHUNK, MAX_CHUNK]."""
-    if isinstance(prepared.plan, str):
-        return MIN_CHUNK  # the loop trains it run by run: chunks only share the work out
-    n, width, elements = prepared.data.x.shape[0], prepared.data.x.shape[1], 0
-    params = iter(prepared.start)
-    for kind, bias in prepared.plan:
-        if kind == "linear":
-            width = next(params).shape[0]
-            if bias:
-                next(params)
-        elements += 2 * n * width
-    elements += 4 * sum(p.numel() for p in prepared.start)
-    per_copy = elements * prepared.start[0].element_size()
-    return max(MIN_CHUNK, min(MAX_CHUNK, (cache or l2_bytes()) // per_copy))
-
-
 def _hyper(prepared: list, device) -> dict:
     def column(get):
         return torch.tensor([float(get(p.vcfg)) for p in prepared], dtype=torch.float64, device=device)
@@ -758,8 +720,7 @@ def train_batch(scenario: Scenario, batch: list, work: Callable[[int], None] = l
         losses, exact, grads = model.step(params, data)
         grad_norm = model.norms(grads)
         grads, checked_norm = clip(clip_name, grads, thresholds, grad_norm, model.norms)
-        with torch.no_grad():
-            new = optimizer.step([p.detach() for p in params], grads)
+        new = optimizer.step(params, grads)
         param_norm = model.norms(new)
         # The loop records the norm before clipping, and its sentinel checks the one the update used.
         readings = torch.stack([losses.to(torch.float64), grad_norm.to(torch.float64),
@@ -876,20 +837,18 @@ class Schedule:
 
     def tally(self) -> dict:
         """How the runs train, as counts that add up over schedules (:func:`add_tallies`):
-        "batched" -> [runs, distinct runs, batches, variant names]; (variant, reason) ->
-        [distinct runs the loop trains, because of that reason]."""
+        (variant names,) -> [runs, distinct runs, batches] on the batched engine;
+        (variant, reason) -> [distinct runs] the loop trains for that reason."""
         batched = {k for b in self.batches for k in b if k not in self.looped}
         tally: dict = {}
         if batched:
-            names = list(dict.fromkeys(r.variant.name for r, k in zip(self.runs, self.order) if k in batched))
-            tally["batched"] = [sum(k in batched for k in self.order), len(batched),
-                                sum(any(k in batched for k in b) for b in self.batches), names]
-        reasons: dict = {}
+            names = tuple(dict.fromkeys(r.variant.name for r, k in zip(self.runs, self.order) if k in batched))
+            tally[names] = [sum(k in batched for k in self.order), len(batched),
+                            sum(any(k in batched for k in b) for b in self.batches)]
         for run, key in zip(self.runs, self.order):
             if key in self.looped:
-                reasons.setdefault((run.variant.name, self.looped[key]), set()).add(key)
-        tally.update({what: [len(keys)] for what, keys in reasons.items()})
-        return tally
+                tally.setdefault((run.variant.name, self.looped[key]), set()).add(key)
+        return {what: [len(n)] if isinstance(n, set) else n for what, n in tally.items()}
 
     def describe(self) -> list:
         return describe(self.tally())
@@ -897,26 +856,15 @@ class Schedule:
 
 def add_tallies(total: dict, more: dict) -> dict:
     for what, counts in more.items():
-        if what not in total:
-            total[what] = [list(c) if isinstance(c, list) else c for c in counts]
-            continue
-        for i, count in enumerate(counts):
-            total[what][i] = (total[what][i] + [n for n in count if n not in total[what][i]]
-                              if isinstance(count, list) else total[what][i] + count)
+        total[what] = [a + b for a, b in zip(total.get(what, [0] * len(counts)), counts)]
     return total
 
 
 def describe(tally: dict) -> list:
     """One line per engine used: which variants, how many runs, and why the loop."""
-    lines = []
-    for what, counts in tally.items():
-        if what == "batched":
-            runs, distinct, batches, names = counts
-            lines.append(f"batched engine: {runs} runs ({distinct} distinct) in {batches} batches, "
-                         f"for {', '.join(names)}")
-        else:
-            lines.append(f"in-process loop: {counts[0]} runs of {what[0]}, because {what[1]}")
-    return lines
+    return [f"batched engine: {n[0]} runs ({n[1]} distinct) in {n[2]} batches, for {', '.join(what)}"
+            if len(n) == 3 else f"in-process loop: {n[0]} runs of {what[0]}, because {what[1]}"
+            for what, n in tally.items()]
 
 
 class Engine:

@@ -1,6 +1,7 @@
-"""mode=sweep: the whole grid in this one process, trained on the batched engine
-(nanlab.sweeps.engine) wherever the scenario's model allows; it writes the same
-summary.csv and summary.md as a Hydra multirun of the same overrides, row for row.
+"""mode=sweep: the whole grid, in chunks trained on the batched engine
+(nanlab.sweeps.engine) wherever the scenario's model allows, by worker processes or
+submitit jobs (nanlab.sweeps.workers); it writes the same summary.csv and summary.md
+as a Hydra multirun of the same overrides, row for row.
 """
 from __future__ import annotations
 
@@ -153,7 +154,8 @@ class GridJob:
         """Points per chunk: sweep.max_batch, or the copies the engine sizes a batch to."""
         if self.cfg.sweep.max_batch is not None:
             return int(self.cfg.sweep.max_batch)
-        from nanlab.sweeps.engine import Run, chunk_copies
+        from nanlab.sweeps.engine import Run
+        from nanlab.sweeps.workers import chunk_copies
 
         return chunk_copies(self.engine.prepare(Run(self.variants[0], self.configs(points[0]))))
 
@@ -216,12 +218,12 @@ def sweep(cfg, run_dir, overrides: Sequence[str] = (), out: Callable[[str], None
     chunks = job.chunks(todo) if todo else []
     workers = min(int(cfg.sweep.workers or pool.available_cores()), max(1, len(chunks)))
     launcher = str(cfg.sweep.launcher)
+    trainers = f"{workers} {'worker' if launcher == 'local' else launcher + ' job'}{'s' if workers > 1 else ''}"
     keys_text = " x ".join(f"{key} ({len(values)})" for _, key, values in grid.axes) or "no axes (one point)"
     out(f"sweep: {job.scenario.name}, {len(points)} points: {keys_text}; variants: {', '.join(summary.variants)}"
         + (f"; resuming: {len(points) - len(todo)} rows already in {SUMMARY_CSV}" if done else "")
         + (f"; {dropped} damaged, failed or repeated lines dropped, their points run again" if dropped else "")
-        + (f"; {len(chunks)} chunks of up to {job.chunk} points, {workers} "
-           + ("worker" if launcher == "local" else f"{launcher} job") + ("s" if workers > 1 else "") if chunks else ""))
+        + (f"; {len(chunks)} chunks of up to {job.chunk} points, {trainers}" if chunks else ""))
 
     if launcher == "local":
         finished = _local(job, chunks, workers)
@@ -243,7 +245,7 @@ def sweep(cfg, run_dir, overrides: Sequence[str] = (), out: Callable[[str], None
         out(line)
     by_key = {tuple(r[k] for k in grid.keys): r for r in read_csv_rows(run_dir / SUMMARY_CSV)[1]}
     summary.rows = [by_key[tuple(grid.columns(p).values())] for p in points if tuple(grid.columns(p).values()) in by_key]
-    notes = [f"# Sweep summary: {job.scenario.name}", f"{len(summary.rows)} points, in-process sweep (mode=sweep)",
+    notes = [f"# Sweep summary: {job.scenario.name}", f"{len(summary.rows)} points, mode=sweep on {trainers}",
              *(f"- {line}" for line in describe(tally))]
     files = summary.write(run_dir, notes)
     out(summary.markdown())
