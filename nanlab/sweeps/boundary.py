@@ -167,11 +167,11 @@ def run_boundary(cfg, run_dir, overrides=None) -> int:
           f"lr in [{cfg.boundary.lr_min:g}, {cfg.boundary.lr_max:g}], {int(cfg.steps)} steps, "
           f"to {100 * cfg.boundary.precision:g}%")
     from nanlab.lab import threads
-    from nanlab.sweeps.workers import available_cores
+    from nanlab.sweeps.workers import worker_count
 
     engine = Engine(scenario, threads=threads.fixed(cfg.get("threads")) or 1)  # one thread a worker
     brackets = search(engine, broken, configs, combos, cfg.boundary, float(cfg.optimizer.lr),
-                      workers=int(cfg.sweep.workers or available_cores()))
+                      workers=worker_count(cfg.sweep, str(cfg.device)))
     entries = [b.entry() for b in brackets]
     print(render(entries))
     files = [jsonio.write_json(Path(run_dir) / BOUNDARY_JSON, entries)]

@@ -216,7 +216,7 @@ def sweep(cfg, run_dir, overrides: Sequence[str] = (), out: Callable[[str], None
     done, dropped = _resume(summary, run_dir / SUMMARY_CSV, bool(cfg.sweep.resume), grid)
     todo = [p for p in points if tuple(grid.columns(p).values()) not in done]
     chunks = job.chunks(todo) if todo else []
-    workers = min(int(cfg.sweep.workers or pool.available_cores()), max(1, len(chunks)))
+    workers = min(pool.worker_count(cfg.sweep, str(cfg.device)), max(1, len(chunks)))
     launcher = str(cfg.sweep.launcher)
     trainers = f"{workers} {'worker' if launcher == 'local' else launcher + ' job'}{'s' if workers > 1 else ''}"
     keys_text = " x ".join(f"{key} ({len(values)})" for _, key, values in grid.axes) or "no axes (one point)"

@@ -66,6 +66,17 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def worker_count(sweep, device: str) -> int:
+    """``sweep.workers``, or the cores available. Runs on a GPU train in this one
+    process: CUDA does not survive a fork, and one process already keeps a GPU busy."""
+    if sweep.launcher == "local" and device != "cpu":
+        from nanlab.lab.build import resolve_device
+
+        if resolve_device(device).type != "cpu":
+            return 1
+    return int(sweep.workers or available_cores())
+
+
 def one_thread() -> None:
     """A worker's torch runs on one thread: its cores are the other workers'."""
     import torch
