@@ -537,6 +537,12 @@ def rmsprop_update(p, g, state, h, first, steps):
 UPDATES = {"sgd": sgd_update, "adam": adam_update, "rmsprop": rmsprop_update}
 
 
+def _shared(hyper: dict) -> dict:
+    """The settings, each one every copy shares as the Python float torch.optim is
+    given: then each op is torch's own, with no per-copy tensor work in a step."""
+    return {k: float(v[0]) if len(v) and bool((v == v[0]).all()) else v for k, v in hyper.items()}
+
+
 class BatchedOptimizer:
     """torch.optim.SGD, Adam or RMSprop, as nanlab builds them (nanlab.lab.build.make_optimizer):
     torch's single-tensor update (the one it runs on CPU tensors), op for op, for every
@@ -550,7 +556,7 @@ class BatchedOptimizer:
     the single run's own size gets the single run's bits."""
 
     def __init__(self, name: str, hyper: dict, dtype: torch.dtype):
-        self.update, self.hyper = UPDATES[name], hyper
+        self.update, self.hyper, self.shared = UPDATES[name], hyper, _shared(hyper)
         self.one_by_one = dtype in (torch.float16, torch.bfloat16)
         self.state: Optional[list] = None
         self.steps = 0
@@ -558,6 +564,7 @@ class BatchedOptimizer:
     def keep(self, index: torch.Tensor) -> None:
         """Drop every copy not in ``index`` (retired copies)."""
         self.hyper = {k: v.index_select(0, index) for k, v in self.hyper.items()}
+        self.shared = _shared(self.hyper)
         if self.state is not None:
             self.state = [{k: v.index_select(0, index) for k, v in s.items()} for s in self.state]
 
@@ -568,7 +575,7 @@ class BatchedOptimizer:
         if first:
             self.state = [{} for _ in params]
         if not self.one_by_one:
-            return [self._step(p, g, state, self.hyper, first) for p, g, state in zip(params, grads, self.state)]
+            return [self._step(p, g, state, self.shared, first) for p, g, state in zip(params, grads, self.state)]
         out = []
         for p, g, state in zip(params, grads, self.state):
             copies, new_states = [], []
