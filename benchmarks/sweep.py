@@ -68,7 +68,8 @@ def copy_steps(lrs: list, steps: int) -> int:
 
     from nanlab.config.compose import compose
     from nanlab.lab import registry
-    from nanlab.sweeps.engine import MIN_CHUNK, Engine, Run
+    from nanlab.sweeps.engine import Engine, Run
+    from nanlab.sweeps.workers import MIN_CHUNK
 
     scenario = registry.load(SCENARIO)
     runs = []

@@ -62,7 +62,7 @@ def test_mode_sweep_gives_the_multirun_rows_bit_for_bit(serial, cli, tmp_path):
 
     proc = cli("mode=sweep", *GRID, *SWEEP_AXES, "sweep.workers=2", "sweep.max_batch=1", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
-    assert "batched engine:" in proc.stdout and "4 chunks of up to 1 points, 2 workers" in proc.stdout
+    assert "batched engine:" in proc.stdout and "4 chunks of up to 1 point, 2 workers" in proc.stdout
     multirun = (serial[0] / "summary.csv").read_text()
     assert (tmp_path / "summary.csv").read_text() == multirun
     assert [r["sgd_large_lr.first_nonfinite_step"] for r in read_csv(tmp_path / "summary.csv")] == ["", "", "12", ""]

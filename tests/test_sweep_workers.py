@@ -49,14 +49,14 @@ def test_a_killed_worker_loses_its_chunk_and_resume_gives_the_uninterrupted_summ
     lines = []
     summary, failed = sweep(compose(overrides), tmp_path, overrides, out=lines.append)
     assert failed == 1 and "2 workers" in lines[0]
-    assert any(line.startswith("sweep: 1 points lost: its worker (pid ") and "exit code -9" in line for line in lines)
+    assert any(line.startswith("sweep: 1 point lost: its worker (pid ") and "exit code -9" in line for line in lines)
     assert [r["optimizer.lr"] for r in read_csv_rows(tmp_path / SUMMARY_CSV)[1]] == ["0.05", "0.1", "0.5"]
 
     monkeypatch.setattr(batched.Engine, "train", train)
     lines.clear()
     resumed = [*overrides, "sweep.resume=true"]
     summary, failed = sweep(compose(resumed), tmp_path, resumed, out=lines.append)
-    assert failed == 0 and "resuming: 3 rows" in lines[0] and "1 chunks of up to 1 points, 1 worker" in lines[0]
+    assert failed == 0 and "resuming: 3 rows" in lines[0] and "1 chunk of up to 1 point, 1 worker" in lines[0]
     assert trained[-1] == {0.2}  # only the lost point, here in this process (one chunk, one worker)
     assert (tmp_path / SUMMARY_CSV).read_bytes() == one_worker
 

@@ -223,7 +223,8 @@ def sweep(cfg, run_dir, overrides: Sequence[str] = (), out: Callable[[str], None
     out(f"sweep: {job.scenario.name}, {len(points)} points: {keys_text}; variants: {', '.join(summary.variants)}"
         + (f"; resuming: {len(points) - len(todo)} rows already in {SUMMARY_CSV}" if done else "")
         + (f"; {dropped} damaged, failed or repeated lines dropped, their points run again" if dropped else "")
-        + (f"; {len(chunks)} chunks of up to {job.chunk} points, {trainers}" if chunks else ""))
+        + (f"; {len(chunks)} chunk{'s' if len(chunks) > 1 else ''} of up to {job.chunk} "
+           f"point{'s' if job.chunk > 1 else ''}, {trainers}" if chunks else ""))
 
     if launcher == "local":
         finished = _local(job, chunks, workers)
@@ -239,7 +240,8 @@ def sweep(cfg, run_dir, overrides: Sequence[str] = (), out: Callable[[str], None
             add_tallies(tally, how)
             failed += bad + lost[0]
             if lost[0]:
-                out(f"sweep: {lost[0]} points lost: {lost[1]}; sweep.resume=true trains them again")
+                out(f"sweep: {lost[0]} point{'s' if lost[0] > 1 else ''} lost: {lost[1]}; "
+                    "sweep.resume=true trains them again")
             bar.update(points_done)
     for line in describe(tally):
         out(line)
