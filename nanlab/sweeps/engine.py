@@ -45,7 +45,6 @@ from nanlab.lab.build import DTYPES, apply_init, resolve_device
 from nanlab.lab.loop import _to, evaluate, overrides_of, train
 from nanlab.lab.result import FirstNonFinite, VariantResult
 from nanlab.lab.scenario import Context, Data, Scenario, Variant
-from nanlab.sweeps.workers import MIN_CHUNK  # TEMPORARY: a running benchmark imports it from here
 
 # Modules that act on each element alone: they give the same numbers on a
 # [copies, n, features] tensor as on each copy's [n, features] slice.
