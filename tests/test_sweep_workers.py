@@ -69,9 +69,33 @@ def test_submitit_local_jobs_give_one_workers_rows(one_worker, tmp_path):
     summary, failed = sweep(compose(overrides), tmp_path, overrides, out=lambda line: None)
     assert failed == 0
     assert (tmp_path / SUMMARY_CSV).read_bytes() == one_worker
-    job_rows = [(tmp_path / "rows" / f"job-{k}.csv").read_text().splitlines() for k in range(2)]
+    job_rows = [(tmp_path / "rows" / f"collected-job-{k}.csv").read_text().splitlines() for k in range(2)]
     assert [len(rows) for rows in job_rows] == [2, 2]
     assert sorted(job_rows[0] + job_rows[1]) == sorted(one_worker.decode().splitlines()[1:])
+
+
+def test_resume_collects_the_rows_of_jobs_the_submitting_process_never_collected(one_worker, tmp_path,
+                                                                                   monkeypatch):
+    """The submitting process ended with two points collected into summary.csv, while
+    a job went on and wrote the other two to its own rows file (the last one cut
+    short). Resume takes the job's whole row and trains only the cut one."""
+    header, *rows = one_worker.decode().splitlines(keepends=True)
+    (tmp_path / SUMMARY_CSV).write_text(header + rows[0] + rows[1])
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "job-1.csv").write_text(rows[2] + rows[3][:9])
+    trained, real = [], batched.Engine.train
+
+    def train(self, schedule):
+        trained.append(sorted(float(run.cfg.optimizer.lr) for run in schedule.runs))
+        return real(self, schedule)
+
+    monkeypatch.setattr(batched.Engine, "train", train)
+    overrides = [*GRID, "sweep.workers=1", "sweep.resume=true"]
+    summary, failed = sweep(compose(overrides), tmp_path, overrides, out=lambda line: None)
+    assert failed == 0 and trained == [[0.5, 0.5]]  # lr 0.5's two variants, nothing else
+    assert (tmp_path / SUMMARY_CSV).read_bytes() == one_worker
+    assert not (tmp_path / "rows" / "job-1.csv").exists()  # collected once, not again at the next resume
+    assert (tmp_path / "rows" / "collected-job-1.csv").exists()
 
 
 def test_the_slurm_executor_is_built_as_the_config_says(tmp_path, monkeypatch):

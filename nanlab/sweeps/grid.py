@@ -213,6 +213,8 @@ def sweep(cfg, run_dir, overrides: Sequence[str] = (), out: Callable[[str], None
     job = GridJob(cfg, overrides)
     grid, summary = job.grid, job.summary
     points = grid.points()
+    if cfg.sweep.resume:
+        _collect_job_rows(run_dir, summary)
     done, dropped = _resume(summary, run_dir / SUMMARY_CSV, bool(cfg.sweep.resume), grid)
     todo = [p for p in points if tuple(grid.columns(p).values()) not in done]
     chunks = job.chunks(todo) if todo else []
@@ -326,6 +328,24 @@ def _submitted(job: GridJob, chunks: list, jobs: int, run_dir: Path):
         asked = sum(len(points) for points in mine)
         lost = sum(tuple(job.grid.columns(p).values()) not in written for points in mine for p in points)
         yield lines, how, failed, (lost, why or "its job ended without writing them"), asked
+        path.replace(folder / f"collected-{path.name}")  # its rows are in summary.csv now: not collected again
+
+
+def _collect_job_rows(run_dir: Path, summary: Summary) -> None:
+    """Append to summary.csv the rows cluster jobs wrote that no submitting process
+    collected (it ended before they did), for resume to judge like any other row."""
+    files = sorted((run_dir / ROWS_DIR).glob("job-*.csv"))
+    if not files:
+        return
+    path = run_dir / SUMMARY_CSV
+    text = (path.read_bytes() if path.exists() else b"") or summary.csv_line().encode()
+    whole = [text[: text.rfind(b"\n") + 1]]  # a line cut short would swallow the next one
+    for file in files:
+        rows = file.read_bytes()
+        whole.append(rows[: rows.rfind(b"\n") + 1])
+    jsonio.write_bytes(path, b"".join(whole))
+    for file in files:
+        file.replace(file.with_name(f"collected-{file.name}"))
 
 
 def _resume(summary: Summary, path: Path, resume: bool, grid: Grid) -> tuple:
