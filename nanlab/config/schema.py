@@ -105,7 +105,7 @@ class SlurmConf:
     cpus_per_task: int = 1
 
 
-# mode=sweep: the grid, run in one process (nanlab.sweeps.grid). One field per axis of
+# mode=sweep: the grid, trained in chunks (nanlab.sweeps.grid). One field per axis of
 # options.SWEEP_AXES, each left out (None) takes the config's own value; the names of
 # the name axes (optimizer, clip, ...) are checked by :func:`validate`, so that the
 # error names the choices. Built from the table so that an axis is declared once.
