@@ -12,7 +12,7 @@ from nanlab.sweeps.grid import sweep
 from nanlab.sweeps.summary import SUMMARY_CSV, Summary, draw_stability, read_csv_rows
 
 RESUME_GRID = ["scenario=tanh_explosion", "mode=sweep", "steps=20", "variant=[sgd_large_lr,clip_norm_1]",
-               "sweep.lr=[0.05,0.1,0.2,0.5]", "sweep.max_batch=2"]  # 2 runs a batch: one point, one row at a time
+               "sweep.lr=[0.05,0.1,0.2,0.5]", "sweep.max_batch=1", "sweep.workers=1"]  # one point a chunk, in order
 
 
 def _counting_train(monkeypatch, stop_at=None):
@@ -20,11 +20,11 @@ def _counting_train(monkeypatch, stop_at=None):
     calls = []
     real = batched.Engine.train
 
-    def train(self, schedule, on_step=lambda n: None):
+    def train(self, schedule):
         calls.append(len(schedule.runs))
         if len(calls) == stop_at:
             raise KeyboardInterrupt
-        return real(self, schedule, on_step)
+        return real(self, schedule)
 
     monkeypatch.setattr(batched.Engine, "train", train)
     return calls

@@ -145,6 +145,9 @@ SWEEP_AXES = {
     "dtype": SweepAxis("dtype", choices=DTYPES),
     "seed": SweepAxis("seed", number=int),
 }
+# Where mode=sweep trains its chunks (nanlab.sweeps.workers): worker processes on
+# this machine, or submitit jobs, local processes or Slurm.
+SWEEP_LAUNCHERS = ("local", "submitit_local", "slurm")
 # A grid of more points than this needs sweep.max_points set, so that a typo in a list
 # cannot start hours of training by accident.
 SWEEP_DEFAULT_MAX_POINTS = 1024

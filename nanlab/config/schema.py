@@ -94,7 +94,20 @@ class ReportConf:
     sweeps: Optional[str] = None
 
 
-# mode=sweep: the grid, run in one process (nanlab.sweeps.grid). One field per axis of
+@dataclass
+class SlurmConf:
+    """The Slurm job of ``sweep.launcher=slurm``: one per worker (sbatch's options of the same names)."""
+
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    timeout_min: int = 60
+    mem_gb: int = 4
+    cpus_per_task: int = 1
+
+
+# mode=sweep: the grid, trained in chunks (nanlab.sweeps.grid). One field per axis of
 # options.SWEEP_AXES, each left out (None) takes the config's own value; the names of
 # the name axes (optimizer, clip, ...) are checked by :func:`validate`, so that the
 # error names the choices. Built from the table so that an axis is declared once.
@@ -102,8 +115,13 @@ SweepConf = make_dataclass("SweepConf", [
     *((axis, Optional[List[a.number or str]], field(default=None)) for axis, a in options.SWEEP_AXES.items()),
     # A grid of more than options.SWEEP_DEFAULT_MAX_POINTS points needs this set.
     ("max_points", Optional[int], field(default=None)),
-    # Runs trained together in one batch at most; rows are written after each batch.
-    ("max_batch", int, field(default=512)),
+    # Copies trained together in one chunk at most; None sizes chunks from the model's
+    # tensors (nanlab.sweeps.workers.chunk_copies). Rows are written after each chunk.
+    ("max_batch", Optional[int], field(default=None)),
+    # Processes (or submitit jobs) that train the chunks; None: the cores this process may use.
+    ("workers", Optional[int], field(default=None)),
+    ("launcher", str, field(default="local")),
+    ("slurm", SlurmConf, field(default_factory=SlurmConf)),
     ("resume", bool, field(default=False)),
     # auto: the batched engine where the model allows, the loop elsewhere; loop: always the loop.
     ("engine", str, field(default="auto")),
@@ -193,7 +211,12 @@ ALLOWED = {
     **{f"sweep.{axis}": _sweep_axis_allowed(a) for axis, a in options.SWEEP_AXES.items()},
     "sweep.max_points": ("must be an integer >= 1, or null for the default limit of "
                          f"{options.SWEEP_DEFAULT_MAX_POINTS} points"),
-    "sweep.max_batch": "must be an integer >= 1",
+    "sweep.max_batch": "must be an integer >= 1, or null to size chunks from the model",
+    "sweep.workers": "must be an integer in [1, 1024], or null for the cores available",
+    "sweep.launcher": "must be one of " + ", ".join(options.SWEEP_LAUNCHERS),
+    "sweep.slurm.timeout_min": "must be an integer >= 1 (minutes)",
+    "sweep.slurm.mem_gb": "must be an integer >= 1 (GiB)",
+    "sweep.slurm.cpus_per_task": "must be an integer >= 1",
     "sweep.engine": "must be auto or loop",
     "boundary.init": "must list one or more of " + ", ".join(options.INITS) + ", each once",
     "boundary.clip": "must list one or more of " + ", ".join(options.CLIPS) + ", each once",
@@ -301,7 +324,11 @@ def _validate_sweep(sweep) -> None:
         values = None if sweep[axis] is None else list(sweep[axis])
         _check(_listed_once(values, _sweep_axis_accepts(spec)), f"sweep.{axis}", values)
     _check(sweep.max_points is None or sweep.max_points >= 1, "sweep.max_points", sweep.max_points)
-    _check(sweep.max_batch >= 1, "sweep.max_batch", sweep.max_batch)
+    _check(sweep.max_batch is None or sweep.max_batch >= 1, "sweep.max_batch", sweep.max_batch)
+    _check(sweep.workers is None or 1 <= sweep.workers <= 1024, "sweep.workers", sweep.workers)
+    _check(sweep.launcher in options.SWEEP_LAUNCHERS, "sweep.launcher", sweep.launcher)
+    for key in ("timeout_min", "mem_gb", "cpus_per_task"):
+        _check(sweep.slurm[key] >= 1, f"sweep.slurm.{key}", sweep.slurm[key])
     _check(sweep.engine in ("auto", "loop"), "sweep.engine", sweep.engine)
     points = math.prod(len(sweep[axis]) for axis in options.SWEEP_AXES if sweep[axis] is not None)
     limit = sweep.max_points if sweep.max_points is not None else options.SWEEP_DEFAULT_MAX_POINTS

@@ -10,7 +10,8 @@ tried stayed finite (or none did), the next six decades up (or down), never past
 1 + ``boundary.precision``. Starting near the config's lr, rather than spreading the
 first round over all of [lr_min, lr_max], keeps the first bracket narrow: three
 rounds instead of four or five for the scenarios here. All combinations'
-candidates of a round train together on the batched engine (nanlab.sweeps.engine).
+candidates of a round train on the batched engine (nanlab.sweeps.engine), split
+evenly over ``sweep.workers`` processes (nanlab.sweeps.workers).
 
 ``critical_lr`` is the bracket's geometric midpoint. A combination that stayed
 finite up to lr_max has lo = lr_max and no hi (critical_lr null); one that was
@@ -117,17 +118,30 @@ def narrow(brackets: list, start: float, boundary, measure: Callable, out: Calla
 
 
 def search(engine, broken, configs: Callable, combos: list, boundary, start: float,
-           out: Callable = print) -> list:
+           out: Callable = print, workers: int = 1) -> list:
     """Bracket each (init, clip) combination's critical lr; a Bracket per combination.
 
     ``configs(init, clip, lr)`` gives the finalized config of one candidate; ``start``
-    is the lr the first round centres on."""
-    from nanlab.sweeps.engine import Run
+    is the lr the first round centres on. Each round's candidates are split into
+    ``workers`` chunks, trained in as many processes."""
+    from nanlab.sweeps.engine import Run, add_tallies, describe
+    from nanlab.sweeps.workers import Lost, in_workers
 
-    def measure(candidates: list) -> tuple:
+    def train(candidates: list) -> tuple:
         schedule = engine.schedule([Run(broken, configs(bracket.init, bracket.clip, lr)) for bracket, lr in candidates])
         outcomes = engine.train(schedule)
-        return [outcome.result.first_nonfinite is None for outcome in outcomes], schedule.describe()
+        return [outcome.result.first_nonfinite is None for outcome in outcomes], schedule.tally()
+
+    def measure(candidates: list) -> tuple:
+        size = math.ceil(len(candidates) / workers)
+        chunks = [candidates[i:i + size] for i in range(0, len(candidates), size)]
+        finite, tally = [None] * len(chunks), {}
+        for index, result in in_workers(train, chunks, workers):
+            if isinstance(result, Lost):  # a bracket cannot narrow without its candidates
+                raise RuntimeError(f"boundary: a round's chunk was lost: {result.reason}")
+            finite[index] = result[0]
+            add_tallies(tally, result[1])
+        return [f for chunk in finite for f in chunk], describe(tally)
 
     return narrow([Bracket(init, clip) for init, clip in combos], start, boundary, measure, out)
 
@@ -153,8 +167,11 @@ def run_boundary(cfg, run_dir, overrides=None) -> int:
           f"lr in [{cfg.boundary.lr_min:g}, {cfg.boundary.lr_max:g}], {int(cfg.steps)} steps, "
           f"to {100 * cfg.boundary.precision:g}%")
     from nanlab.lab import threads
+    from nanlab.sweeps.workers import worker_count
 
-    brackets = search(Engine(scenario, threads=threads.fixed(cfg.get("threads"))), broken, configs, combos, cfg.boundary, float(cfg.optimizer.lr))
+    engine = Engine(scenario, threads=threads.fixed(cfg.get("threads")) or 1)  # one thread a worker
+    brackets = search(engine, broken, configs, combos, cfg.boundary, float(cfg.optimizer.lr),
+                      workers=worker_count(cfg.sweep, str(cfg.device)))
     entries = [b.entry() for b in brackets]
     print(render(entries))
     files = [jsonio.write_json(Path(run_dir) / BOUNDARY_JSON, entries)]

@@ -95,6 +95,8 @@ def layer_plan(model: nn.Module):
         else:
             return (f"its model has a {type(module).__name__} layer, which is neither nn.Linear nor an "
                     "elementwise activation")
+    if not any(kind == "linear" for kind, _ in plan):
+        return "its model has no nn.Linear layer"
     if not all(p.requires_grad for p in model.parameters()):
         return "its model has frozen parameters"
     if any(True for _ in model.buffers()):
@@ -117,38 +119,25 @@ def _expand(x: torch.Tensor, copies: int) -> torch.Tensor:
     return x if x.dim() == 3 else x.expand(copies, *x.shape)
 
 
-class _Linear(torch.autograd.Function):
-    """Every copy's ``F.linear``, forward and backward, each op either batched or
-    run copy by copy, as :class:`Exactness` found reproduces a single run's bits.
+def linear_backward(batched: dict, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool,
+                    input_grad: bool) -> tuple:
+    """Every copy's F.linear backward: (grad of x or None, of the weight, of the bias or None).
 
-    Autograd's own backward of a batched matmul would multiply x^T by the output's
-    gradient, where ``F.linear``'s backward multiplies the gradient's transpose by x:
-    the same sums, blocked differently. The ops below are F.linear's, so that a copy
-    can reproduce a single run bit for bit."""
-
-    @staticmethod
-    def forward(x, weight, bias, batched):
-        return linear_forward(batched["forward"], x, weight, bias)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, batched = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias, ctx.batched = bias is not None, batched
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        batched, copies, xs = ctx.batched, weight.shape[0], _expand(x, weight.shape[0])
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (torch.bmm(grad, weight) if batched["grad_input"]
-                      else torch.stack([grad[c].mm(weight[c]) for c in range(copies)]))
-        grad_weight = (torch.bmm(grad.transpose(1, 2), xs) if batched["grad_weight"]
-                       else torch.stack([grad[c].t().mm(xs[c]) for c in range(copies)]))
-        if ctx.has_bias:
-            grad_bias = grad.sum(1) if batched["grad_bias"] else torch.stack([grad[c].sum(0) for c in range(copies)])
-        return grad_x, grad_weight, grad_bias, None
+    These are the ops autograd runs for F.linear's addmm, grad W computed as
+    (grad^T x), each batched or copy by copy as :class:`Exactness` found gives a
+    single run's bits. (Autograd's own backward of a batched matmul would multiply
+    x^T by the gradient instead: the same sums, blocked differently.)"""
+    copies, xs = weight.shape[0], _expand(x, weight.shape[0])
+    grad_x = None
+    if input_grad:
+        grad_x = (torch.bmm(grad, weight) if batched["grad_input"]
+                  else torch.stack([grad[c].mm(weight[c]) for c in range(copies)]))
+    grad_weight = (torch.bmm(grad.transpose(1, 2), xs) if batched["grad_weight"]
+                   else torch.stack([grad[c].t().mm(xs[c]) for c in range(copies)]))
+    grad_bias = None
+    if has_bias:
+        grad_bias = grad.sum(1) if batched["grad_bias"] else torch.stack([grad[c].sum(0) for c in range(copies)])
+    return grad_x, grad_weight, grad_bias
 
 
 # The ways to compute every copy's F.linear, tried in this order by Exactness: x W^T
@@ -172,9 +161,9 @@ def linear_forward(how: str, x: torch.Tensor, weight: torch.Tensor, bias) -> tor
     return torch.stack([torch.addmm(bias[c], xs[c], weight[c].t()) for c in range(copies)])
 
 
-def _one_by_one(fn: Callable, h: torch.Tensor) -> torch.Tensor:
-    """``fn`` applied to each copy's slice of ``h`` [copies, ...], as a single run applies it."""
-    return torch.stack([fn(h[c]) for c in range(h.shape[0])])
+def _one_by_one(fn: Callable, *tensors: torch.Tensor) -> torch.Tensor:
+    """``fn`` applied to each copy's slices of ``tensors`` [copies, ...], as a single run applies it."""
+    return torch.stack([fn(*(t[c] for t in tensors)) for c in range(tensors[0].shape[0])])
 
 
 def _grad(output: torch.Tensor, inputs: list, upstream: torch.Tensor) -> tuple:
@@ -182,6 +171,34 @@ def _grad(output: torch.Tensor, inputs: list, upstream: torch.Tensor) -> tuple:
     sum(output * upstream): the same numbers (the backward multiplies upstream by
     exactly 1), without the shape check that passing grad_outputs would import sympy for."""
     return torch.autograd.grad((output * upstream).sum(), inputs)
+
+
+# The op autograd runs for an activation's backward, from its output (torch's
+# derivatives.yaml). Any other elementwise activation goes back through autograd.
+FROM_OUTPUT = {
+    nn.Tanh: torch.ops.aten.tanh_backward,
+    nn.Sigmoid: torch.ops.aten.sigmoid_backward,
+    nn.ReLU: lambda grad, out: torch.ops.aten.threshold_backward(grad, out, 0),
+}
+
+
+def activation_forward(module: nn.Module, h: torch.Tensor, batched: bool) -> tuple:
+    """(output, what its backward needs): the output alone where FROM_OUTPUT knows the
+    backward, else the autograd leaf the output was computed from."""
+    if type(module) in FROM_OUTPUT:
+        out = module(h) if batched else _one_by_one(module, h)
+        return out, None
+    leaf = h.detach().requires_grad_()
+    with torch.enable_grad():
+        out = module(leaf) if batched else _one_by_one(module, leaf)
+    return out, leaf
+
+
+def activation_backward(module: nn.Module, grad: torch.Tensor, out: torch.Tensor, leaf, batched: bool):
+    if leaf is not None:
+        return _grad(out, [leaf], grad)[0]
+    backward = FROM_OUTPUT[type(module)]
+    return backward(grad, out) if batched else _one_by_one(backward, grad, out)
 
 
 def _same(a, b) -> bool:
@@ -227,22 +244,12 @@ class Exactness:
                 wanted = [t for t in (xk, wk, bk) if t is not None and t.requires_grad]
                 grads = dict(zip([id(t) for t in wanted], _grad(out, wanted, grad[k])))
                 single.append((out.detach(), grads.get(id(xk)), grads[id(wk)], grads.get(id(bk)) if bias else None))
-            every = {"forward": "batched", "grad_input": True, "grad_weight": True, "grad_bias": True}
-            leaves = [x if shared_input else x.clone().requires_grad_(), weight.clone().requires_grad_(),
-                      b.clone().requires_grad_() if bias else None]
-            out = _Linear.apply(*leaves, every)
-            wanted = [t for t in leaves if t is not None and t.requires_grad]
-            grads = dict(zip([id(t) for t in wanted], _grad(out, wanted, grad)))
-            batched = [None, grads.get(id(leaves[0])), grads[id(leaves[1])], grads.get(id(leaves[2])) if bias else None]
+            every = {"grad_input": True, "grad_weight": True, "grad_bias": True}
+            batched = (None, *linear_backward(every, grad, x, weight, bias, not shared_input))
             outputs = torch.stack([s[0] for s in single])
             choice = {"forward": next(how for how in FORWARDS if how == "copies" or _same(
                 linear_forward(how, x, weight, b), outputs))}
-            for i, name in enumerate(every):
-                if name == "forward":
-                    continue
-                if name == "grad_input" and shared_input:
-                    choice[name] = True
-                    continue
+            for i, name in enumerate(every, start=1):
                 reference = None if single[0][i] is None else torch.stack([s[i] for s in single])
                 choice[name] = _same(batched[i], reference)
             self._found[key] = choice
@@ -252,9 +259,8 @@ class Exactness:
         key = ("act", str(self.device), self.dtype, self.copies, repr(module), shape)
         if key not in self._found:
             x, grad = self._rand(self.copies, *shape, scale=2.0), self._rand(self.copies, *shape)
-            xb = x.clone().requires_grad_()
-            out = module(xb)
-            (gb,) = _grad(out, [xb], grad)
+            out, leaf = activation_forward(module, x, True)
+            gb = activation_backward(module, grad, out, leaf, True)
             ok = True
             for k in range(self.copies):
                 xk = x[k].clone().requires_grad_()
@@ -342,46 +348,77 @@ class BatchedModel:
             else:
                 self.ops.append(True if shared else exact.elementwise(arg, (n, width)))
         self.out_shape = (n, width)
+        self.first_linear = next(i for i, (kind, _) in enumerate(plan) if kind == "linear")
         self.vmapped = exact.loss(loss, self.out_shape, data.y)
         self.exact_loss = exact_loss
         self.target64 = data.y.double() if data.y.is_floating_point() else data.y
         self.exact_vmapped = exact.exact_loss(exact_loss, self.out_shape, self.target64)
         self.batched_norm = exact.norm([tuple(p.shape[1:]) for p in params], norm_dtype)
+        # Made once: building a vmapped function costs about a tenth of running it.
+        self.batched_loss = torch.func.vmap(loss, in_dims=(0, None))
+        self.batched_exact_loss = torch.func.vmap(exact_loss, in_dims=(0, None))
+        self.batched_losses = torch.func.vmap(_both_losses(loss, exact_loss), in_dims=(0, 0, None, None))
 
-    def forward(self, params: list, x: torch.Tensor) -> torch.Tensor:
-        """Every copy's output, [copies, n, out], from stacked weights [copies, out, in]."""
-        h, i = x, 0
+    def step(self, params: list, data: Data) -> tuple:
+        """Each copy's training loss, the exact float64 loss of its outputs (which the
+        loop records every step), and its gradients: the forward and the backward
+        written out as the ops autograd would run for one run, on tensors that carry
+        no autograd graph; only the loss (and an activation FROM_OUTPUT does not
+        know) goes through autograd."""
+        saved, h, i = [], data.x, 0
         for (kind, arg), batched in zip(self.plan, self.ops):
             if kind == "linear":
                 weight, bias = params[i], params[i + 1] if arg else None
+                saved.append((h, i))
                 i += 2 if arg else 1
-                h = _Linear.apply(h, weight, bias, batched)
+                h = linear_forward(batched["forward"], h, weight, bias)
             else:
-                h = arg(h) if batched else _one_by_one(arg, h)
-        return h
-
-    def losses(self, params: list, data: Data) -> tuple:
-        """Each copy's training loss (differentiable) and the exact float64 loss of
-        its outputs, which the loop records every step."""
-        out = self.forward(params, data.x)
-        if self.vmapped:
-            with warnings.catch_warnings():
-                # vmap warns when it loops over an op it has no batching rule for
-                # (kl_div); the numbers are the same, Exactness checked them.
-                warnings.filterwarnings("ignore", message="There is a performance drop")
-                losses = torch.func.vmap(self.loss, in_dims=(0, None))(out, data.y)
-        else:
-            losses = torch.stack([self.loss(out[c], data.y) for c in range(out.shape[0])])
-        with torch.no_grad():
-            out64 = out.detach().double()
-            if self.exact_vmapped:
-                exact = torch.func.vmap(self.exact_loss, in_dims=(0, None))(out64, self.target64)
+                h, leaf = activation_forward(arg, h, batched)
+                saved.append((h, leaf))
+        out = h.detach().requires_grad_()
+        out64, exact = out.detach().double(), None
+        with torch.enable_grad():
+            if self.vmapped:
+                with warnings.catch_warnings():
+                    # vmap warns when it loops over an op it has no batching rule for
+                    # (kl_div); the numbers are the same, Exactness checked them.
+                    warnings.filterwarnings("ignore", message="There is a performance drop")
+                    if self.exact_vmapped:  # one vmap call for both: each call costs more in Python than in ops
+                        losses, exact = self.batched_losses(out, out64, data.y, self.target64)
+                    else:
+                        losses = self.batched_loss(out, data.y)
             else:
-                exact = torch.stack([self.exact_loss(out64[c], self.target64) for c in range(out.shape[0])])
-        return losses, exact
+                losses = torch.stack([self.loss(out[c], data.y) for c in range(out.shape[0])])
+            (grad,) = torch.autograd.grad(losses.sum(), [out])
+        grads = [None] * len(params)
+        # Back to the first linear layer: before it, every copy's input is the data, which needs no gradient.
+        for index in range(self.first_linear, len(self.plan))[::-1]:
+            (kind, arg), batched, (h, extra) = self.plan[index], self.ops[index], saved[index]
+            if kind == "linear":
+                grad, grads[extra], bias_grad = linear_backward(
+                    batched, grad, h, params[extra], arg, index > self.first_linear)
+                if arg:
+                    grads[extra + 1] = bias_grad
+            else:
+                grad = activation_backward(arg, grad, h, extra, batched)
+        if exact is None:
+            with torch.no_grad():
+                exact = (self.batched_exact_loss(out64, self.target64) if self.exact_vmapped else
+                         torch.stack([self.exact_loss(out64[c], self.target64) for c in range(out.shape[0])]))
+        return losses.detach(), exact.detach(), grads
 
     def norms(self, tensors: list) -> torch.Tensor:
         return norms(tensors, self.norm_dtype, self.batched_norm)
+
+
+def _both_losses(loss: Callable, exact_loss: Callable) -> Callable:
+    """The training loss of an output and, without a gradient, the float64 exact loss."""
+    def both(out, out64, target, target64):
+        with torch.no_grad():
+            exact = exact_loss(out64, target64)
+        return loss(out, target), exact
+
+    return both
 
 
 def all_finite(tensors: list) -> torch.Tensor:
@@ -515,6 +552,12 @@ def rmsprop_update(p, g, state, h, first, steps):
 UPDATES = {"sgd": sgd_update, "adam": adam_update, "rmsprop": rmsprop_update}
 
 
+def _shared(hyper: dict) -> dict:
+    """The settings, each one every copy shares as the Python float torch.optim is
+    given: then each op is torch's own, with no per-copy tensor work in a step."""
+    return {k: float(v[0]) if len(v) and bool((v == v[0]).all()) else v for k, v in hyper.items()}
+
+
 class BatchedOptimizer:
     """torch.optim.SGD, Adam or RMSprop, as nanlab builds them (nanlab.lab.build.make_optimizer):
     torch's single-tensor update (the one it runs on CPU tensors), op for op, for every
@@ -528,7 +571,7 @@ class BatchedOptimizer:
     the single run's own size gets the single run's bits."""
 
     def __init__(self, name: str, hyper: dict, dtype: torch.dtype):
-        self.update, self.hyper = UPDATES[name], hyper
+        self.update, self.hyper, self.shared = UPDATES[name], hyper, _shared(hyper)
         self.one_by_one = dtype in (torch.float16, torch.bfloat16)
         self.state: Optional[list] = None
         self.steps = 0
@@ -536,6 +579,7 @@ class BatchedOptimizer:
     def keep(self, index: torch.Tensor) -> None:
         """Drop every copy not in ``index`` (retired copies)."""
         self.hyper = {k: v.index_select(0, index) for k, v in self.hyper.items()}
+        self.shared = _shared(self.hyper)
         if self.state is not None:
             self.state = [{k: v.index_select(0, index) for k, v in s.items()} for s in self.state]
 
@@ -546,7 +590,7 @@ class BatchedOptimizer:
         if first:
             self.state = [{} for _ in params]
         if not self.one_by_one:
-            return [self._step(p, g, state, self.hyper, first) for p, g, state in zip(params, grads, self.state)]
+            return [self._step(p, g, state, self.shared, first) for p, g, state in zip(params, grads, self.state)]
         out = []
         for p, g, state in zip(params, grads, self.state):
             copies, new_states = [], []
@@ -668,8 +712,8 @@ class ThreadChoice:
             torch.set_num_threads(self.before_batch)
 
 
-def train_batch(scenario: Scenario, batch: list, on_step: Callable[[], None] = lambda: None,
-                work: Callable[[int], None] = lambda copies: None, threads: Optional[int] = None) -> list:
+def train_batch(scenario: Scenario, batch: list, work: Callable[[int], None] = lambda copies: None,
+                threads: Optional[int] = None) -> list:
     """Train every Prepared run of one batch together; a VariantResult per run.
     ``work(copies)`` hears how many copies each step trained (retired ones no longer count);
     ``threads`` fixes the CPU thread count (by default ThreadChoice picks it)."""
@@ -695,14 +739,10 @@ def train_batch(scenario: Scenario, batch: list, on_step: Callable[[], None] = l
     taken = 0
     for step in range(steps):
         threads.before(step)
-        leaves = [p.requires_grad_() for p in params]
-        losses, exact = model.losses(leaves, data)
-        grads = list(torch.autograd.grad(losses.sum(), leaves))
-        losses = losses.detach()
+        losses, exact, grads = model.step(params, data)
         grad_norm = model.norms(grads)
         grads, checked_norm = clip(clip_name, grads, thresholds, grad_norm, model.norms)
-        with torch.no_grad():
-            new = optimizer.step([p.detach() for p in params], grads)
+        new = optimizer.step(params, grads)
         param_norm = model.norms(new)
         # The loop records the norm before clipping, and its sentinel checks the one the update used.
         readings = torch.stack([losses.to(torch.float64), grad_norm.to(torch.float64),
@@ -711,7 +751,6 @@ def train_batch(scenario: Scenario, batch: list, on_step: Callable[[], None] = l
         taken = step + 1
         threads.after(step)
         work(len(alive))
-        on_step()
         if bool(torch.isfinite(readings[[0, 2, 4]]).all()):
             params = new
             continue
@@ -730,8 +769,6 @@ def train_batch(scenario: Scenario, batch: list, on_step: Callable[[], None] = l
         thresholds = thresholds.index_select(0, keep)
         if len(alive) == 0:
             break
-    for _ in range(taken, steps):  # the steps a fully retired batch did not need
-        on_step()
 
     final = {int(c): [p[row] for p in params] for row, c in enumerate(alive.tolist())}
     history = record.tolist()
@@ -820,28 +857,36 @@ class Schedule:
     looped: dict  # key -> reason
     overrides: list  # per run: the variant's own overrides at that point
 
-    @property
-    def total_steps(self) -> int:
-        """Progress units: one per step of each batch, and a run's steps for each looped run."""
-        steps = sum(int(self.distinct[b[0]].vcfg.steps) for b in self.batches)
-        return steps + sum(int(self.distinct[k].vcfg.steps) for k in self.looped)
-
-    def describe(self) -> list:
-        """One line per engine used: which variants, how many runs, and why the loop."""
+    def tally(self) -> dict:
+        """How the runs train, as counts that add up over schedules (:func:`add_tallies`):
+        (variant names,) -> [runs, distinct runs, batches] on the batched engine;
+        (variant, reason) -> [distinct runs] the loop trains for that reason."""
         batched = {k for b in self.batches for k in b if k not in self.looped}
-        batches = sum(any(k in batched for k in b) for b in self.batches)
-        lines = []
+        tally: dict = {}
         if batched:
-            names = [n for n in dict.fromkeys(r.variant.name for r, k in zip(self.runs, self.order) if k in batched)]
-            lines.append(f"batched engine: {sum(k in batched for k in self.order)} runs "
-                         f"({len(batched)} distinct) in {batches} batches, for {', '.join(names)}")
-        reasons: dict = {}
+            names = tuple(dict.fromkeys(r.variant.name for r, k in zip(self.runs, self.order) if k in batched))
+            tally[names] = [sum(k in batched for k in self.order), len(batched),
+                            sum(any(k in batched for k in b) for b in self.batches)]
         for run, key in zip(self.runs, self.order):
             if key in self.looped:
-                reasons.setdefault((run.variant.name, self.looped[key]), set()).add(key)
-        for (name, reason), keys in reasons.items():
-            lines.append(f"in-process loop: {len(keys)} runs of {name}, because {reason}")
-        return lines
+                tally.setdefault((run.variant.name, self.looped[key]), set()).add(key)
+        return {what: [len(n)] if isinstance(n, set) else n for what, n in tally.items()}
+
+    def describe(self) -> list:
+        return describe(self.tally())
+
+
+def add_tallies(total: dict, more: dict) -> dict:
+    for what, counts in more.items():
+        total[what] = [a + b for a, b in zip(total.get(what, [0] * len(counts)), counts)]
+    return total
+
+
+def describe(tally: dict) -> list:
+    """One line per engine used: which variants, how many runs, and why the loop."""
+    return [f"batched engine: {n[0]} runs ({n[1]} distinct) in {n[2]} batches, for {', '.join(what)}"
+            if len(n) == 3 else f"in-process loop: {n[0]} runs of {what[0]}, because {what[1]}"
+            for what, n in tally.items()]
 
 
 class Engine:
@@ -943,14 +988,13 @@ class Engine:
         batches = [keys[i:i + self.max_batch] for keys in groups.values() for i in range(0, len(keys), self.max_batch)]
         return Schedule(runs, order, distinct, batches, looped, overrides)
 
-    def train(self, schedule: Schedule, on_step: Callable[[int], None] = lambda n: None) -> list:
-        """An Outcome per run of the schedule, in order. ``on_step(n)`` hears of
-        progress in the units of Schedule.total_steps."""
+    def train(self, schedule: Schedule) -> list:
+        """An Outcome per run of the schedule, in order."""
         outcomes = {}
         for keys in schedule.batches:
             batch = [schedule.distinct[k] for k in keys]
             try:
-                results = train_batch(self.scenario, batch, lambda: on_step(1), self._count, self.threads)
+                results = train_batch(self.scenario, batch, self._count, self.threads)
             except VmapFailure as err:
                 for k in keys:
                     schedule.looped[k] = str(err)
@@ -962,13 +1006,13 @@ class Engine:
             _, (ctx, raw) = self._raw_data(prepared.run.cfg)
             result = train(self.scenario, prepared.run.variant, prepared.run.cfg, raw, ctx)
             outcomes[key] = Outcome(verdicts.judge_learning(result, self.scenario.learn), LOOP, reason)
-            on_step(int(prepared.vcfg.steps))
-        out = []
+        out, answered = [], set()
         for run, key, overrides in zip(schedule.runs, schedule.order, schedule.overrides):
             outcome = outcomes[key]
             # Runs answered by one training (a variant that pins its own lr, or two
             # variants that train alike) each get their own result, named as asked.
-            result = copy.deepcopy(outcome.result)
+            result = copy.deepcopy(outcome.result) if key in answered else outcome.result
+            answered.add(key)
             variant = run.variant
             result.name, result.role, result.summary, result.lossy = (variant.name, variant.role, variant.summary,
                                                                       variant.lossy)

@@ -1,6 +1,7 @@
-"""mode=sweep: the whole grid in this one process, trained on the batched engine
-(nanlab.sweeps.engine) wherever the scenario's model allows; it writes the same
-summary.csv and summary.md as a Hydra multirun of the same overrides, row for row.
+"""mode=sweep: the whole grid, in chunks trained on the batched engine
+(nanlab.sweeps.engine) wherever the scenario's model allows, by worker processes or
+submitit jobs (nanlab.sweeps.workers); it writes the same summary.csv and summary.md
+as a Hydra multirun of the same overrides, row for row.
 """
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from nanlab import jsonio
 from nanlab.errors import ConfigError
-from nanlab.sweeps.summary import (AXES, GROUP_AXES, SUMMARY_CSV, SUMMARY_MD, Summary, draw_stability,
-                                   format_value, read_csv_rows, whole_rows)
+from nanlab.sweeps.summary import (AXES, GROUP_AXES, SUMMARY_CSV, Summary, draw_stability, format_value,
+                                   read_csv_rows, whole_rows)
 
 
 @dataclass
@@ -121,6 +122,77 @@ class PointConfigs:
         return OmegaConf.create(plain)
 
 
+# The axes whose values put runs in different batches (the engine batches only runs of
+# one optimizer, clip, dtype and data): a chunk takes its points from one value of
+# each, so that each of its batches is a whole chunk of copies.
+BATCH_SPLITTING = ("optimizer", "clip", "dtype", "seed")
+
+
+class GridJob:
+    """What training a grid's points takes, built alike in this process, in a forked
+    worker (inherited) and in a cluster job (from the config)."""
+
+    def __init__(self, cfg, overrides: Sequence[str] = (), chunk: Optional[int] = None):
+        from nanlab.lab import registry, threads
+        from nanlab.lab.runner import chosen_variants
+        from nanlab.sweeps.engine import Engine
+
+        self.cfg, self.overrides = cfg, list(overrides)
+        self.grid = Grid.from_config(cfg, axis_order(overrides))
+        self.scenario = registry.load(cfg.scenario.name)
+        self.variants = chosen_variants(self.scenario, cfg.get("variant"))
+        self.summary = Summary(self.grid.keys, [v.name for v in self.variants], scenario=self.scenario.name,
+                               steps=int(cfg.steps),
+                               broken=next((v.name for v in self.variants if v.role == "broken"), None))
+        self.configs = PointConfigs(cfg, overrides)
+        # Each worker is one thread: the other cores are the other workers'.
+        self.engine = Engine(self.scenario, force_loop=cfg.sweep.engine == "loop",
+                             threads=threads.fixed(cfg.get("threads")) or 1)
+        self.chunk = chunk
+
+    def chunk_points(self, points: list) -> int:
+        """Points per chunk: sweep.max_batch, or the copies the engine sizes a batch to."""
+        if self.cfg.sweep.max_batch is not None:
+            return int(self.cfg.sweep.max_batch)
+        from nanlab.sweeps.engine import Run
+        from nanlab.sweeps.workers import chunk_copies
+
+        return chunk_copies(self.engine.prepare(Run(self.variants[0], self.configs(points[0]))))
+
+    def chunks(self, points: list) -> list:
+        """The points in chunks of ``self.chunk``, each within one value of every
+        BATCH_SPLITTING axis, in grid order otherwise."""
+        self.chunk = self.chunk or self.chunk_points(points)
+        groups: dict = {}
+        for point in points:
+            groups.setdefault(tuple(point.get(name) for name in BATCH_SPLITTING), []).append(point)
+        return [group[i:i + self.chunk] for group in groups.values() for i in range(0, len(group), self.chunk)]
+
+    def train(self, points: list) -> tuple:
+        """summary.csv's lines for these points, the engine's account of how they ran,
+        and how many failed. One bad batch fails its rows, not the sweep."""
+        from nanlab.lab.scenario import ContractError
+        from nanlab.sweeps.engine import Run
+
+        self.engine.max_batch = self.chunk or len(points)
+        # One config per point, shared by its variants: composing it costs more than a
+        # short run's training, and the engine keys its per-config work on the object.
+        runs = [Run(v, cfg) for cfg in map(self.configs, points) for v in self.variants]
+        n = len(self.variants)
+        try:
+            schedule = self.engine.schedule(runs)
+            outcomes = self.engine.train(schedule)
+            rows = [self.summary.row(self.grid.columns(point), [o.result for o in outcomes[i:i + n]])
+                    for point, i in zip(points, range(0, len(outcomes), n))]
+            return [self.summary.csv_line(row) for row in rows], schedule.tally(), 0
+        except (ConfigError, ContractError, KeyboardInterrupt):
+            raise
+        except Exception as err:
+            why = f"failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            return [self.summary.csv_line(self.summary.row(self.grid.columns(p), status=why)) for p in points], {}, \
+                len(points)
+
+
 def run_sweep(cfg, run_dir) -> int:
     """mode=sweep (nanlab.cli): the grid in this process; exit status 1 if a point failed."""
     summary, failed = sweep(cfg, run_dir, _hydra_overrides())
@@ -130,77 +202,150 @@ def run_sweep(cfg, run_dir) -> int:
 def sweep(cfg, run_dir, overrides: Sequence[str] = (), out: Callable[[str], None] = print) -> tuple:
     """Run cfg's grid (``cfg.sweep.*``) into ``run_dir``; (Summary, number of failed points).
 
-    Rows are appended to summary.csv and flushed one at a time, as the points of
-    each batch finish; ``sweep.resume=true`` keeps the rows already there and runs
-    only the rest."""
-    from nanlab.lab import registry
-    from nanlab.lab.runner import chosen_variants
-    from nanlab.lab.scenario import ContractError
+    The grid is trained in chunks, by ``sweep.workers`` processes (or submitit jobs,
+    ``sweep.launcher``). Rows are appended to summary.csv and flushed as each chunk
+    finishes; ``sweep.resume=true`` keeps the rows already there and trains only the
+    rest. At the end summary.csv is written again in grid order, whatever order the
+    chunks finished in."""
+    from nanlab.sweeps import workers as pool
 
     run_dir = Path(run_dir)
-    grid = Grid.from_config(cfg, axis_order(overrides))
-    scenario = registry.load(cfg.scenario.name)
-    variants = chosen_variants(scenario, cfg.get("variant"))
-    summary = Summary(grid.keys, [v.name for v in variants], scenario=scenario.name, steps=int(cfg.steps),
-                      broken=next((v.name for v in variants if v.role == "broken"), None))
+    job = GridJob(cfg, overrides)
+    grid, summary = job.grid, job.summary
     points = grid.points()
+    if cfg.sweep.resume:
+        _collect_job_rows(run_dir, summary)
     done, dropped = _resume(summary, run_dir / SUMMARY_CSV, bool(cfg.sweep.resume), grid)
     todo = [p for p in points if tuple(grid.columns(p).values()) not in done]
+    chunks = job.chunks(todo) if todo else []
+    workers = min(pool.worker_count(cfg.sweep, str(cfg.device)), max(1, len(chunks)))
+    launcher = str(cfg.sweep.launcher)
+    trainers = f"{workers} {'worker' if launcher == 'local' else launcher + ' job'}{'s' if workers > 1 else ''}"
     keys_text = " x ".join(f"{key} ({len(values)})" for _, key, values in grid.axes) or "no axes (one point)"
-    out(f"sweep: {scenario.name}, {len(points)} points: {keys_text}; variants: {', '.join(summary.variants)}"
+    out(f"sweep: {job.scenario.name}, {len(points)} points: {keys_text}; variants: {', '.join(summary.variants)}"
         + (f"; resuming: {len(points) - len(todo)} rows already in {SUMMARY_CSV}" if done else "")
-        + (f"; {dropped} damaged, failed or repeated lines dropped, their points run again" if dropped else ""))
+        + (f"; {dropped} damaged, failed or repeated lines dropped, their points run again" if dropped else "")
+        + (f"; {len(chunks)} chunk{'s' if len(chunks) > 1 else ''} of up to {job.chunk} "
+           f"point{'s' if job.chunk > 1 else ''}, {trainers}" if chunks else ""))
 
-    from nanlab.lab import threads
-    from nanlab.sweeps.engine import Engine, Run
+    if launcher == "local":
+        finished = _local(job, chunks, workers)
+    else:
+        finished = _submitted(job, chunks, workers, run_dir)
+    from nanlab.sweeps.engine import add_tallies, describe
 
-    engine = Engine(scenario, force_loop=cfg.sweep.engine == "loop", max_batch=int(cfg.sweep.max_batch),
-                    threads=threads.fixed(cfg.get("threads")))
-    configs = PointConfigs(cfg, overrides)
-    per_chunk = max(1, int(cfg.sweep.max_batch) // max(1, len(variants)))
-    chunks = [todo[i:i + per_chunk] for i in range(0, len(todo), per_chunk)]
-    failed, described = 0, set()
-    with _progress(len(chunks)) as bar, open(run_dir / SUMMARY_CSV, "a", encoding="utf-8") as csv_file:
-        for number, chunk in enumerate(chunks):
-            # One config per point, shared by its variants: composing it costs more than a
-            # short run's training, and the engine keys its per-config work on the object.
-            runs = [Run(v, cfg) for cfg in map(configs, chunk) for v in variants]
-            try:
-                schedule = engine.schedule(runs)
-                bar.plan(number, schedule.total_steps)
-                _say_new(schedule.describe(), described, out)
-                outcomes = engine.train(schedule, bar.advance)
-                _say_new(schedule.describe(), described, out)  # a loss vmap refused moves to the loop
-                rows = [summary.row(grid.columns(point), [o.result for o in outcomes[i:i + len(variants)]])
-                        for point, i in zip(chunk, range(0, len(outcomes), len(variants)))]
-            except (ConfigError, ContractError, KeyboardInterrupt):
-                raise
-            except Exception as err:  # one bad batch fails its rows, not the sweep
-                failed += len(chunk)
-                why = f"failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                rows = [summary.row(grid.columns(point), status=why) for point in chunk]
-            for row in rows:
-                csv_file.write(summary.csv_line(row))
-                csv_file.flush()
+    failed, tally = 0, {}
+    with _progress(len(todo)) as bar, open(run_dir / SUMMARY_CSV, "a", encoding="utf-8") as csv_file:
+        for lines, how, bad, lost, points_done in finished:
+            csv_file.write("".join(lines))
+            csv_file.flush()
+            add_tallies(tally, how)
+            failed += bad + lost[0]
+            if lost[0]:
+                out(f"sweep: {lost[0]} point{'s' if lost[0] > 1 else ''} lost: {lost[1]}; "
+                    "sweep.resume=true trains them again")
+            bar.update(points_done)
+    for line in describe(tally):
+        out(line)
     by_key = {tuple(r[k] for k in grid.keys): r for r in read_csv_rows(run_dir / SUMMARY_CSV)[1]}
     summary.rows = [by_key[tuple(grid.columns(p).values())] for p in points if tuple(grid.columns(p).values()) in by_key]
-    notes = [f"# Sweep summary: {scenario.name}", f"{len(summary.rows)} points, in-process sweep (mode=sweep)",
-             *(f"- {line}" for line in sorted(described))]
-    files = [jsonio.write_text(run_dir / SUMMARY_MD, summary.markdown(notes))]
+    notes = [f"# Sweep summary: {job.scenario.name}", f"{len(summary.rows)} points, mode=sweep on {trainers}",
+             *(f"- {line}" for line in describe(tally))]
+    files = summary.write(run_dir, notes)
     out(summary.markdown())
     if bool(cfg.plot):
         files += draw_stability(summary, run_dir)
-    out(f"Wrote {run_dir / SUMMARY_CSV}")
     for path in files:
         out(f"Wrote {path}")
     return summary, failed
 
 
-def _say_new(lines: list, said: set, out: Callable[[str], None]) -> None:
-    for line in lines:
-        if line not in said:
-            said.add(line)
-            out(line)
+def _local(job: GridJob, chunks: list, workers: int):
+    """Per chunk as it finishes: (lines, how it ran, failed, (points lost, why), points)."""
+    from nanlab.sweeps.workers import Lost, in_workers
+
+    for index, result in in_workers(job.train, chunks, workers):
+        if isinstance(result, Lost):
+            yield [], {}, 0, (len(chunks[index]), result.reason), len(chunks[index])
+        else:
+            yield (*result, (0, ""), len(chunks[index]))
+
+
+ROWS_DIR = "rows"
+
+
+def train_job(plain_cfg: dict, overrides: list, chunk: int, chunks: list, rows_path: str) -> tuple:
+    """One submitit job: train these chunks, appending each one's rows to this job's
+    own file as it finishes; (how they ran, how many points failed)."""
+    from omegaconf import OmegaConf
+
+    from nanlab.sweeps.engine import add_tallies
+    from nanlab.sweeps.workers import one_thread
+
+    one_thread()
+    job = GridJob(OmegaConf.create(plain_cfg), overrides, chunk)
+    tally, failed = {}, 0
+    with open(rows_path, "a", encoding="utf-8") as rows:
+        for points in chunks:
+            lines, how, bad = job.train(points)
+            rows.write("".join(lines))
+            rows.flush()
+            add_tallies(tally, how)
+            failed += bad
+    return tally, failed
+
+
+def _submitted(job: GridJob, chunks: list, jobs: int, run_dir: Path):
+    """The chunks dealt round-robin to ``jobs`` submitit jobs; per job as it is
+    collected: the rows its file holds, and the points of its chunks without one."""
+    import csv
+    import io
+
+    from omegaconf import OmegaConf
+
+    from nanlab.sweeps import workers
+
+    executor = workers.executor(job.cfg.sweep, run_dir / "submitit")
+    folder = run_dir / ROWS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    plain = OmegaConf.to_container(job.cfg, resolve=True)
+    dealt = [chunks[k::jobs] for k in range(jobs)]
+    paths = [folder / f"job-{k}.csv" for k in range(jobs)]
+    for path in paths:
+        jsonio.write_text(path, "")  # a job appends to its own file, empty at the start
+    submitted = [executor.submit(train_job, plain, job.overrides, job.chunk, mine, str(path))
+                 for mine, path in zip(dealt, paths)]
+    for handle, mine, path in zip(submitted, dealt, paths):
+        try:
+            how, failed = handle.result()
+            why = ""
+        except Exception as err:  # the job died or raised: the rows it wrote still count
+            how, failed = {}, 0
+            why = f"job {handle.job_id} failed: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err) else ''}"
+        text = path.read_text(encoding="utf-8")
+        lines = text[: text.rfind("\n") + 1].splitlines(keepends=True)  # a line cut short is not a row
+        written = {tuple(row[:len(job.grid.keys)]) for row in csv.reader(io.StringIO("".join(lines)))}
+        asked = sum(len(points) for points in mine)
+        lost = sum(tuple(job.grid.columns(p).values()) not in written for points in mine for p in points)
+        yield lines, how, failed, (lost, why or "its job ended without writing them"), asked
+        path.replace(folder / f"collected-{path.name}")  # its rows are in summary.csv now: not collected again
+
+
+def _collect_job_rows(run_dir: Path, summary: Summary) -> None:
+    """Append to summary.csv the rows cluster jobs wrote that no submitting process
+    collected (it ended before they did), for resume to judge like any other row."""
+    files = sorted((run_dir / ROWS_DIR).glob("job-*.csv"))
+    if not files:
+        return
+    path = run_dir / SUMMARY_CSV
+    text = (path.read_bytes() if path.exists() else b"") or summary.csv_line().encode()
+    whole = [text[: text.rfind(b"\n") + 1]]  # a line cut short would swallow the next one
+    for file in files:
+        rows = file.read_bytes()
+        whole.append(rows[: rows.rfind(b"\n") + 1])
+    jsonio.write_bytes(path, b"".join(whole))
+    for file in files:
+        file.replace(file.with_name(f"collected-{file.name}"))
 
 
 def _resume(summary: Summary, path: Path, resume: bool, grid: Grid) -> tuple:
@@ -229,30 +374,23 @@ def _resume(summary: Summary, path: Path, resume: bool, grid: Grid) -> tuple:
 
 
 class _progress:
-    """A tqdm bar in steps, shown only once a sweep has run for a few seconds.
-
-    Only the current chunk's steps are known ahead (scheduling a chunk builds its
-    models); the total assumes the chunks still to come are like this one."""
+    """A tqdm bar in points, shown only once a sweep has run for a few seconds, and
+    only on a terminal: logs stay clean."""
 
     DELAY_S = 3.0
 
-    def __init__(self, chunks: int):
-        self.chunks, self.known = chunks, 0
-        self.bar = None
+    def __init__(self, points: int):
+        self.points = points
 
     def __enter__(self):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=0, unit="step", delay=self.DELAY_S, desc="sweep", leave=False, file=sys.stderr,
-                        disable=None)  # only on a terminal: logs stay clean
+        self.bar = tqdm(total=self.points, unit="point", delay=self.DELAY_S, desc="sweep", leave=False,
+                        file=sys.stderr, disable=None)
         return self
 
-    def plan(self, number: int, steps: int) -> None:
-        self.known += steps
-        self.bar.total = self.known + steps * (self.chunks - number - 1)
-
-    def advance(self, steps: int) -> None:
-        self.bar.update(steps)
+    def update(self, points: int) -> None:
+        self.bar.update(points)
 
     def __exit__(self, *exc) -> None:
         self.bar.close()
