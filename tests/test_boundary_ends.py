@@ -57,7 +57,7 @@ def test_the_round_budget_is_a_backstop(monkeypatch):
         """Trains nothing: an lr stays finite iff it is at most 0.3."""
 
         def schedule(self, runs):
-            return SimpleNamespace(runs=runs, describe=lambda: ["fake"])
+            return SimpleNamespace(runs=runs, tally=lambda: {})
 
         def train(self, schedule):
             return [SimpleNamespace(result=SimpleNamespace(first_nonfinite=None if run.cfg <= 0.3 else 1))
