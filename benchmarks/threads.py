@@ -1,4 +1,4 @@
-"""A scenario's training time on a busy machine, by CPU thread count (issue 19).
+"""A scenario's training time on a busy machine, by CPU thread count.
 
 Starts --load CPU-bound processes of its own (default 2, each ends by itself after
 at most --limit seconds, and is stopped when the benchmark ends), then runs the
