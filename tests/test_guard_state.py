@@ -25,7 +25,7 @@ def _same(a, b):
 
 # -- 9 and 11: what the guard sees --------------------------------------------------
 
-def test_guard_names_the_op_that_turns_a_mask_into_an_infinite_loss():
+def test_guard_names_the_op_that_turns_a_mask_into_an_infinite_loss_and_refuses_its_update():
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -35,15 +35,18 @@ def test_guard_names_the_op_that_turns_a_mask_into_an_infinite_loss():
     def step(label):
         opt.zero_grad()
         loss = F.cross_entropy(model(x).masked_fill(~allowed, float("-inf")), label)
-        loss.backward()
+        loss.backward()  # finite gradients: the masked class gets none
         opt.step()
         return loss
 
     guarded = nanlab.guard(step, model, opt)
     guarded(torch.tensor([2]))  # an allowed class: a finite loss
+    params = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(nanlab.NonFiniteError) as info:
         guarded(torch.tensor([1]))  # the masked class: +inf
     assert info.value.quantity == "loss"
+    # Refused before the update, with nothing copied: the parameters never moved.
+    assert not guarded.copied and all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
     assert info.value.event.op == "aten.nll_loss_forward" and info.value.event.kind == "inf"
 
 

@@ -3,12 +3,12 @@ copy and the one that cannot, each fallback to the copy, and the optimizer state
 check that catches Adam's silent freeze."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import nanlab
 from nanlab.debug import sentinel
 from nanlab.debug.sentinel import next_bounds
+from test_guard_state import _linear_step
 
 
 @pytest.fixture(autouse=True)
@@ -79,28 +79,6 @@ def test_non_finite_gradients_are_refused_before_the_update_with_no_copy():
     assert _same(params, _params(model)) and _same_state(state, _state(opt))
 
 
-def test_an_infinite_loss_with_finite_gradients_is_refused_before_the_update():
-    torch.manual_seed(0)
-    model = nn.Linear(4, 3)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    allowed = torch.tensor([[True, False, True]])
-    x = torch.randn(1, 4)
-
-    def step(label):
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x).masked_fill(~allowed, float("-inf")), label)
-        loss.backward()  # finite gradients: the masked class gets none
-        opt.step()
-        return loss
-
-    guarded = nanlab.guard(step, model, opt)
-    guarded(torch.tensor([2]))
-    params = _params(model)
-    with pytest.raises(nanlab.NonFiniteError) as info:
-        guarded(torch.tensor([1]))
-    assert info.value.quantity == "loss" and not guarded.copied and _same(params, _params(model))
-
-
 # -- the bound that holds, and the one that does not --------------------------------
 
 @pytest.mark.parametrize("make", [
@@ -117,14 +95,7 @@ def test_a_guarded_run_that_never_fails_copies_nothing_and_matches_an_unguarded_
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.2), nn.Linear(8, 1))
         opt = make(model.parameters())
-
-        def step(x):
-            opt.zero_grad()
-            loss = model(x).pow(2).mean()
-            loss.backward()
-            opt.step()
-            return loss
-
+        step = _linear_step(model, opt)
         run = nanlab.guard(step, model, opt) if guarded else step
         losses = [run(x).item() for x in batches]
         if guarded:
