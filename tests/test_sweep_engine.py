@@ -157,8 +157,7 @@ def test_a_model_the_engine_cannot_batch_runs_in_the_loop_and_says_why():
 
 
 def test_thread_count_does_not_change_the_numbers():
-    """The engine switches between torch's thread setting and one thread for speed
-    (ThreadChoice); a batch trained wholly on either gives the same bits."""
+    """A batch trained on one thread or on two (threads=N) gives the same bits."""
     scenario = registry.load("tanh_explosion")
     points = _points(compose(["scenario=tanh_explosion", "steps=12", "clip=norm"]),
                      **{"optimizer.lr": [0.1, 0.5, 2.0]})

@@ -109,27 +109,20 @@ def test_bce_log_zero_says_why_its_lossy_fixes_end_lower(result_of):
     assert "not a better fit" in r.explanation and "larger weight norm" in r.explanation.replace("\n", " ")
 
 
-ENGINE_PROBE = """
-import torch
-from nanlab.lab import threads
-from nanlab.sweeps.engine import ThreadChoice
-default = torch.get_num_threads()
-with threads.use(None):
-    choice = ThreadChoice(torch.device("cpu"))
-    choice.before(choice.FIRST_LOOK)
-    looked = torch.get_num_threads()
-    choice.after(choice.FIRST_LOOK)
-    choice.restore()
-    print(default, choice.active, looked, torch.get_num_threads())
-"""
+def test_the_batched_engine_trains_on_its_count_and_gives_the_count_back():
+    import torch
 
+    from nanlab.lab import registry
+    from nanlab.config.compose import compose
+    from nanlab.sweeps.engine import Engine, Run
 
-def test_the_batched_engine_still_times_torchs_default_beside_one_thread():
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    out = subprocess.run([sys.executable, "-c", ENGINE_PROBE], capture_output=True, text=True, env=env,
-                         timeout=120, check=True).stdout.split()
-    default, active, looked, after = int(out[0]), out[1], int(out[2]), int(out[3])
-    if default == 1:
-        pytest.skip("torch's default is one thread on this machine: nothing to choose between")
-    assert active == "True" and looked == default  # its look runs on torch's default count
-    assert after == 1  # and the run around it is back on one thread
+    scenario = registry.load("tanh_explosion")
+    seen, before = set(), torch.get_num_threads()
+    engine = Engine(scenario, threads=2)
+    original = torch.set_num_threads
+    try:
+        torch.set_num_threads = lambda n: (seen.add(n), original(n))
+        engine.train(engine.schedule([Run(scenario.broken, compose(["scenario=tanh_explosion", "steps=3"]))]))
+    finally:
+        torch.set_num_threads = original
+    assert 2 in seen and torch.get_num_threads() == before

@@ -63,6 +63,6 @@ def use(key):
 
 
 def fixed(key) -> Optional[int]:
-    """The count ``threads=N`` fixes for the batched engine (nanlab.sweeps.engine.ThreadChoice);
-    None lets the engine time both settings and keep the faster."""
+    """The count ``threads=N`` fixes for the batched engine; None where the key is unset
+    or asks for torch's default (the sweeps then train each worker on one thread)."""
     return requested(key) if key is not None else None

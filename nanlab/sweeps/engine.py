@@ -658,65 +658,12 @@ def _hyper(prepared: list, device) -> dict:
     return {**settings, "clip": column(lambda c: c.clip.threshold)}
 
 
-class ThreadChoice:
-    """Picks the CPU thread count a batch runs fastest with, by timing its own steps.
-
-    On a machine whose cores other processes also want, every op that torch or MKL
-    splits over threads waits for the descheduled thread: steps measured 3 to 10 times
-    slower with 2 threads than with 1, and a small matmul 5 ms instead of 25 us. On
-    an idle machine 2 threads are faster. So a batch starts on one thread and, now
-    and then, runs one step on the other setting; the faster one stays. After a look
-    that changed nothing the next comes twice as late. The numbers do not depend on
-    the choice: a copy's sums run inside one thread either way (the tests run on both)."""
-
-    FIRST_LOOK, INTERVAL = 2, 25
-
-    def __init__(self, device, fixed: Optional[int] = None):
-        """``fixed``: always this many threads, no looking. Otherwise the other setting
-        is torch's own default count, even where the run itself is on one thread
-        (nanlab.lab.threads: the default for the scenarios' single runs)."""
-        from nanlab.lab import threads
-
-        self.before_batch = torch.get_num_threads()
-        self.original = max(self.before_batch, threads.torch_default())
-        self.active = device.type == "cpu" and (self.original > 1 or fixed is not None)
-        self.best, self.next_look, self.interval = fixed or 1, self.FIRST_LOOK, self.INTERVAL
-        if fixed is not None:
-            self.next_look = -1
-        self.started, self.last_step, self.looking = 0.0, math.inf, False
-
-    def _other(self) -> int:
-        return 1 if self.best == self.original else self.original
-
-    def before(self, step: int) -> None:
-        if self.active:
-            self.looking = step == self.next_look
-            torch.set_num_threads(self._other() if self.looking else self.best)
-            self.started = time.perf_counter()
-
-    def after(self, step: int) -> None:
-        if not self.active:
-            return
-        elapsed = time.perf_counter() - self.started
-        if not self.looking:
-            self.last_step = elapsed
-            return
-        if elapsed < self.last_step:
-            self.best, self.interval = self._other(), self.INTERVAL
-        else:
-            self.interval *= 2
-        self.next_look = step + self.interval
-
-    def restore(self) -> None:
-        if self.active:
-            torch.set_num_threads(self.before_batch)
-
-
 def train_batch(scenario: Scenario, batch: list, work: Callable[[int], None] = lambda copies: None,
-                threads: Optional[int] = None) -> list:
+                threads: int = 1) -> list:
     """Train every Prepared run of one batch together; a VariantResult per run.
     ``work(copies)`` hears how many copies each step trained (retired ones no longer count);
-    ``threads`` fixes the CPU thread count (by default ThreadChoice picks it)."""
+    ``threads``: the CPU thread count the batch trains on (one: a sweep's other cores
+    are its other workers'); the count before it comes back after."""
     started = time.perf_counter()
     first = batch[0]
     vcfg, data, plan = first.vcfg, first.data, first.plan
@@ -731,14 +678,15 @@ def train_batch(scenario: Scenario, batch: list, work: Callable[[int], None] = l
     params = [torch.stack(tensors) for tensors in zip(*[r.start for r in batch])]
     model = BatchedModel(plan, params, data, first.run.variant.loss, scenario.exact_loss, norm_dtype)
 
-    threads = ThreadChoice(device, threads)
+    threads_before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
     alive = torch.arange(count, device=device)  # which original copy each row holds
     # Per step and copy: loss, gradient norm, parameter norm, exact loss (NaN where not reached).
     record = torch.full((steps, 4, count), math.nan, dtype=torch.float64, device=device)
     retired = {}  # copy index -> (step, quantity, parameters before that step)
     taken = 0
     for step in range(steps):
-        threads.before(step)
         losses, exact, grads = model.step(params, data)
         grad_norm = model.norms(grads)
         grads, checked_norm = clip(clip_name, grads, thresholds, grad_norm, model.norms)
@@ -749,7 +697,6 @@ def train_batch(scenario: Scenario, batch: list, work: Callable[[int], None] = l
                                 param_norm.to(torch.float64), exact, checked_norm.to(torch.float64)])
         record[step].index_copy_(1, alive, readings[:4])
         taken = step + 1
-        threads.after(step)
         work(len(alive))
         if bool(torch.isfinite(readings[[0, 2, 4]]).all()):
             params = new
@@ -784,7 +731,7 @@ def train_batch(scenario: Scenario, batch: list, work: Callable[[int], None] = l
         first_bad = FirstNonFinite(end[0], end[1], losses[-1]) if end else None
         results.append(_finish(scenario, prepared, end[2] if end else final[index], first_bad, losses, grad_norms,
                                param_norms, exact_losses, seconds))
-    threads.restore()  # measuring each copy's end is small ops too: on the chosen threads
+    torch.set_num_threads(threads_before)  # measuring each copy's end is small ops too: on the batch's threads
     return results
 
 
@@ -896,7 +843,7 @@ class Engine:
     a variant that pins its own lr, say, is the same run at every lr of the grid."""
 
     def __init__(self, scenario: Scenario, force_loop: bool = False, max_batch: int = 512,
-                 threads: Optional[int] = None):
+                 threads: int = 1):
         self.scenario, self.force_loop, self.max_batch, self.threads = scenario, force_loop, max_batch, threads
         self._raw: dict = {}
         self._prepared: dict = {}
