@@ -33,7 +33,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -122,6 +122,9 @@ class CaseResult:
     reason: str = ""
     part: str = ""  # what failed: forward or gradient ("" when neither, or the kernel raised)
     change: str = ""  # against a baseline: regressed, improved, unchanged or new ("" without one)
+    # The error over the floor it is held to (over 1 fails; inf where finiteness disagrees): of the part
+    # that failed, else the larger of the two. None where nothing was measured (the kernel raised).
+    excess: Optional[float] = None
 
     @property
     def label(self) -> str:
@@ -265,6 +268,8 @@ class Comparison:
     # The element furthest past the floor taken at each element's own magnitude, or 1 if
     # smaller (FLOOR_FACTOR * (atol + rtol * max(|ref_i|, 1))): "" when every element is within it.
     past_own_floor: str = ""
+    own_excess: float = 0.0  # the largest |out_i - ref_i| over that per-element floor (inf where finiteness disagrees)
+    diff: Optional[torch.Tensor] = field(default=None, repr=False)  # |out - ref| per element, 0 where not both finite
 
 
 def _element(out, ref, i: int, inputs) -> str:
@@ -309,20 +314,22 @@ def compare(out: torch.Tensor, ref: torch.Tensor, dtype, inputs=None) -> Compari
         i = int(diff.flatten().argmax())
         error = float(diff.flatten()[i])
         worst = _element(out, ref, i, inputs)
-    past_own_floor = ""
+    past_own_floor, own_excess = "", (0.0 if agree else math.inf)
     if agree and diff.numel():
         own = torch.where(both_finite, ref.abs(), torch.zeros_like(ref)).clamp(min=1.0)
         limits = FLOOR_FACTOR * (atol + rtol * own)
         over = diff / limits
         i = int(over.flatten().argmax())
-        if float(over.flatten()[i]) > 1:
+        own_excess = float(over.flatten()[i])
+        if own_excess > 1:
             past_own_floor = (f"{_element(out, ref, i, inputs)}, off by {float(diff.flatten()[i]):.3g}, beyond "
                               f"the floor of {float(limits.flatten()[i]):.3g} there")
     if not agree:
         error = math.inf
     finite_ref = ref[both_finite]
     scale = float(finite_ref.abs().max()) if finite_ref.numel() else 0.0
-    return Comparison(close, agree, error, error / ulp(scale, dtype), mismatch, worst, scale, past_own_floor)
+    return Comparison(close, agree, error, error / ulp(scale, dtype), mismatch, worst, scale, past_own_floor, own_excess,
+                      diff)
 
 
 def floor(scale: float, dtype) -> float:
@@ -332,47 +339,82 @@ def floor(scale: float, dtype) -> float:
     return FLOOR_FACTOR * (atol + rtol * scale)
 
 
+class Judgement(NamedTuple):
+    ok: bool
+    error: Optional[float]
+    reason: str
+    excess: float  # the error over the floor it is held to: over 1 fails; inf where finiteness or shape disagrees
+
+
 def judge(out: torch.Tensor, ref: torch.Tensor, dtype, framework: Callable[[], Optional[Comparison]],
           known_failure=None, inputs=None, part: str = "forward") -> tuple[bool, Optional[float], str]:
-    """(ok, error, reason) for one part (forward or gradient) of one case: ``out``
+    """(ok, error, reason) of ``judge_part``."""
+    return tuple(judge_part(out, ref, dtype, framework, known_failure, inputs, part))[:3]
+
+
+def judge_part(out: torch.Tensor, ref: torch.Tensor, dtype, framework: Callable[[], Optional[Comparison]],
+               known_failure=None, inputs=None, part: str = "forward",
+               saved_rounding: Optional[Callable[[], torch.Tensor]] = None) -> Judgement:
+    """(ok, error, reason, excess) for one part (forward or gradient) of one case: ``out``
     and ``ref`` as float64, ``dtype`` the one the kernel returned ``out`` in,
     ``framework()`` the framework op's Comparison on the same part (None where the
     op raised), called only when needed, ``known_failure`` the case's record of
-    that op failing here, if any, and ``inputs`` the case's inputs (to name the
-    element a reason cites).
+    that op failing here, if any, ``inputs`` the case's inputs (to name the
+    element a reason cites), and, for a gradient, ``saved_rounding()`` the change
+    per element that rounding the reference's saved intermediates to ``dtype`` makes
+    to its gradient (``_Reference.saved_rounding``), called only when needed.
 
     Within torch.testing's tolerance passes. Beyond it but within the floor passes
-    too; the reason then starts with "imprecise" where the framework's op, itself
+    too (a gradient's floor grows, element by element, by FLOOR_FACTOR times that
+    change); the reason then starts with "imprecise" where the framework's op, itself
     correct here, is over FRAMEWORK_MARGIN times closer (the case's status becomes
     "imprecise", which does not fail the check). Beyond the floor fails, whatever
     the framework's op does."""
     if tuple(out.shape) != tuple(ref.shape):
-        return False, None, f"shape {tuple(out.shape)} where the reference has shape {tuple(ref.shape)}"
+        return Judgement(False, None, f"shape {tuple(out.shape)} where the reference has shape {tuple(ref.shape)}",
+                         math.inf)
     mine = compare(out, ref, dtype, inputs)
-    if mine.close:
-        return True, mine.error, ""
     if not mine.agree:
-        return False, mine.error, mine.mismatch
+        return Judgement(False, mine.error, mine.mismatch, math.inf)
+    limit = floor(mine.scale, dtype)
+    excess = mine.own_excess if part == "forward" else mine.error / limit
+    if mine.close:
+        return Judgement(True, mine.error, "", excess)
     said = f"max error {mine.error:.3g} ({mine.ulps:.3g} ulp of {dtype_name(dtype)}, {mine.worst})"
     if part == "forward":
         # Each element has its own floor (at max(|ref_i|, 1)), so a wrong small value beside
         # a large one (-16 for 0 in a row reaching -2e4) fails.
         if mine.past_own_floor:
-            return False, mine.error, (f"{said}; {mine.past_own_floor} ({FLOOR_FACTOR:g}x torch.testing's "
-                                       f"tolerance at that element)")
+            return Judgement(False, mine.error, (f"{said}; {mine.past_own_floor} ({FLOOR_FACTOR:g}x torch.testing's "
+                                                 f"tolerance at that element)"), excess)
         limit = None
     else:
         # A gradient element is a difference (y_i (g_i - <g, y>)): its error follows the terms, so
         # the floor is taken at the gradient's largest magnitude.
-        limit = floor(mine.scale, dtype)
         if mine.error > limit:
-            return False, mine.error, (f"{said} beyond the floor of {limit:.3g} ({FLOOR_FACTOR:g}x torch.testing's "
-                                       f"tolerance at the gradient's largest magnitude)")
+            # A correct kernel of this dtype saves its output (softmax) or its statistics (a norm's
+            # 1/std) in the dtype for its backward; where the gradient cancels (a saturated softmax's
+            # y (g - <g, y>)) that rounding alone moves it past the floor. Each element may be off by
+            # as much again as that rounding moves the exact backward, FLOOR_FACTOR times over.
+            rounding = saved_rounding() if saved_rounding is not None else None
+            allowed = limit + (0.0 if rounding is None else FLOOR_FACTOR * rounding)
+            excess = float((mine.diff / allowed).max())
+            beyond = mine.diff > allowed
+            if bool(beyond.any()):
+                i = int(torch.nonzero(beyond.flatten())[0])
+                grown = "" if rounding is None else (
+                    f", plus {FLOOR_FACTOR:g}x the {float(rounding.flatten()[i]):.3g} that rounding the reference's "
+                    f"saved intermediates to {dtype_name(dtype)} moves element {i} (flat)")
+                return Judgement(False, mine.error, (f"{said} beyond the floor of {limit:.3g} ({FLOOR_FACTOR:g}x "
+                                                     f"torch.testing's tolerance at the gradient's largest magnitude"
+                                                     f"{grown})"), excess)
+            limit += FLOOR_FACTOR * float(rounding.max())
     theirs = framework() if known_failure is None else None
     if theirs is not None and theirs.agree and theirs.ulps <= NOISE_ULPS and mine.ulps > FRAMEWORK_MARGIN * theirs.ulps:
-        return True, mine.error, (f"imprecise: {said}, within the floor but over {FRAMEWORK_MARGIN:g}x the "
-                                  f"framework's op ({theirs.ulps:.3g} ulp)")
-    return True, mine.error, f"{said}, beyond tolerance, within the floor" + (f" of {limit:.3g}" if limit else "")
+        return Judgement(True, mine.error, (f"imprecise: {said}, within the floor but over {FRAMEWORK_MARGIN:g}x the "
+                                            f"framework's op ({theirs.ulps:.3g} ulp)"), excess)
+    return Judgement(True, mine.error, f"{said}, beyond tolerance, within the floor" + (f" of {limit:.3g}" if limit else ""),
+                     excess)
 
 
 # ---------------------------------------------------------------- running one case
@@ -521,9 +563,10 @@ class _Reference:
     """The float64 reference for a case, and its gradient for any upstream gradient."""
 
     def __init__(self, case, inputs, keywords):
+        self.case, self.keywords = case, keywords
         self.x = inputs[0].double().detach().requires_grad_(True)
-        rest = [t.double() if t.is_floating_point() else t for t in inputs[1:]]
-        self.out = reference(case, [self.x, *rest], keywords)
+        self.rest = [t.double() if t.is_floating_point() else t for t in inputs[1:]]
+        self.out = reference(case, [self.x, *self.rest], keywords)
         if not self.out.requires_grad:  # the catalogue's promise: every case checks the gradient
             raise AssertionError(f"catalogue bug: case {case} has no gradient reference")
 
@@ -532,6 +575,21 @@ class _Reference:
         if grad is None:
             raise AssertionError("catalogue bug: the reference does not depend on the input")
         return _undefined_if_forward_is(self.out, grad)
+
+    def saved_rounding(self, upstream: torch.Tensor, dtype) -> torch.Tensor:
+        """|g_d - g| per element: g is the reference gradient, g_d the same backward run on
+        every intermediate the reference saved for it (its output, a sum, a 1/std) rounded
+        to ``dtype``, as a kernel of that dtype saves them. 0 where either is not finite:
+        a rounding that overflows excuses nothing."""
+        def rounded(t):
+            return t.to(dtype).to(t.dtype) if t.is_floating_point() else t
+
+        with torch.autograd.graph.saved_tensors_hooks(rounded, lambda t: t):
+            out = reference(self.case, [self.x, *self.rest], self.keywords)
+        (grad,) = torch.autograd.grad(out, self.x, upstream.double(), allow_unused=True)
+        exact = self.gradient(upstream)
+        change = (grad - exact).abs()
+        return torch.where(torch.isfinite(change), change, torch.zeros_like(change))
 
 
 class _FrameworkOp:
@@ -582,8 +640,9 @@ def run_case(fn: Callable, case: Case, dtype, framework: str = "torch", grad_fn:
     tensors, keywords = case.build(gen)
     dname = dtype_name(dtype)
 
-    def result(status, forward_error=None, grad_error=None, reason="", part=""):
-        return CaseResult(case.name, dname, case.description, status, forward_error, grad_error, reason, part)
+    def result(status, forward_error=None, grad_error=None, reason="", part="", excess=None):
+        return CaseResult(case.name, dname, case.description, status, forward_error, grad_error, reason, part,
+                          excess=excess)
 
     missing = _missing_keywords(fn, keywords)
     if missing:
@@ -604,12 +663,13 @@ def run_case(fn: Callable, case: Case, dtype, framework: str = "torch", grad_fn:
     bench = _FrameworkOp(case.kind, inputs, keywords, ref, upstream64)
     try:
         kernel = _Kernel(fn, grad_fn, framework, inputs, keywords)
-        ok, forward_error, why = judge(kernel.out.detach().double(), ref.out, judged_in(kernel.dtype, dtype), bench.forward,
-                                        case.known_failure(dname, "forward"), inputs)
+        ok, forward_error, why, excess = judge_part(kernel.out.detach().double(), ref.out,
+                                                    judged_in(kernel.dtype, dtype), bench.forward,
+                                                    case.known_failure(dname, "forward"), inputs)
         if not ok:
-            return result("fail", forward_error, None, f"forward: {why}", "forward")
+            return result("fail", forward_error, None, f"forward: {why}", "forward", excess)
         if not kernel.checks_gradient:
-            return result(_passing(why), forward_error, None, why)
+            return result(_passing(why), forward_error, None, why, excess=excess)
         # The upstream as the kernel's output dtype holds it; the reference gradient uses the same values.
         upstream = upstream64.to(kernel.dtype)
         grad = kernel.gradient(upstream)
@@ -617,13 +677,15 @@ def run_case(fn: Callable, case: Case, dtype, framework: str = "torch", grad_fn:
         return result("fail", reason=str(err))
     if grad is None:
         return result("fail", forward_error, None, "gradient: no gradient reached the input", "gradient")
-    ok, grad_error, why_grad = judge(grad.double(), ref.gradient(upstream), judged_in(grad.dtype, dtype), bench.gradient,
-                                      case.known_failure(dname, "gradient"), inputs, "gradient")
+    grad_dtype = judged_in(grad.dtype, dtype)
+    ok, grad_error, why_grad, grad_excess = judge_part(grad.double(), ref.gradient(upstream), grad_dtype, bench.gradient,
+                                                       case.known_failure(dname, "gradient"), inputs, "gradient",
+                                                       lambda: ref.saved_rounding(upstream, grad_dtype))
     if not ok:
-        return result("fail", forward_error, grad_error, f"gradient: {why_grad}", "gradient")
+        return result("fail", forward_error, grad_error, f"gradient: {why_grad}", "gradient", grad_excess)
     reasons = [f"{part}: {w}" for part, w in (("forward", why), ("gradient", why_grad)) if w]
     status = "imprecise" if "imprecise" in (_passing(why), _passing(why_grad)) else "pass"
-    return result(status, forward_error, grad_error, "; ".join(reasons))
+    return result(status, forward_error, grad_error, "; ".join(reasons), excess=max(excess, grad_excess))
 
 
 def judged_in(returned, asked):
