@@ -1,6 +1,7 @@
 """kernel.search: a Hypothesis search of a kind's input domain, shrunk to a case to paste into a test."""
 import json
 import math
+import sys
 import time
 
 import pytest
@@ -15,9 +16,11 @@ from nanlab.kernels import search as search_module
 from nanlab.kernels.catalogue import USER_KINDS
 from nanlab.kernels.search import search
 
+checker = sys.modules["nanlab.kernels.check"]  # the module; nanlab.kernels.check is the function
+
 pytest.importorskip("hypothesis")
 
-# The four naive kernels the search must find, within seconds of CPU at the default examples.
+# The four naive kernels the search must find, within a few seconds of CPU at a small budget.
 NAIVE = {"naive_softmax": "softmax", "naive_logsumexp": "logsumexp", "naive_softplus": "softplus",
          "layer_norm_without_eps": "layer_norm"}
 BUDGET_S = 5.0
@@ -27,10 +30,10 @@ BUDGET_S = 5.0
 def test_the_search_finds_each_naive_kernel_and_shrinks_it_to_a_case_that_fails(name, kind):
     fn = getattr(ex, name)
     started = time.process_time()
-    found = search(fn, kind)
+    found = search(fn, kind, examples=50)
     seconds = time.process_time() - started
-    print(f"{name}: {found.examples} examples, {seconds:.2f} s CPU")
-    assert not found.passed and seconds < BUDGET_S, found.text()
+    print(f"{name}: {found.examples} examples, {found.shrink_steps} shrinking, {seconds:.2f} s CPU")
+    assert not found.passed and found.shrunk and seconds < BUDGET_S, found.text()
     assert sum(t.numel() for t in found.tensors) <= 2, found.text()  # shrunk: one row of at most two values
     # The printed case, pasted into a test, fails the same way; the kernel's correct
     # counterpart passes it.
@@ -42,17 +45,55 @@ def test_the_search_finds_each_naive_kernel_and_shrinks_it_to_a_case_that_fails(
     assert f"assert check({name}, case, dtypes=" in found.text()
 
 
-@pytest.mark.parametrize("fn,kind,dtypes", [
-    (torch.softmax, "softmax", ["float32", "float64"]),
-    (torch.log_softmax, "log_softmax", None),
-    (ex.stable_logsumexp, "logsumexp", None),
-    (F.softplus, "softplus", None),
-    (ex.upcast_layer_norm, "layer_norm", None),
+@pytest.mark.parametrize("fn,kind", [
+    (torch.softmax, "softmax"),
+    (torch.log_softmax, "log_softmax"),
+    (ex.stable_logsumexp, "logsumexp"),
+    (F.softplus, "softplus"),
+    (ex.upcast_layer_norm, "layer_norm"),
 ])
-def test_the_search_finds_nothing_on_correct_kernels(fn, kind, dtypes):
-    found = search(fn, kind, examples=30, dtypes=dtypes)
-    assert found.passed and found.examples == 30, found.text()
+def test_the_search_finds_nothing_on_correct_kernels(fn, kind):
+    found = search(fn, kind, examples=30)
+    # Hypothesis draws some inputs twice; each distinct one is judged once.
+    assert found.passed and 20 <= found.examples <= 30 and not found.stopped, found.text()
     assert found.text().endswith("nothing failed")
+
+
+# ---------------------------------------------------------------- the rounding a float16 kernel cannot avoid
+
+SATURATED = Case("saturated", "softmax", "one logit 12 above the rest",
+                 lambda g: ([torch.tensor([[0.0, 0.0, 12.0]], dtype=torch.float64)], {"dim": -1}))
+TWO_WIDE = Case("two_wide", "layer_norm", "a row of two",
+                lambda g: ([torch.tensor([[0.0, 1.0]], dtype=torch.float64)], {"normalized_shape": (2,), "eps": 1e-5}))
+
+
+def test_torch_s_float16_gradients_from_their_rounded_output_pass_and_only_that_rounding_is_excused(monkeypatch):
+    # torch saves the float16 softmax (0.99998 rounds to 1.0) and LayerNorm's 1/std (1.99996 to 2.0),
+    # and its gradient's cancellation then loses what the floor allows at the gradient's magnitude.
+    assert check(torch.softmax, SATURATED, dtypes=["float16"]).passed
+    assert check(F.layer_norm, TWO_WIDE, dtypes=["float16"]).passed
+
+    class OffAtTheTop(torch.autograd.Function):
+        """torch's softmax, its gradient 1e-4 off at the saturated entry: past 2x the 1.1e-5 that
+        rounding the saved output moves the exact gradient there, plus the floor of 2e-5."""
+
+        @staticmethod
+        def forward(ctx, x):
+            y = torch.softmax(x, -1)
+            ctx.save_for_backward(y)
+            return y
+
+        @staticmethod
+        def backward(ctx, grad):
+            (y,) = ctx.saved_tensors
+            exact = y * (grad - (grad * y).sum(-1, keepdim=True))
+            return exact + torch.tensor([0.0, 0.0, 1e-4], dtype=exact.dtype)
+
+    report = check(lambda x, dim=-1: OffAtTheTop.apply(x), SATURATED, dtypes=["float16"])
+    assert not report.passed and "rounding the reference's saved intermediates to float16" in report.cases[0].reason
+    # Without the allowance torch's own gradient is past the floor: the allowance is what passes it.
+    monkeypatch.setattr(checker._Reference, "saved_rounding", lambda self, upstream, dtype: torch.zeros_like(upstream))
+    assert "beyond the floor" in check(torch.softmax, SATURATED, dtypes=["float16"]).cases[0].reason
 
 
 def test_the_search_finds_what_the_catalogue_misses_in_a_declared_kind():

@@ -65,7 +65,8 @@ class ScenarioConf:
 @dataclass
 class KernelConf:
     fn: Optional[str] = None
-    kind: Optional[KernelKind] = None
+    # A built-in kind (KernelKind), or a user's declared nanlab.kernels.Kind as module:attribute.
+    kind: Optional[str] = None
     framework: Framework = Framework.torch
     grad_fn: Optional[str] = None
     dtypes: List[DType] = field(default_factory=lambda: [DType.float32, DType.float64, DType.float16, DType.bfloat16])
@@ -79,6 +80,8 @@ class KernelConf:
     show: KernelView = KernelView.all
     # Examples for a property-based search of each kind's input domain (the search extra); null: no search.
     search: Optional[int] = None
+    # Wall-clock seconds the search may take, examples or not; null: no limit.
+    search_seconds: Optional[float] = 30.0
 
 
 @dataclass
@@ -207,7 +210,10 @@ ALLOWED = {
     "threads": "must be an integer in [1, 1024], or 0 or auto for torch's default",
     "kernel.dtypes": "must list at least one of " + ", ".join(options.DTYPES) + ", each once",
     "kernel.timeout": "must be a finite number of seconds > 0, or null for no limit",
+    "kernel.kind": ("must be one of " + ", ".join(options.KERNEL_KINDS)
+                    + ", or a declared nanlab.kernels.Kind as module:attribute"),
     "kernel.search": "must be a number of examples >= 1, or null for no search",
+    "kernel.search_seconds": "must be a finite number of seconds > 0, or null for no limit",
     **{f"sweep.{axis}": _sweep_axis_allowed(a) for axis, a in options.SWEEP_AXES.items()},
     "sweep.max_points": ("must be an integer >= 1, or null for the default limit of "
                          f"{options.SWEEP_DEFAULT_MAX_POINTS} points"),
@@ -308,10 +314,21 @@ def validate(cfg) -> None:
     _check(len(dtypes) >= 1 and len(set(dtypes)) == len(dtypes), "kernel.dtypes", dtypes)
     _check(kernel.timeout is None or _positive(kernel.timeout), "kernel.timeout", kernel.timeout)
     _check(kernel.get("search") is None or kernel.search >= 1, "kernel.search", kernel.get("search"))
+    _check(kernel.get("search_seconds") is None or _positive(kernel.search_seconds), "kernel.search_seconds",
+           kernel.get("search_seconds"))
+    _check(kernel.kind is None or _kernel_kind(kernel.kind), "kernel.kind", kernel.kind)
     if cfg.get("sweep") is not None:
         _validate_sweep(cfg.sweep)
     if cfg.get("boundary") is not None:
         _validate_boundary(cfg.boundary)
+
+
+def _kernel_kind(value: str) -> bool:
+    """A built-in kind's name, or an import path module:attribute (resolved by mode=check)."""
+    if value in {k.value for k in KernelKind}:
+        return True
+    module, sep, attr = value.partition(":")
+    return bool(sep) and all(p.isidentifier() for p in module.split(".") + attr.split("."))
 
 
 def _listed_once(values, ok) -> bool:

@@ -5,6 +5,7 @@
         nanlab_check(F.cross_entropy, kind="cross_entropy", xfail=["fully_neg_inf_row_ignored"])
         nanlab_check(my_ce, kind="cross_entropy", baseline="tests/baselines/my_ce.json")
         nanlab_check(my_ce, kind="cross_entropy", search=200)  # and search 200 inputs for one that fails
+        nanlab_check(my_ce, kind="cross_entropy", search=200, search_seconds=5)  # for at most 5 s
 
 fails the test with a list of the failing cases and why; ``nanlab_check(my_ce, case)``
 checks one Case of ``nanlab.kernels.cases(kind)``. Every keyword of
@@ -27,7 +28,7 @@ def nanlab_check(request):
     from nanlab.kernels.catalogue import Case
     from nanlab.kernels.check import check
 
-    def run(fn, kind=None, search=None, **options):
+    def run(fn, kind=None, search=None, search_seconds=None, **options):
         examples = search if search is not None else request.config.getoption("nanlab_search", None)
         searching = bool(examples) and kind is not None and not isinstance(kind, Case)  # a search covers a whole kind
         if searching:
@@ -44,8 +45,9 @@ def nanlab_check(request):
         if searching:
             from nanlab.kernels.search import search as search_kind
 
+            budget = {} if search_seconds is None else {"seconds": search_seconds}
             found = search_kind(fn, kind, examples, dtypes=options.get("dtypes"),
-                                framework=options.get("framework", "torch"), grad_fn=options.get("grad_fn"))
+                                framework=options.get("framework", "torch"), grad_fn=options.get("grad_fn"), **budget)
             if not found.passed:
                 pytest.fail(found.text(), pytrace=False)
         return report

@@ -23,14 +23,15 @@ from typing import Callable, Optional, Union
 import torch
 
 from nanlab import jsonio
+from nanlab.config.schema import KernelConf
 from nanlab.errors import ConfigError, install_hint
 from nanlab.kernels.check import CaseResult, _dtypes, kernel_name, run_case
 from nanlab.kernels.kinds import Kind, resolve
 
 DEFAULT_EXAMPLES = 200
-# The search's time budget (wall-clock seconds), checked between inputs: a slow kernel ends
-# its search here with what was found so far, rather than running for minutes.
-DEFAULT_SECONDS = 30.0
+# The search's time budget (wall-clock seconds; kernel.search_seconds), checked between inputs:
+# a slow kernel ends its search there with what was found so far, rather than running for minutes.
+DEFAULT_SECONDS = KernelConf.search_seconds
 # Named sizes are drawn within these bounds: enough for a row to hold a large and a small
 # value, small enough that every example costs about a millisecond per dtype. A row of one
 # class is left out: its softmax is 1 and its gradient exactly 0, where the gradient's floor
