@@ -1,8 +1,10 @@
 """kernel.search: a Hypothesis search of a kind's input domain, shrunk to a case to paste into a test."""
 import json
 import math
+import re
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,6 +111,43 @@ def test_the_search_finds_what_the_catalogue_misses_in_a_declared_kind():
         USER_KINDS.pop("softplus_as_declared", None)
 
 
+def _softplus_off_above_5(x, beta=1.0, threshold=20.0):
+    """Right below 5; above it 1e-4 too large: a small failure that most draws meet."""
+    y = F.softplus(x, beta, threshold)
+    return y + 1e-4 * (x > 5).to(y.dtype)
+
+
+def _softplus_off_above_5_and_nan_far_below(x, beta=1.0, threshold=20.0):
+    """The same, and NaN from -9e4 down: a failure as bad as can be, that few draws meet."""
+    y = _softplus_off_above_5(x, beta, threshold)
+    return torch.where((x <= -9e4) & torch.isfinite(x), torch.full_like(y, math.nan), y)
+
+
+def test_the_search_reports_the_worst_input_it_found_not_the_first():
+    small = search(_softplus_off_above_5, "softplus", examples=50, dtypes=["float32"])
+    assert not small.passed and 1 < small.found.excess < math.inf and small.shrunk, small.text()
+    worst = search(_softplus_off_above_5_and_nan_far_below, "softplus", examples=50, dtypes=["float32"])
+    assert worst.found.reason.startswith("forward: nan where the reference is"), worst.text()
+    assert worst.found.excess == math.inf and worst.shrunk and worst.tensors[0].numel() == 1, worst.text()
+    assert worst.tensors[0].item() <= -9e4  # shrunk while as bad: still in the NaN region
+
+
+def test_a_time_budget_ends_the_search_with_one_line_saying_so():
+    def slow_softplus(x, beta=1.0, threshold=20.0):
+        time.sleep(0.01)
+        return F.softplus(x, beta, threshold)
+
+    cut = search(slow_softplus, "softplus", examples=20, seconds=0.1)
+    assert cut.passed and 1 <= cut.examples < 20, cut.text()
+    assert cut.stopped.startswith(f"the 0.1 s budget ran out after {cut.examples} of 20 examples"), cut.stopped
+    assert cut.text().splitlines()[1] == f"  stopped: {cut.stopped}"
+    whole = search(slow_softplus, "softplus", examples=3, seconds=None)
+    assert whole.examples == 3 and not whole.stopped and "stopped" not in whole.text()
+    for bad in (0, -1.0, math.inf, True):
+        with pytest.raises(ConfigError, match="must be a finite number of seconds > 0, or None for no limit"):
+            search(slow_softplus, "softplus", 3, seconds=bad)
+
+
 def test_the_search_is_deterministic():
     first, second = (search(ex.naive_softplus, "softplus", dtypes=["float32"]) for _ in range(2))
     assert first.case_source() == second.case_source() and first.examples == second.examples
@@ -159,11 +198,47 @@ def test_the_plugin_flags_the_naive_kernel_and_its_search_option_finds_what_the_
                                    "*paste into a test*"])
 
 
-def test_cli_flags_a_naive_new_kind_and_its_search_writes_the_case(cli, tmp_path):
-    proc = cli("mode=check", "kernel.fn=nanlab.kernels.examples:naive_softplus", "kernel.kind=softplus",
-               "kernel.dtypes=[float32]", "kernel.search=50", "kernel.show=failures", f"hydra.run.dir={tmp_path}")
+def _docs_kind_source() -> str:
+    """The example of docs/kernels.md's "Your own kinds", as written."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "kernels.md").read_text(encoding="utf-8")
+    return re.search(r"```python\n(.*?)```", text.split("## Your own kinds", 1)[1], re.S).group(1)
+
+
+def test_cli_checks_and_searches_a_declared_kind_named_by_import_path(cli, tmp_path):
+    (tmp_path / "user_kinds.py").write_text(_docs_kind_source())
+    proc = cli("mode=check", "kernel.fn=user_kinds:fused_logaddexp", "kernel.kind=user_kinds:LOGADDEXP",
+               "kernel.dtypes=[float32]", "kernel.search=50", "kernel.show=failures", f"hydra.run.dir={tmp_path / 'o'}",
+               env={"PYTHONPATH": str(tmp_path)})
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "past_exp_overflow" in proc.stdout and "search: naive_softplus (softplus)" in proc.stdout
-    record = json.loads((tmp_path / "check.json").read_text())
-    assert not record["passed"] and not record["search"]["passed"]
-    assert record["search"]["found"]["case"].startswith('Case("found_by_search", "softplus"')
+    assert "extremal_values" in proc.stdout and "search: fused_logaddexp (logaddexp)" in proc.stdout
+    record = json.loads((tmp_path / "o" / "check.json").read_text())
+    assert record["kind"] == "logaddexp" and not record["passed"] and not record["search"]["passed"]
+    assert record["search"]["found"]["case"].startswith('Case("found_by_search", "logaddexp"')
+
+
+@pytest.mark.parametrize("value,message", [
+    ("nanlab.kernels.examples:naive_softplus", "names a function, not a nanlab.kernels.Kind; or choose one of"),
+    ("no_such_module:KIND", "cannot import no_such_module"),
+    ("nanlab.kernels.kinds:NO_SUCH", "nanlab.kernels.kinds has no attribute NO_SUCH"),
+])
+def test_a_kernel_kind_that_names_no_kind_is_one_line(value, message):
+    from nanlab.kernels.cli import declared_kind
+
+    with pytest.raises(ConfigError) as info:
+        declared_kind(value)
+    assert str(info.value).startswith(f"kernel.kind={value}: ") and message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_kernel_kind_takes_a_builtin_name_or_an_import_path_and_nothing_else():
+    from nanlab.config import schema
+    from nanlab.kernels.cli import declared_kind
+
+    assert declared_kind("softplus") == "softplus"
+    for good in ("softplus", "my_pkg.kinds:LOGADDEXP", "m:KINDS.logaddexp"):
+        assert schema._kernel_kind(good), good
+    for bad in ("hinge", "my_pkg.kinds", ":LOGADDEXP", "my pkg:K", "m:"):
+        assert not schema._kernel_kind(bad), bad
+    with pytest.raises(ConfigError, match=r"^kernel.kind=hinge: must be one of cross_entropy, .*, or a declared "
+                                          r"nanlab.kernels.Kind as module:attribute$"):
+        schema._check(schema._kernel_kind("hinge"), "kernel.kind", "hinge")

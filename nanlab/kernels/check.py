@@ -402,7 +402,7 @@ def judge_part(out: torch.Tensor, ref: torch.Tensor, dtype, framework: Callable[
             beyond = mine.diff > allowed
             if bool(beyond.any()):
                 i = int(torch.nonzero(beyond.flatten())[0])
-                grown = "" if rounding is None else (
+                grown = "" if rounding is None or not float(rounding.flatten()[i]) else (
                     f", plus {FLOOR_FACTOR:g}x the {float(rounding.flatten()[i]):.3g} that rounding the reference's "
                     f"saved intermediates to {dtype_name(dtype)} moves element {i} (flat)")
                 return Judgement(False, mine.error, (f"{said} beyond the floor of {limit:.3g} ({FLOOR_FACTOR:g}x "
