@@ -139,7 +139,7 @@ def test_a_time_budget_ends_the_search_with_one_line_saying_so():
 
     cut = search(slow_softplus, "softplus", examples=20, seconds=0.1)
     assert cut.passed and 1 <= cut.examples < 20, cut.text()
-    assert cut.stopped.startswith(f"the 0.1 s budget ran out after {cut.examples} of 20 examples"), cut.stopped
+    assert cut.stopped.startswith(f"the 0.1 s budget ran out after {cut.examples} of 20 examples ("), cut.stopped
     assert cut.text().splitlines()[1] == f"  stopped: {cut.stopped}"
     whole = search(slow_softplus, "softplus", examples=3, seconds=None)
     assert whole.examples == 3 and not whole.stopped and "stopped" not in whole.text()

@@ -76,7 +76,8 @@ class SearchResult:
                 f"     lambda g: ([{tensors}], {_value_source(self.keywords)}))")
 
     def text(self) -> str:
-        head = f"search: {self.kernel} ({self.kind}): {self.examples} examples in {self.seconds:.1f} s"
+        head = (f"search: {self.kernel} ({self.kind}): {self.examples} example{'s' if self.examples != 1 else ''} "
+                f"in {self.seconds:.1f} s")
         cut = [f"  stopped: {self.stopped}"] if self.stopped else []
         if self.found is None:
             return "\n".join([f"{head}: nothing failed", *cut])
@@ -247,6 +248,7 @@ def search(fn: Callable, kind: Union[str, Kind], examples: int = DEFAULT_EXAMPLE
                 pass
     except _OutOfTime:
         stopped = (f"the {seconds:g} s budget ran out after {seen['examples']} of {examples} examples"
+                   + f" ({time.monotonic() - clock:.1f} s)"
                    + (f" and {seen['shrink_steps']} shrinking steps" if seen["shrinking"] else ""))
     result = SearchResult(kernel_name(fn), declared.name, seen["examples"], time.process_time() - started,
                           shrink_steps=seen["shrink_steps"], stopped=stopped)
