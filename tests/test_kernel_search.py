@@ -184,16 +184,22 @@ def test_far_below(nanlab_check):
 def test_naive(nanlab_check):
     from nanlab.kernels.examples import naive_softplus
     nanlab_check(naive_softplus, kind="softplus")
+
+def test_search_seconds_reach_the_search(nanlab_check):
+    import pytest
+    from nanlab.errors import ConfigError
+    with pytest.raises(ConfigError, match="search_seconds=-1"):
+        nanlab_check(F.softplus, kind="softplus", dtypes=["float32"], search=5, search_seconds=-1)
 """
 
 
 def test_the_plugin_flags_the_naive_kernel_and_its_search_option_finds_what_the_cases_miss(pytester):
     pytester.makepyfile(PLUGIN_TESTS)
     plain = pytester.runpytest_inprocess("-p", "no:cacheprovider")
-    plain.assert_outcomes(passed=1, failed=1)
+    plain.assert_outcomes(passed=2, failed=1)
     plain.stdout.fnmatch_lines(["*past_exp_overflow ?float32?: forward: inf where the reference is*"])
     searched = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--nanlab-search=100")
-    searched.assert_outcomes(failed=2)
+    searched.assert_outcomes(passed=1, failed=2)
     searched.stdout.fnmatch_lines(["*search: softplus_nan_far_below (softplus)*FAILED*",
                                    "*paste into a test*"])
 
