@@ -15,7 +15,9 @@ How a value is judged (``judge``), always in the dtype the kernel returned it in
   value is accepted, for every kernel alike;
 - within torch.testing's default tolerance for the output's dtype passes;
 - beyond it, within the floor (FLOOR_FACTOR times that tolerance, at each forward
-  element's own magnitude or 1, at a gradient's largest magnitude) passes, as
+  element's own magnitude or 1, at a gradient's largest magnitude, plus, per gradient
+  element, FLOOR_FACTOR times what rounding the reference's saved intermediates to the
+  dtype changes there: _Reference.saved_rounding) passes, as
   "imprecise" where the framework's op, itself rounding noise here and with no
   recorded failure, is over FRAMEWORK_MARGIN times closer; beyond the floor fails,
   whatever the framework's op does. So the op never vouches for a wrong answer.
