@@ -21,14 +21,16 @@ def test_wheel_in_fresh_venv(tmp_path):
                     str(source)], check=True, capture_output=True)
     wheel = next(dist.glob("nanlab-*.whl"))
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    # Without pip of its own (ensurepip costs seconds): this venv's pip installs into it.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = venv / "bin" / "python"
     # Reuse this venv's torch and Hydra instead of downloading them again: a .pth line
     # adds its site-packages after the fresh venv's own (which will hold nanlab).
     site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
     Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", str(wheel)],
+                   check=True, capture_output=True)
     work = tmp_path / "elsewhere"
     work.mkdir()
     proc = subprocess.run([str(py), "-m", "nanlab", "scenario=unscaled_sgd", "steps=5", "hydra.run.dir=out"],
