@@ -80,15 +80,23 @@ def test_a_closed_pipe_ends_quietly():
 
 
 def test_ctrl_c_is_one_line_and_exit_130_and_a_redirected_run_draws_no_bar(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "nanlab", "scenario=tanh_explosion", "steps=100000000",
-                             f"hydra.run.dir={tmp_path}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # Long enough that a bar (shown after 5 s of a variant) would have been drawn had
-    # stderr been a terminal; redirected, it must stay out of the log.
-    time.sleep(12)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in err, err
-    assert err.rstrip() == "nanlab: interrupted" and "\r" not in err, err
+    from conftest import run_cli
+
+    def interrupt_once_training(pid):
+        # Hydra writes the run's .hydra folder just before nanlab's run starts; six
+        # seconds later a bar (shown after 5 s of a variant) would have been drawn had
+        # stderr been a terminal; redirected, it must stay out of the log.
+        deadline = time.monotonic() + 120
+        while not (tmp_path / ".hydra").is_dir() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(6)
+        os.kill(pid, signal.SIGINT)
+
+    proc = run_cli("scenario=tanh_explosion", "steps=100000000", f"hydra.run.dir={tmp_path}",
+                   started=interrupt_once_training, timeout=180)
+    assert (tmp_path / ".hydra").is_dir()
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.rstrip() == "nanlab: interrupted" and "\r" not in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("launcher,extra", [("joblib", "parallel"), ("submitit_local", "cluster")])

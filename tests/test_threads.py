@@ -7,48 +7,64 @@ import pytest
 
 from conftest import ROOT
 
-# Records torch's thread count inside each variant's training, then prints the set.
+# Runs tanh_explosion once per argument (its overrides, space-separated) and prints,
+# per run, its overrides, the set of torch thread counts seen inside each variant's
+# training, and torch's count before and after the run.
 PROBE = """
 import sys, torch
 import nanlab.lab.runner as runner
+import nanlab
 seen = set()
 train = runner.train
 def counted(*args, **kwargs):
     seen.add(torch.get_num_threads())
     return train(*args, **kwargs)
 runner.train = counted
-import nanlab
-nanlab.run("tanh_explosion", "steps=2", *sys.argv[1:])
-print(sorted(seen), torch.get_num_threads())
+for overrides in sys.argv[1:]:
+    seen.clear()
+    before = torch.get_num_threads()
+    nanlab.run("tanh_explosion", "steps=2", *overrides.split())
+    print(f"{overrides}|{sorted(seen)}|{before}|{torch.get_num_threads()}")
 """
+# OMP_NUM_THREADS is read when torch starts, so each setting needs a fresh
+# interpreter: {OMP_NUM_THREADS or None: the overrides run there, in this order}.
+PROBED = {None: ("", "threads=2"), 2: ("", "threads=1")}
 
 
-def threads_seen(*overrides, omp=None):
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    if omp is not None:
-        env["OMP_NUM_THREADS"] = str(omp)
-    out = subprocess.run([sys.executable, "-c", PROBE, *overrides], capture_output=True, text=True,
-                         env=env, cwd=ROOT, timeout=240, check=True).stdout
-    return out.strip().splitlines()[-1]
+@pytest.fixture(scope="module")
+def threads_seen():
+    """{(overrides, OMP_NUM_THREADS): (threads seen in training, before, after)}."""
+    procs = {}
+    for omp, runs in PROBED.items():
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+        if omp is not None:
+            env["OMP_NUM_THREADS"] = str(omp)
+        procs[omp] = subprocess.Popen([sys.executable, "-c", PROBE, *runs], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    seen = {}
+    for omp, proc in procs.items():
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err
+        for line in out.strip().splitlines()[-len(PROBED[omp]):]:
+            overrides, threads, before, after = line.split("|")
+            seen[overrides, omp] = (threads, int(before), int(after))
+    return seen
 
 
-def test_a_run_without_omp_num_threads_uses_one_thread_and_gives_the_count_back():
-    import torch
-
-    default = torch.get_num_threads() if "OMP_NUM_THREADS" not in os.environ else None
-    seen, after = threads_seen().rsplit(" ", 1)
-    assert seen == "[1]"
-    if default is not None:  # nanlab.run gives the caller's count back
-        assert int(after) == default
+def test_a_run_without_omp_num_threads_uses_one_thread_and_gives_the_count_back(threads_seen):
+    threads, before, after = threads_seen["", None]
+    assert threads == "[1]"
+    assert after == before  # torch's own count (one per core), given back
+    assert threads_seen["threads=2", None][1:] == (before, before)  # and after a run that set 2
 
 
 @pytest.mark.parametrize("overrides, omp, expected", [
-    ((), 2, "[2]"),  # the user's OMP_NUM_THREADS wins over the default of 1
-    (("threads=2",), None, "[2]"),  # so does the key
-    (("threads=1",), 2, "[1]"),  # and the key wins over the environment
+    ("", 2, "[2]"),  # the user's OMP_NUM_THREADS wins over the default of 1
+    ("threads=2", None, "[2]"),  # so does the key
+    ("threads=1", 2, "[1]"),  # and the key wins over the environment
 ])
-def test_explicit_thread_settings_win(overrides, omp, expected):
-    assert threads_seen(*overrides, omp=omp).rsplit(" ", 1)[0] == expected
+def test_explicit_thread_settings_win(threads_seen, overrides, omp, expected):
+    assert threads_seen[overrides, omp][0] == expected
 
 
 def test_threads_key_out_of_range_is_one_line(cli):
