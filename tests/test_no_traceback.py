@@ -53,17 +53,23 @@ def test_a_run_dir_that_is_a_file_is_one_line(cli, tmp_path):
     assert lines[0].startswith(f"nanlab: error: {blocker}: cannot create the output folder")
 
 
+# `ulimit -f 16; python -m nanlab ...`: the same file-size limit, set by the process
+# itself, so the run can fork from the warm CLI server.
+UNDER_A_16_KIB_FILE_LIMIT = ("import resource, runpy\n"
+                             "resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))\n"
+                             "runpy.run_module('nanlab', run_name='__main__', alter_sys=True)\n")
+
+
 def test_a_failed_write_keeps_the_earlier_result(tmp_path):
-    """A full disk, simulated with ulimit -f: the new result.json cannot be written,
-    and the valid one from an earlier run is still there, whole."""
-    from conftest import run_cli
+    """A full disk, simulated with a file-size limit: the new result.json cannot be
+    written, and the valid one from an earlier run is still there, whole."""
+    from conftest import run_cli, run_python
 
     assert run_cli("scenario=softmax_overflow", f"hydra.run.dir={tmp_path}").returncode == 0
     earlier = (tmp_path / "result.json").read_bytes()
-    assert len(earlier) > 16 * 1024  # bigger than the limit below
-    command = (f"ulimit -f 16; exec {sys.executable} -m nanlab scenario=softmax_overflow seed=1 "
-               f"hydra.run.dir={tmp_path}")
-    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
+    assert len(earlier) > 16 * 1024  # bigger than the limit
+    proc = run_python("-c", UNDER_A_16_KIB_FILE_LIMIT, "scenario=softmax_overflow", "seed=1",
+                      f"hydra.run.dir={tmp_path}")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert f"could not write {tmp_path / 'result.json'}:" in lines[-1] and "left as it was" in lines[-1]
