@@ -94,18 +94,11 @@ def pytest_unconfigure(config):
 def run_python(*python_args, cwd=None, env=None, timeout=300, started=None):
     """``python ARGS`` (``-m MODULE ...``, ``-c CODE ...`` or ``SCRIPT ...``) as a user
     runs it, forked warm where the environment allows; returns CompletedProcess.
-    ``started(pid)``, if given, is called once the command runs (to signal it, say)."""
+    ``started(pid)``, if given, is called once the forked command runs (to signal it)."""
     if not _warm_cli.serves(env):
-        with subprocess.Popen([sys.executable, *python_args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, cwd=cwd, env=_cli_env(env)) as proc:
-            if started is not None:
-                started(proc.pid)
-            try:
-                stdout, stderr = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                raise
-        return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+        assert started is None, "started= is for commands the warm server runs"
+        return subprocess.run([sys.executable, *python_args], capture_output=True, text=True,
+                              cwd=cwd, env=_cli_env(env), timeout=timeout)
     return _warm_cli.run(python_args, cwd, env, timeout, started)
 
 

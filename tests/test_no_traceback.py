@@ -1,5 +1,6 @@
 """Bad input, interruptions and failed writes end as one line and a status, never a
 traceback, and never destroy an earlier result."""
+import contextlib
 import json
 import os
 import signal
@@ -92,11 +93,12 @@ def test_ctrl_c_is_one_line_and_exit_130_and_a_redirected_run_draws_no_bar(tmp_p
         # Hydra writes the run's .hydra folder just before nanlab's run starts; six
         # seconds later a bar (shown after 5 s of a variant) would have been drawn had
         # stderr been a terminal; redirected, it must stay out of the log.
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 60
         while not (tmp_path / ".hydra").is_dir() and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(6)
-        os.kill(pid, signal.SIGINT)
+        with contextlib.suppress(ProcessLookupError):  # a run that failed early: the asserts say how
+            os.kill(pid, signal.SIGINT)
 
     proc = run_cli("scenario=tanh_explosion", "steps=100000000", f"hydra.run.dir={tmp_path}",
                    started=interrupt_once_training, timeout=180)
