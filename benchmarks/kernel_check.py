@@ -1,7 +1,9 @@
 """Time a full check of one kernel over all four dtypes (target, issue 5: <= 3 s on CPU).
 
-Runs each kernel's full check 5 times and prints the median beside the target.
+Runs each kernel's full check --repeats times (default 5) and prints the median
+beside the target.
 """
+import argparse
 import statistics
 import time
 
@@ -14,11 +16,22 @@ KERNELS = [("torch_cross_entropy", "cross_entropy"), ("naive_softmax_cross_entro
                                                    "binary_cross_entropy_with_logits")]
 
 
+def whole(text: str) -> int:
+    value = int(text) if text.isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=whole, default=5, help="full checks of each kernel; the median is printed "
+                                                                 "(default 5)")
+    args = parser.parse_args()
     check(examples.torch_cross_entropy, kind="cross_entropy")  # warm up
     for name, kind in KERNELS:
         times = []
-        for _ in range(5):
+        for _ in range(args.repeats):
             start = time.perf_counter()
             report = check(getattr(examples, name), kind=kind)
             times.append(time.perf_counter() - start)

@@ -57,7 +57,7 @@ class WarmCLI:
         return not any(key.startswith(_IMPORT_TIME_ENV) and os.environ.get(key) != value
                        for key, value in (env or {}).items())
 
-    def run(self, python_args, cwd, env, timeout):
+    def run(self, python_args, cwd, env, timeout, started=None):
         import select
         import signal
         import tempfile
@@ -71,6 +71,8 @@ class WarmCLI:
             self.server.stdin.write(json.dumps(request) + "\n")
             self.server.stdin.flush()
             pid = json.loads(self.server.stdout.readline())["pid"]
+            if started is not None:
+                started(pid)
             ready, _, _ = select.select([self.server.stdout], [], [], timeout)
             if not ready:
                 os.kill(pid, signal.SIGKILL)
@@ -89,18 +91,20 @@ def pytest_unconfigure(config):
     _warm_cli.close()
 
 
-def run_python(*python_args, cwd=None, env=None, timeout=300):
+def run_python(*python_args, cwd=None, env=None, timeout=300, started=None):
     """``python ARGS`` (``-m MODULE ...``, ``-c CODE ...`` or ``SCRIPT ...``) as a user
-    runs it, forked warm where the environment allows; returns CompletedProcess."""
+    runs it, forked warm where the environment allows; returns CompletedProcess.
+    ``started(pid)``, if given, is called once the forked command runs (to signal it)."""
     if not _warm_cli.serves(env):
+        assert started is None, "started= is for commands the warm server runs"
         return subprocess.run([sys.executable, *python_args], capture_output=True, text=True,
                               cwd=cwd, env=_cli_env(env), timeout=timeout)
-    return _warm_cli.run(python_args, cwd, env, timeout)
+    return _warm_cli.run(python_args, cwd, env, timeout, started)
 
 
-def run_cli(*args, cwd=None, env=None, timeout=300):
+def run_cli(*args, cwd=None, env=None, timeout=300, started=None):
     """``python -m nanlab ARGS`` as a user runs it; returns CompletedProcess."""
-    return run_python("-m", "nanlab", *args, cwd=cwd, env=env, timeout=timeout)
+    return run_python("-m", "nanlab", *args, cwd=cwd, env=env, timeout=timeout, started=started)
 
 
 def training_step(optimizer, compute_loss):

@@ -1,18 +1,19 @@
 """The benchmark scripts run and print the ratios they promise. Timings are not
 asserted here: this machine is shared and noisy (see docs/performance.md for measured numbers)."""
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_python
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def run(script, *args):
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
-                          timeout=240)
+    """``python benchmarks/SCRIPT ARGS``, forked warm: the scripts read no environment
+    at import, and the processes they start themselves are fresh."""
+    proc = run_python(str(BENCHMARKS / script), *args, timeout=240)
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -26,9 +27,12 @@ def test_tracer_overhead_prints_both_ratios():
 
 
 def test_kernel_check_prints_one_line_per_kernel():
-    rc, out = run("kernel_check.py")
+    rc, out = run("kernel_check.py", "--repeats", "1")
     assert rc == 0, out
     assert len(re.findall(r"median +\d+\.\d\d s +\(\d+\.\d\d of the 3 s target: (met|MISSED)\)", out)) == 4, out
+    rc, out = run("kernel_check.py", "--repeats", "0")
+    assert rc == 2 and "Traceback" not in out
+    assert "error: argument --repeats: '0' is not a whole number >= 1" in out
 
 
 def test_tracer_overhead_rejects_a_bad_count_in_one_line():
@@ -62,7 +66,8 @@ def test_sweep_benchmark_needs_two_points():
 
 
 def test_threads_benchmark_prints_each_way_against_one_thread():
-    rc, out = run("threads.py", "--rounds", "1", "--steps", "2", "--load", "1", "--limit", "120")
+    # The load ends itself after a second: its start and stop are what is checked here.
+    rc, out = run("threads.py", "--rounds", "1", "--steps", "2", "--load", "1", "--limit", "1")
     assert rc == 0, out
     assert "beside 1 CPU-bound process on" in out
     for way in ("torch default", "nanlab default", "OMP_NUM_THREADS=1"):

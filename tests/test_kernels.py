@@ -174,7 +174,7 @@ def test_plugin_fixture_lists_failing_cases(pytester):
             from nanlab.kernels import cases
             assert len(nanlab_check(ex.torch_log_softmax, cases("log_softmax")[0], dtypes=["float32"]).cases) == 1
     """)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(["*log_softmax_without_max (log_softmax, torch): * fail* -> FAILED",
                                  "*  large_positive ?float32?: forward: *inf where the reference is*"])
@@ -210,7 +210,7 @@ def test_a_kernel_that_crashes_fails_its_cases_without_stopping_the_check():
 def test_check_cli_bad_kernel_module_and_missing_fn(cli, tmp_path):
     (tmp_path / "broken_kernels.py").write_text("raise RuntimeError('cannot even import')\n")
     proc = cli("mode=check", "kernel.fn=broken_kernels:f", "kernel.kind=softmax", f"hydra.run.dir={tmp_path / 'o'}",
-               env={"PYTHONPATH": str(tmp_path)})
+               cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "nanlab: error: kernel.fn=broken_kernels:f: cannot import broken_kernels (RuntimeError: cannot even import)")
     proc = cli("mode=check", "kernel.kind=softmax", f"hydra.run.dir={tmp_path / 'o'}")

@@ -79,7 +79,7 @@ def test_the_zero_kernel_fails_the_fixture(pytester):
         def test_zero(nanlab_check):
             nanlab_check(zero_loss, kind="cross_entropy", dtypes=["float32"])
     """)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*random?none? ?float32?: the kernel takes no reduction; every cross_entropy "
                                  "kernel must take reduction (a core case)*"])
@@ -544,7 +544,7 @@ def test_the_fixture_takes_xfail_and_baseline(pytester, tmp_path):
         def test_regression(nanlab_check):
             nanlab_check(ex.naive_softmax_cross_entropy, kind="cross_entropy", dtypes=["float32"], baseline={str(path)!r})
     """)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(["*large_logits_both_signs?none? ?float32?: forward: * ?regressed against the baseline?"])
 
@@ -577,22 +577,24 @@ def test_the_failures_only_table_and_the_repr_list_the_failing_cases():
 
 @pytest.fixture
 def kernels_module(tmp_path):
+    """A folder holding the user's own kernels module: ``python -m nanlab`` run there
+    imports it, as from a project's folder."""
     (tmp_path / "user_kernels.py").write_text(
         "import sys, torch\n"
         "def hangs(x, dim=-1):\n    while True:\n        pass\n"
         "def exits(x, dim=-1):\n    sys.exit(0)\n")
-    return {"PYTHONPATH": str(tmp_path)}
+    return tmp_path
 
 
 def test_cli_timeout_and_sys_exit(cli, tmp_path, kernels_module):
     proc = cli("mode=check", "kernel.fn=user_kernels:hangs", "kernel.kind=softmax", "kernel.dtypes=[float32]",
-               "kernel.timeout=1", f"hydra.run.dir={tmp_path / 'hang'}", env=kernels_module, timeout=120)
+               "kernel.timeout=1", f"hydra.run.dir={tmp_path / 'hang'}", cwd=kernels_module, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     left = len(cases("softmax")) - 1
     assert f"stopped: timed out after 1 s on random [float32]; {left} case-dtype pairs not run" in proc.stdout
     assert json.loads((tmp_path / "hang" / "check.json").read_text())["stopped"].startswith("timed out")
     proc = cli("mode=check", "kernel.fn=user_kernels:exits", "kernel.kind=softmax", "kernel.dtypes=[float32]",
-               f"hydra.run.dir={tmp_path / 'exit'}", env=kernels_module)
+               f"hydra.run.dir={tmp_path / 'exit'}", cwd=kernels_module)
     assert proc.returncode == 1 and "raised SystemExit: 0" in proc.stdout and "-> FAILED" in proc.stdout
 
 
@@ -613,7 +615,7 @@ def test_cli_xfail_baseline_and_show(cli, tmp_path):
     assert proc.returncode == 1 and "(regressed)" in proc.stdout
 
 
-def test_cli_tiny_timeout_exits_1_not_alarm_clock(cli, tmp_path, kernels_module):
+def test_cli_tiny_timeout_exits_1_not_alarm_clock(cli, tmp_path):
     # Issue 23: a timeout that fires while the deadline is being set must not leave a
     # timer that later kills the process with SIGALRM (exit 142).
     for i, tiny in enumerate(("1e-9", "1e-6", "0.001")):

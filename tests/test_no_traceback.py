@@ -1,5 +1,6 @@
 """Bad input, interruptions and failed writes end as one line and a status, never a
 traceback, and never destroy an earlier result."""
+import contextlib
 import json
 import os
 import signal
@@ -53,17 +54,23 @@ def test_a_run_dir_that_is_a_file_is_one_line(cli, tmp_path):
     assert lines[0].startswith(f"nanlab: error: {blocker}: cannot create the output folder")
 
 
+# `ulimit -f 16; python -m nanlab ...`: the same file-size limit, set by the process
+# itself, so the run can fork from the warm CLI server.
+UNDER_A_16_KIB_FILE_LIMIT = ("import resource, runpy\n"
+                             "resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))\n"
+                             "runpy.run_module('nanlab', run_name='__main__', alter_sys=True)\n")
+
+
 def test_a_failed_write_keeps_the_earlier_result(tmp_path):
-    """A full disk, simulated with ulimit -f: the new result.json cannot be written,
-    and the valid one from an earlier run is still there, whole."""
-    from conftest import run_cli
+    """A full disk, simulated with a file-size limit: the new result.json cannot be
+    written, and the valid one from an earlier run is still there, whole."""
+    from conftest import run_cli, run_python
 
     assert run_cli("scenario=softmax_overflow", f"hydra.run.dir={tmp_path}").returncode == 0
     earlier = (tmp_path / "result.json").read_bytes()
-    assert len(earlier) > 16 * 1024  # bigger than the limit below
-    command = (f"ulimit -f 16; exec {sys.executable} -m nanlab scenario=softmax_overflow seed=1 "
-               f"hydra.run.dir={tmp_path}")
-    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
+    assert len(earlier) > 16 * 1024  # bigger than the limit
+    proc = run_python("-c", UNDER_A_16_KIB_FILE_LIMIT, "scenario=softmax_overflow", "seed=1",
+                      f"hydra.run.dir={tmp_path}")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert f"could not write {tmp_path / 'result.json'}:" in lines[-1] and "left as it was" in lines[-1]
@@ -80,15 +87,24 @@ def test_a_closed_pipe_ends_quietly():
 
 
 def test_ctrl_c_is_one_line_and_exit_130_and_a_redirected_run_draws_no_bar(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "nanlab", "scenario=tanh_explosion", "steps=100000000",
-                             f"hydra.run.dir={tmp_path}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # Long enough that a bar (shown after 5 s of a variant) would have been drawn had
-    # stderr been a terminal; redirected, it must stay out of the log.
-    time.sleep(12)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in err, err
-    assert err.rstrip() == "nanlab: interrupted" and "\r" not in err, err
+    from conftest import run_cli
+
+    def interrupt_once_training(pid):
+        # Hydra writes the run's .hydra folder just before nanlab's run starts; six
+        # seconds later a bar (shown after 5 s of a variant) would have been drawn had
+        # stderr been a terminal; redirected, it must stay out of the log.
+        deadline = time.monotonic() + 60
+        while not (tmp_path / ".hydra").is_dir() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(6)
+        with contextlib.suppress(ProcessLookupError):  # a run that failed early: the asserts say how
+            os.kill(pid, signal.SIGINT)
+
+    proc = run_cli("scenario=tanh_explosion", "steps=100000000", f"hydra.run.dir={tmp_path}",
+                   started=interrupt_once_training, timeout=180)
+    assert (tmp_path / ".hydra").is_dir()
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.rstrip() == "nanlab: interrupted" and "\r" not in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("launcher,extra", [("joblib", "parallel"), ("submitit_local", "cluster")])

@@ -54,7 +54,10 @@ PLUGIN_MODULE = textwrap.dedent('''
 
 def make_plugin(site, plugins=None):
     """Install plugin scenarios into ``site`` through a real .dist-info entry point:
-    ``plugins`` maps scenario name -> module source (default: the example above)."""
+    ``plugins`` maps scenario name -> module source (default: the example above).
+    ``python -m nanlab`` run with ``site`` as its folder finds them there (the folder
+    is the first entry of sys.path), so the commands below fork from the warm CLI
+    server instead of starting an interpreter for a PYTHONPATH."""
     plugins = plugins or {"log_of_zero_feature": PLUGIN_MODULE}
     site.mkdir(exist_ok=True)
     for name, source in plugins.items():
@@ -69,11 +72,10 @@ def make_plugin(site, plugins=None):
 def test_plugin_scenario_lists_and_runs(cli, tmp_path):
     site = tmp_path / "site"
     make_plugin(site)
-    env = {"PYTHONPATH": str(site)}
-    listed = cli("mode=list", env=env)
+    listed = cli("mode=list", cwd=site)
     assert listed.returncode == 0 and "log_of_zero_feature" in listed.stdout
     assert "A plugin scenario: log of a feature that can be exactly 0." in listed.stdout
-    run = cli("scenario=log_of_zero_feature", f"hydra.run.dir={tmp_path / 'out'}", env=env)
+    run = cli("scenario=log_of_zero_feature", f"hydra.run.dir={tmp_path / 'out'}", cwd=site)
     assert run.returncode == 0, run.stderr
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["scenario"] == "log_of_zero_feature" and result["reproduced"] is True and result["fixed"] is True
@@ -86,9 +88,8 @@ def test_plugin_scenario_lists_and_runs(cli, tmp_path):
 def test_plugin_data_knobs_are_overridable_and_checked(cli, tmp_path):
     site = tmp_path / "site"
     make_plugin(site)
-    env = {"PYTHONPATH": str(site)}
     run = cli("scenario=log_of_zero_feature", "scenario.data.zero_every=4", "scenario.data.n=32", "steps=5",
-              f"hydra.run.dir={tmp_path / 'out'}", env=env)
+              f"hydra.run.dir={tmp_path / 'out'}", cwd=site)
     assert run.returncode == 0, run.stderr
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["config"]["scenario"]["data"] == {"n": 32, "zero_every": 4}
@@ -96,7 +97,7 @@ def test_plugin_data_knobs_are_overridable_and_checked(cli, tmp_path):
                                                    "data knobs: n (int), zero_every (int)"),
                           ("scenario.data.n=2.5", "scenario.data.n=2.5: must be an integer"),
                           ("scenario.data.n=abc", "scenario.data.n=abc: must be an integer")):
-        proc = cli("scenario=log_of_zero_feature", bad, f"hydra.run.dir={tmp_path / 'bad'}", env=env)
+        proc = cli("scenario=log_of_zero_feature", bad, f"hydra.run.dir={tmp_path / 'bad'}", cwd=site)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr
 
@@ -123,7 +124,7 @@ RULES = {
 @pytest.mark.parametrize("broken", sorted(BROKEN))
 def test_a_module_that_breaks_the_contract_is_one_line(cli, tmp_path, broken):
     make_plugin(tmp_path / "site", {broken: BROKEN[broken]})
-    proc = cli(f"scenario={broken}", "steps=2", f"hydra.run.dir={tmp_path / 'out'}", env={"PYTHONPATH": str(tmp_path / "site")})
+    proc = cli(f"scenario={broken}", "steps=2", f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path / "site")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert f"scenario module plugin_{broken} {RULES[broken]}" in lines[-1]
@@ -132,7 +133,7 @@ def test_a_module_that_breaks_the_contract_is_one_line(cli, tmp_path, broken):
 
 def test_list_skips_a_broken_plugin_with_one_warning(cli, tmp_path):
     make_plugin(tmp_path / "site", {"no_exact_loss": BROKEN["no_exact_loss"], "log_of_zero_feature": PLUGIN_MODULE})
-    proc = cli("mode=list", env={"PYTHONPATH": str(tmp_path / "site")})
+    proc = cli("mode=list", cwd=tmp_path / "site")
     assert proc.returncode == 0
     assert proc.stderr.strip().splitlines() == [
         f"nanlab: warning: skipping scenario no_exact_loss: scenario module plugin_no_exact_loss {RULES['no_exact_loss']}"]
@@ -203,5 +204,5 @@ def test_a_plugin_declares_builders_in_its_own_module(tmp_path):
 def test_unknown_scenario_lists_plugins_too(cli, tmp_path):
     site = tmp_path / "site"
     make_plugin(site)
-    proc = cli("scenario=nope", f"hydra.run.dir={tmp_path}", env={"PYTHONPATH": str(site)})
+    proc = cli("scenario=nope", f"hydra.run.dir={tmp_path}", cwd=site)
     assert proc.returncode == 2 and "log_of_zero_feature" in proc.stderr

@@ -1,4 +1,4 @@
-"""Runs use one CPU thread unless OMP_NUM_THREADS or threads= says otherwise (issue 19)."""
+"""Runs use one CPU thread unless OMP_NUM_THREADS or threads= says otherwise."""
 import os
 import subprocess
 import sys
@@ -7,48 +7,61 @@ import pytest
 
 from conftest import ROOT
 
-# Records torch's thread count inside each variant's training, then prints the set.
+# Runs tanh_explosion once per argument, "OMP_NUM_THREADS|overrides" (an empty
+# OMP_NUM_THREADS: unset), and prints, per run, its argument, the set of torch thread
+# counts seen inside each variant's training, and torch's count before and after it.
 PROBE = """
-import sys, torch
+import os, sys, torch
 import nanlab.lab.runner as runner
+import nanlab
 seen = set()
 train = runner.train
 def counted(*args, **kwargs):
     seen.add(torch.get_num_threads())
     return train(*args, **kwargs)
 runner.train = counted
-import nanlab
-nanlab.run("tanh_explosion", "steps=2", *sys.argv[1:])
-print(sorted(seen), torch.get_num_threads())
+for run in sys.argv[1:]:
+    omp, overrides = run.split("|")
+    os.environ.pop("OMP_NUM_THREADS", None)
+    os.environ.update({"OMP_NUM_THREADS": omp} if omp else {})
+    seen.clear()
+    before = torch.get_num_threads()
+    nanlab.run("tanh_explosion", "steps=2", *overrides.split())
+    print(f"{run}|{sorted(seen)}|{before}|{torch.get_num_threads()}")
 """
+# torch reads OMP_NUM_THREADS once, when it starts (and caps it at the cores): one
+# fresh interpreter, started with 2, runs first with the variable set, then without it
+# (nanlab reads it at each run); the key asks for 3, a count torch never had.
+STARTED_WITH = 2
+PROBED = ("2|", "2|threads=1", "|", "|threads=3")
 
 
-def threads_seen(*overrides, omp=None):
+@pytest.fixture(scope="module")
+def threads_seen():
+    """{(overrides, OMP_NUM_THREADS or None): (threads seen in training, before, after)}."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    if omp is not None:
-        env["OMP_NUM_THREADS"] = str(omp)
-    out = subprocess.run([sys.executable, "-c", PROBE, *overrides], capture_output=True, text=True,
-                         env=env, cwd=ROOT, timeout=240, check=True).stdout
-    return out.strip().splitlines()[-1]
+    env["OMP_NUM_THREADS"] = str(STARTED_WITH)
+    out = subprocess.run([sys.executable, "-c", PROBE, *PROBED], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=240, check=True).stdout
+    seen = {}
+    for line in out.strip().splitlines()[-len(PROBED):]:
+        omp, overrides, threads, before, after = line.split("|")
+        seen[overrides, int(omp) if omp else None] = (threads, int(before), int(after))
+    return seen
 
 
-def test_a_run_without_omp_num_threads_uses_one_thread_and_gives_the_count_back():
-    import torch
-
-    default = torch.get_num_threads() if "OMP_NUM_THREADS" not in os.environ else None
-    seen, after = threads_seen().rsplit(" ", 1)
-    assert seen == "[1]"
-    if default is not None:  # nanlab.run gives the caller's count back
-        assert int(after) == default
+def test_a_run_without_omp_num_threads_uses_one_thread_and_gives_the_count_back(threads_seen):
+    assert threads_seen["", None] == ("[1]", STARTED_WITH, STARTED_WITH)
+    assert {seen[1:] for seen in threads_seen.values()} == {(STARTED_WITH, STARTED_WITH)}  # every run gives it back
 
 
 @pytest.mark.parametrize("overrides, omp, expected", [
-    ((), 2, "[2]"),  # the user's OMP_NUM_THREADS wins over the default of 1
-    (("threads=2",), None, "[2]"),  # so does the key
-    (("threads=1",), 2, "[1]"),  # and the key wins over the environment
+    ("", STARTED_WITH, f"[{STARTED_WITH}]"),  # the user's OMP_NUM_THREADS wins over the default of 1
+    ("threads=3", None, "[3]"),  # so does the key
+    ("threads=1", STARTED_WITH, "[1]"),  # and the key wins over the environment
 ])
-def test_explicit_thread_settings_win(overrides, omp, expected):
-    assert threads_seen(*overrides, omp=omp).rsplit(" ", 1)[0] == expected
+def test_explicit_thread_settings_win(threads_seen, overrides, omp, expected):
+    assert threads_seen[overrides, omp][0] == expected
 
 
 def test_threads_key_out_of_range_is_one_line(cli):
