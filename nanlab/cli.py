@@ -35,6 +35,24 @@ def _interrupted() -> None:
     sys.exit(EXIT_INTERRUPTED)
 
 
+# Set by the SIGINT handler. Code that Ctrl-C interrupts may turn the KeyboardInterrupt
+# into an error of its own (one seen: a Hydra compose cut short became "defaults=?: not
+# a nanlab config key"), so any error after a Ctrl-C is reported as the interruption.
+_sigint_received = False
+
+
+def _on_sigint(signum, frame) -> None:
+    global _sigint_received
+    _sigint_received = True
+    raise KeyboardInterrupt
+
+
+def _fail_unless_interrupted(err, code: int = EXIT_BAD_INPUT) -> None:
+    if _sigint_received:
+        _interrupted()
+    fail(err, code)
+
+
 def _quiet_broken_pipe() -> None:
     """The reader went away (`mode=list | head`): stop quietly, as Unix tools do, and
     keep Python's final flush of stdout from raising again."""
@@ -55,7 +73,7 @@ def app(cfg) -> int:
         code = _run_mode(cfg)
     except (ConfigError, ContractError) as err:
         _discard_run_dir()
-        fail(err)
+        _fail_unless_interrupted(err)
     except BrokenPipeError:
         _quiet_broken_pipe()
     except KeyboardInterrupt:
@@ -180,7 +198,7 @@ def main() -> None:
     # Let Hydra's errors reach us as exceptions rather than printed tracebacks.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, KeyboardInterrupt
+        signal.signal(signal.SIGINT, _on_sigint)  # from here on, KeyboardInterrupt
         config.setup()
         config.check_command_line(sys.argv[1:])
         code = app()
@@ -189,6 +207,8 @@ def main() -> None:
     except BrokenPipeError:
         _quiet_broken_pipe()
     except Exception as exc:
+        if _sigint_received:
+            _interrupted()
         err = config.explain(exc, config.command_overrides(sys.argv[1:]))
         if err is not None:
             fail(err)

@@ -212,6 +212,34 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path, delay):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("ctrl_c", [True, False])
+def test_an_error_that_a_ctrl_c_turned_into_is_still_the_interruption(monkeypatch, capsys, ctrl_c):
+    """Hydra cut short by Ctrl-C may raise a config error of its own instead of the
+    KeyboardInterrupt; after a Ctrl-C that error is the interruption (exit 130), and
+    without one it is the config error it says (exit 2)."""
+    from nanlab import cli
+    from nanlab.errors import ConfigError
+
+    def interrupted_compose(argv):
+        try:
+            if ctrl_c:
+                cli._on_sigint(signal.SIGINT, None)
+        except KeyboardInterrupt:
+            pass
+        raise ConfigError("defaults", "?", "not a nanlab config key")
+
+    monkeypatch.setattr(cli, "_sigint_received", False)
+    monkeypatch.setattr(cli.config, "check_command_line", interrupted_compose)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # keep pytest's own SIGINT handler
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    err = capsys.readouterr().err
+    if ctrl_c:
+        assert exit_info.value.code == 130 and err == "nanlab: interrupted\n"
+    else:
+        assert exit_info.value.code == 2 and err == "nanlab: error: defaults=?: not a nanlab config key\n"
+
+
 BROKEN_RESULT_FILES = {
     "empty": b"", "truncated": b'{"scenario": "softmax_overflow", "variants": [', "binary": b"\xff\xfe\x00\x01",
     "a_list": b"[1, 2, 3]", "wrong_types": b'{"scenario": 3, "variants": "no", "claims": 7}',
