@@ -56,6 +56,25 @@ def preload() -> None:
     axes.set_title("warm")
     axes.legend()
     figure.savefig(io.BytesIO(), format="png")
+    forget_nanlab_state()
+
+
+def forget_nanlab_state() -> None:
+    """Leave nanlab as a fresh process finds it: what it found out (scenarios, plugins
+    on the child's sys.path, its one-time setup and warnings) is found again by each
+    child, so a child run from a plugin's folder sees that plugin."""
+    import functools
+
+    from nanlab.config import compose
+    from nanlab.lab import registry
+
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] == "nanlab" and module is not None:
+            for value in vars(module).values():
+                if isinstance(value, functools._lru_cache_wrapper):
+                    value.cache_clear()
+    compose._ready = False
+    registry._warned.clear()
 
 
 def _exit_code(exit: SystemExit) -> int:

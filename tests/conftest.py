@@ -121,12 +121,40 @@ def training_step(optimizer, compute_loss):
     return step
 
 
+_session = {}
+
+
+def pytest_configure(config):
+    _session["config"] = config
+
+
+def xdist_shared_dir() -> Path:
+    """A folder every pytest-xdist worker of this session sees (the parent of their
+    temp dirs), or this process's own temp dir without xdist."""
+    base = _session["config"]._tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @lru_cache(maxsize=None)
 def scenario_result(name, *overrides):
-    """Each scenario's default run, shared by every test that reads it."""
-    import nanlab
+    """Each scenario's default run, shared by every test that reads it. Under
+    pytest-xdist the first worker to ask runs it and saves it; every worker then reads
+    the saved result (ScenarioResult.from_dict, which the tests check round-trips)."""
+    import hashlib
 
-    return nanlab.run(name, *overrides)
+    from filelock import FileLock
+
+    import nanlab
+    from nanlab.lab.result import ScenarioResult
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return nanlab.run(name, *overrides)
+    key = hashlib.sha1(repr((name, overrides)).encode()).hexdigest()[:12]
+    saved = xdist_shared_dir() / f"scenario-{name}-{key}.json"
+    with FileLock(str(saved) + ".lock"):
+        if not saved.exists():
+            saved.write_text(nanlab.run(name, *overrides).to_json())
+    return ScenarioResult.from_dict(json.loads(saved.read_text()))
 
 
 @pytest.fixture
@@ -189,15 +217,8 @@ def _measure_frameworks(overrides, only):
 
 
 @pytest.fixture(scope="session")
-def framework_shared_dir(tmp_path_factory):
-    """A folder every xdist worker of this session sees (the parent of their temp dirs)."""
-    base = tmp_path_factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-
-
-@pytest.fixture(scope="session")
-def framework_runs(framework_shared_dir):
-    return framework_measurement(framework_shared_dir)
+def framework_runs():
+    return framework_measurement(xdist_shared_dir())
 
 
 def _missing(message):
