@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -117,6 +118,20 @@ def narrow(brackets: list, start: float, boundary, measure: Callable, out: Calla
     return brackets
 
 
+class RoundLost(RuntimeError):
+    """A round's chunk of candidates came back untrained (its worker process died).
+    Unlike a grid's points, a search's later rounds depend on every candidate of this
+    one, so the search cannot go on; ``mode=boundary`` ends with this one line."""
+
+    def __init__(self, lost: list, reason: str):
+        combos = ", ".join(dict.fromkeys(f"{bracket.init}/{bracket.clip}" for bracket, _ in lost))
+        lrs = [lr for _, lr in lost]
+        super().__init__(f"boundary: {len(lost)} candidate lr{'s' if len(lost) > 1 else ''} "
+                         f"({min(lrs):.3g} to {max(lrs):.3g}, init/clip {combos}) came back untrained: {reason}; "
+                         "the brackets cannot narrow without them, so nothing was written; "
+                         "running the command again repeats the search")
+
+
 def search(engine, broken, configs: Callable, combos: list, boundary, start: float,
            out: Callable = print, workers: int = 1) -> list:
     """Bracket each (init, clip) combination's critical lr; a Bracket per combination.
@@ -138,7 +153,7 @@ def search(engine, broken, configs: Callable, combos: list, boundary, start: flo
         finite, tally = [None] * len(chunks), {}
         for index, result in in_workers(train, chunks, workers):
             if isinstance(result, Lost):  # a bracket cannot narrow without its candidates
-                raise RuntimeError(f"boundary: a round's chunk was lost: {result.reason}")
+                raise RoundLost(chunks[index], result.reason)
             finite[index] = result[0]
             add_tallies(tally, result[1])
         return [f for chunk in finite for f in chunk], describe(tally)
@@ -170,8 +185,12 @@ def run_boundary(cfg, run_dir, overrides=None) -> int:
     from nanlab.sweeps.workers import worker_count
 
     engine = Engine(scenario, threads=threads.fixed(cfg.get("threads")) or 1)  # one thread a worker
-    brackets = search(engine, broken, configs, combos, cfg.boundary, float(cfg.optimizer.lr),
-                      workers=worker_count(cfg.sweep, str(cfg.device)))
+    try:
+        brackets = search(engine, broken, configs, combos, cfg.boundary, float(cfg.optimizer.lr),
+                          workers=worker_count(cfg.sweep, str(cfg.device)))
+    except RoundLost as err:  # not the user's input (exit 2): the run failed, and a rerun may not
+        print(f"nanlab: error: {err}", file=sys.stderr)
+        return 1
     entries = [b.entry() for b in brackets]
     print(render(entries))
     files = [jsonio.write_json(Path(run_dir) / BOUNDARY_JSON, entries)]
