@@ -56,6 +56,12 @@ def test_the_round_budget_is_a_backstop(monkeypatch):
     class FakeEngine:
         """Trains nothing: an lr stays finite iff it is at most 0.3."""
 
+        def prepare(self, run):
+            return SimpleNamespace(plan="not batched")
+
+        def calibrate(self, prepared):
+            pass
+
         def schedule(self, runs):
             return SimpleNamespace(runs=runs, tally=lambda: {})
 

@@ -137,28 +137,50 @@ def search(engine, broken, configs: Callable, combos: list, boundary, start: flo
     """Bracket each (init, clip) combination's critical lr; a Bracket per combination.
 
     ``configs(init, clip, lr)`` gives the finalized config of one candidate; ``start``
-    is the lr the first round centres on. Each round's candidates are split into
-    ``workers`` chunks, trained in as many processes."""
+    is the lr the first round centres on. Each round's candidates are trained in
+    cache-sized chunks (:func:`round_chunks`) by ``workers`` processes."""
     from nanlab.sweeps.engine import Run, add_tallies, describe
     from nanlab.sweeps.workers import Lost, in_workers
 
-    def train(candidates: list) -> tuple:
-        schedule = engine.schedule([Run(broken, configs(bracket.init, bracket.clip, lr)) for bracket, lr in candidates])
+    def train(chunk: list) -> tuple:
+        schedule = engine.schedule([run for _, run in chunk])
         outcomes = engine.train(schedule)
         return [outcome.result.first_nonfinite is None for outcome in outcomes], schedule.tally()
 
     def measure(candidates: list) -> tuple:
-        size = math.ceil(len(candidates) / workers)
-        chunks = [candidates[i:i + size] for i in range(0, len(candidates), size)]
+        # Configs, data and models are made here, before the round's workers fork, so
+        # that every round's workers inherit what earlier rounds made instead of
+        # composing and building it again each time.
+        runs = [Run(broken, configs(bracket.init, bracket.clip, lr)) for bracket, lr in candidates]
+        prepared = [engine.prepare(run) for run in runs]
+        engine.calibrate(prepared)
+        chunks = round_chunks(list(zip(candidates, runs)), prepared, workers)
+        engine.max_batch = max(len(chunk) for chunk in chunks)
         finite, tally = [None] * len(chunks), {}
         for index, result in in_workers(train, chunks, workers):
             if isinstance(result, Lost):  # a bracket cannot narrow without its candidates
-                raise RoundLost(chunks[index], result.reason)
+                raise RoundLost([candidate for candidate, _ in chunks[index]], result.reason)
             finite[index] = result[0]
             add_tallies(tally, result[1])
-        return [f for chunk in finite for f in chunk], describe(tally)
+        stayed = {id(candidate): f for chunk, flags in zip(chunks, finite) for (candidate, _), f in zip(chunk, flags)}
+        return [stayed[id(candidate)] for candidate in candidates], describe(tally)
 
     return narrow([Bracket(init, clip) for init, clip in combos], start, boundary, measure, out)
+
+
+def round_chunks(items: list, prepared: list, workers: int) -> list:
+    """A round's (candidate, run) pairs in chunks, each within one clip (the engine
+    batches one clip kind at a time) and of as many copies as fit the cache
+    (nanlab.sweeps.workers.chunk_copies), in a multiple of ``workers`` chunks so
+    that the workers finish together."""
+    from nanlab.sweeps.workers import chunk_copies
+
+    count = math.ceil(len(items) / chunk_copies(prepared[0]))
+    size = math.ceil(len(items) / (math.ceil(count / workers) * workers))
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(item[0][0].clip, []).append(item)
+    return [group[i:i + size] for group in groups.values() for i in range(0, len(group), size)]
 
 
 def run_boundary(cfg, run_dir, overrides=None) -> int:

@@ -99,7 +99,7 @@ class PointConfigs:
         return self._composed[choices]
 
     def __call__(self, point: dict):
-        import copy
+        import pickle
 
         from omegaconf import OmegaConf
 
@@ -110,16 +110,18 @@ class PointConfigs:
             # its config (a 64-value list carried by each of 64 configs took about a
             # second to build).
             plain["sweep"] = {**plain["sweep"], **{axis: None for axis in AXES}}
-            self._plain[id(combo)] = plain
-        plain = copy.deepcopy(self._plain[id(combo)])
+            # Unpickling a built DictConfig costs about a tenth of building one from
+            # plain data (1 ms against 10 ms), and gives the same nodes and values.
+            self._plain[id(combo)] = pickle.dumps(OmegaConf.create(plain))
+        cfg = pickle.loads(self._plain[id(combo)])
         for name, value in point.items():
             if name == "lr":
-                plain["optimizer"]["lr"] = float(value)
+                cfg.optimizer.lr = float(value)
             elif name == "clip_threshold":
-                plain["clip"]["threshold"] = float(value)
+                cfg.clip.threshold = float(value)
             elif name in ("dtype", "seed"):
-                plain[name] = value
-        return OmegaConf.create(plain)
+                cfg[name] = value
+        return cfg
 
 
 # The axes whose values put runs in different batches (the engine batches only runs of
