@@ -658,6 +658,34 @@ def _hyper(prepared: list, device) -> dict:
     return {**settings, "clip": column(lambda c: c.clip.threshold)}
 
 
+# glibc's malloc hands a freed block of more than its mmap threshold (128 KiB at
+# first, raised only as far as the largest block freed) back to the kernel, and trims
+# the heap's free top past twice that: a batch's step allocates and frees its
+# megabyte-sized activations and gradients anew, so each step's new pages faulted in
+# again, one system call and zeroed page at a time (a sixth of a 12-copy batch's CPU
+# time, measured with getrusage). Raised once per process, those blocks are reused.
+MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES = 64 * 2 ** 20, 256 * 2 ** 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+_malloc_tuned = False
+
+
+def keep_freed_memory() -> None:
+    """Let this process's malloc keep a step's freed tensors for the next step (glibc
+    only; elsewhere nothing changes). Where memory comes from never changes a number."""
+    global _malloc_tuned
+    if _malloc_tuned:
+        return
+    _malloc_tuned = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the sentinel's norms are taken in for parameters of this dtype."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -670,6 +698,7 @@ def train_batch(scenario: Scenario, batch: list, work: Callable[[int], None] = l
     ``threads``: the CPU thread count the batch trains on (one: a sweep's other cores
     are its other workers'); the count before it comes back after."""
     started = time.perf_counter()
+    keep_freed_memory()
     first = batch[0]
     vcfg, data, plan = first.vcfg, first.data, first.plan
     steps, clip_name, opt_name = int(vcfg.steps), vcfg.clip.name, vcfg.optimizer.name
