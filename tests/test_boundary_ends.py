@@ -94,8 +94,8 @@ def test_a_scenario_non_finite_at_every_lr_ends(tmp_path):
 
 
 def test_a_lost_round_chunk_ends_the_search_in_one_line_with_exit_1(tmp_path, monkeypatch, capsys):
-    """Two workers share the first round; the one handed the higher lrs is killed
-    (SIGKILL) while training them. The search cannot narrow without them: one line
+    """Two workers share the first round, a chunk for each clip; the one handed
+    clip=norm's lrs is killed (SIGKILL) while training them. The search cannot narrow without them: one line
     names the lost lrs and why, exit status 1, no traceback, no boundary.json."""
     import os
     import signal
@@ -106,17 +106,17 @@ def test_a_lost_round_chunk_ends_the_search_in_one_line_with_exit_1(tmp_path, mo
     parent, real = os.getpid(), batched.Engine.train
 
     def train(self, schedule):
-        if os.getpid() != parent and max(float(run.cfg.optimizer.lr) for run in schedule.runs) > 1:
+        if os.getpid() != parent and schedule.runs[0].cfg.clip.name == "norm":
             os.kill(os.getpid(), signal.SIGKILL)
         return real(self, schedule)
 
     monkeypatch.setattr(batched.Engine, "train", train)
-    overrides = ["mode=boundary", "scenario=tanh_explosion", "steps=5", "sweep.workers=2"]
+    overrides = ["mode=boundary", "scenario=tanh_explosion", "steps=5", "boundary.clip=[none,norm]", "sweep.workers=2"]
     code = boundary.run_boundary(compose(overrides), tmp_path, overrides)
     out, err = capsys.readouterr()
     assert code == 1 and "round 1" not in out and not (tmp_path / boundary.BOUNDARY_JSON).exists()
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    assert err.startswith("nanlab: error: boundary: 8 candidate lrs (") and "init/clip default/none" in err
+    assert err.startswith("nanlab: error: boundary: 16 candidate lrs (") and "init/clip default/norm)" in err
     assert "died, exit code -9" in err and "running the command again repeats the search" in err
 
     monkeypatch.setattr(batched.Engine, "train", real)  # the same search with no worker lost ends
