@@ -112,9 +112,9 @@ class PointConfigs:
         store = ConfigStore.instance()
         wanted = dict(choices)
         for done, composed in self._composed.items():
-            differ = [(name, value) for name, value in done if wanted[name] != value]
             if len(done) != len(choices) or any(name not in wanted for name, _ in done):
                 continue
+            differ = [(name, value) for name, value in done if wanted[name] != value]
             if all(set(store.load(f"{name}/{wanted[name]}.yaml").node) == {"name"} and
                    set(store.load(f"{name}/{value}.yaml").node) == {"name"} for name, value in differ):
                 renamed = copy.deepcopy(composed)
