@@ -56,6 +56,12 @@ def test_the_round_budget_is_a_backstop(monkeypatch):
     class FakeEngine:
         """Trains nothing: an lr stays finite iff it is at most 0.3."""
 
+        def prepare(self, run):
+            return SimpleNamespace(plan="not batched")
+
+        def calibrate(self, prepared):
+            pass
+
         def schedule(self, runs):
             return SimpleNamespace(runs=runs, tally=lambda: {})
 
@@ -85,3 +91,35 @@ def test_a_scenario_non_finite_at_every_lr_ends(tmp_path):
     done = run_cli("mode=boundary", "scenario=exploding_init", "steps=5", f"hydra.run.dir={tmp_path}", timeout=240)
     assert done.returncode == 0, done.stderr
     assert "(non-finite at every lr tried)" in done.stdout
+
+
+def test_a_lost_round_chunk_ends_the_search_in_one_line_with_exit_1(tmp_path, monkeypatch, capsys):
+    """Two workers share the first round, a chunk for each clip; the one handed
+    clip=norm's lrs is killed (SIGKILL) while training them. The search cannot
+    narrow without them: one line names the lost lrs and why, exit status 1, no
+    traceback, no boundary.json. Without the kill the same search ends as usual."""
+    import os
+    import signal
+
+    from nanlab.config.compose import compose
+    from nanlab.sweeps import engine as batched
+
+    parent, real = os.getpid(), batched.Engine.train
+
+    def train(self, schedule):
+        if os.getpid() != parent and schedule.runs[0].cfg.clip.name == "norm":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, schedule)
+
+    monkeypatch.setattr(batched.Engine, "train", train)
+    overrides = ["mode=boundary", "scenario=tanh_explosion", "steps=5", "boundary.clip=[none,norm]", "sweep.workers=2"]
+    code = boundary.run_boundary(compose(overrides), tmp_path, overrides)
+    out, err = capsys.readouterr()
+    assert code == 1 and "round 1" not in out and not (tmp_path / boundary.BOUNDARY_JSON).exists()
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("nanlab: error: boundary: 16 candidate lrs (") and "init/clip default/norm)" in err
+    assert "died, exit code -9" in err and "running the command again repeats the search" in err
+
+    monkeypatch.setattr(batched.Engine, "train", real)  # the same search with no worker lost ends
+    assert boundary.run_boundary(compose(overrides), tmp_path, overrides) == 0
+    assert (tmp_path / boundary.BOUNDARY_JSON).exists() and capsys.readouterr().err == ""

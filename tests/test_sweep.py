@@ -208,3 +208,27 @@ def test_the_stability_map_labels_the_lrs_tried_and_each_cells_step():
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0.003", "0.01", "0.0316", "0.1"]
     assert sorted(t.get_text() for t in ax.texts) == ["17", "4"]
+
+
+def test_a_points_config_is_the_one_its_multirun_job_composes(monkeypatch):
+    """PointConfigs composes one combination of group choices, derives another that
+    changes only init and clip (options that set nothing but their name), and sets
+    each point's other values on a copy: every value, and every node's type, is the
+    composed job's; the grid's axes are not part of a point's config."""
+    from omegaconf import OmegaConf
+
+    from nanlab.sweeps.grid import PointConfigs
+    from nanlab.sweeps.summary import AXES
+
+    base = ["scenario=tanh_explosion", "steps=7", "clip.threshold=2.5"]
+    configs = PointConfigs(compose([*base, "mode=sweep", "sweep.lr=[0.3,0.03]", "sweep.seed=[2,5]"]), base)
+    composed, real = [], PointConfigs._compose
+    monkeypatch.setattr(PointConfigs, "_compose", lambda self, choices: composed.append(choices) or real(self, choices))
+    configs({"init": "default", "clip": "none", "lr": 0.3, "seed": 2})
+    got = configs({"init": "he_normal", "clip": "norm", "lr": 0.03, "seed": 5})
+    assert composed == [(("clip", "none"), ("init", "default"))]
+    job = compose([*base, "init=he_normal", "clip=norm", "optimizer.lr=0.03", "seed=5"])
+    job.sweep.update({axis: None for axis in AXES})
+    assert OmegaConf.to_container(got) == OmegaConf.to_container(job)
+    assert [type(got.optimizer._get_node("lr")), type(got._get_node("seed"))] == [
+        type(job.optimizer._get_node("lr")), type(job._get_node("seed"))]
