@@ -1,13 +1,17 @@
+import os
 import signal
 import sys
 
 
 def _interrupted_at_start(signum, frame):
     # Ctrl-C while the CLI's own modules are still importing: the same line and status
-    # as later on, not a traceback from inside an import. cli.main() restores Python's
-    # default handler once it can catch KeyboardInterrupt itself.
-    print("nanlab: interrupted", file=sys.stderr)
-    sys.exit(130)
+    # as later on, not a traceback from inside an import. cli.main() installs its own
+    # handler once it can catch KeyboardInterrupt itself.
+    # os._exit, not sys.exit: a SystemExit raised into a half-run import can be
+    # replaced by an error from that import's own cleanup (seen in OmegaConf, inside
+    # `import hydra`); nothing has been written yet that an exit would need to finish.
+    print("nanlab: interrupted", file=sys.stderr, flush=True)
+    os._exit(130)
 
 
 signal.signal(signal.SIGINT, _interrupted_at_start)

@@ -205,6 +205,11 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path, delay):
     _, err = proc.communicate(timeout=60)
     if proc.returncode == 0:
         pytest.skip("the run finished before the signal came")
+    if "nanlab/__main__.py" not in err and err.rstrip().endswith("KeyboardInterrupt"):
+        # Python's own start-up, or `import nanlab` before nanlab/__main__.py runs (a
+        # few ms): Python's handler, as for any Python program; only a loaded machine
+        # ever lands a signal there.
+        pytest.skip("the signal came before nanlab/__main__.py ran")
     if proc.returncode == -signal.SIGINT:  # the interpreter itself had not started: killed, silently
         assert err == ""
         return
