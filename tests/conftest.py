@@ -135,26 +135,34 @@ def xdist_shared_dir() -> Path:
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
-@lru_cache(maxsize=None)
-def scenario_result(name, *overrides):
-    """Each scenario's default run, shared by every test that reads it. Under
-    pytest-xdist the first worker to ask runs it and saves it; every worker then reads
-    the saved result (ScenarioResult.from_dict, which the tests check round-trips)."""
+def made_once(shared: Path, stem: str, key, make) -> object:
+    """The JSON that ``make()`` returns, made once per test session whichever
+    pytest-xdist worker asks first (the others wait on a file lock) and saved under
+    ``shared``; every caller reads it back from the file."""
     import hashlib
 
     from filelock import FileLock
 
+    saved = shared / f"{stem}-{hashlib.sha1(repr(key).encode()).hexdigest()[:12]}.json"
+    with FileLock(str(saved) + ".lock"):
+        if not saved.exists():
+            saved.write_text(json.dumps(make()))
+    return json.loads(saved.read_text())
+
+
+@lru_cache(maxsize=None)
+def scenario_result(name, *overrides):
+    """Each scenario's default run, shared by every test that reads it. Under
+    pytest-xdist it is made once for all workers, and each reads the saved result
+    (ScenarioResult.from_dict, which the tests check round-trips)."""
     import nanlab
     from nanlab.lab.result import ScenarioResult
 
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return nanlab.run(name, *overrides)
-    key = hashlib.sha1(repr((name, overrides)).encode()).hexdigest()[:12]
-    saved = xdist_shared_dir() / f"scenario-{name}-{key}.json"
-    with FileLock(str(saved) + ".lock"):
-        if not saved.exists():
-            saved.write_text(nanlab.run(name, *overrides).to_json())
-    return ScenarioResult.from_dict(json.loads(saved.read_text()))
+    saved = made_once(xdist_shared_dir(), f"scenario-{name}", (name, overrides),
+                      lambda: json.loads(nanlab.run(name, *overrides).to_json()))
+    return ScenarioResult.from_dict(saved)
 
 
 @pytest.fixture
@@ -187,20 +195,13 @@ pytest_plugins = ["pytester"]
 def framework_measurement(shared: Path, *overrides, only=None) -> dict:
     """{framework: {scenario: ScenarioResult}} for every scenario with builders (or the
     scenarios named in the tuple ``only``), saved under ``shared``."""
-    import hashlib
-
-    from filelock import FileLock
-
     from nanlab.lab.result import ScenarioResult
 
-    key = hashlib.sha1(repr((overrides, only)).encode()).hexdigest()[:12]
-    saved = shared / f"framework-runs-{key}.json"
-    with FileLock(str(saved) + ".lock"):
-        if not saved.exists():
-            measured = _measure_frameworks(overrides, only)
-            data = {f: {n: json.loads(r.to_json()) for n, r in by.items()} for f, by in measured.items()}
-            saved.write_text(json.dumps(data))
-    data = json.loads(saved.read_text())
+    def measured() -> dict:
+        runs = _measure_frameworks(overrides, only)
+        return {f: {n: json.loads(r.to_json()) for n, r in by.items()} for f, by in runs.items()}
+
+    data = made_once(shared, "framework-runs", (overrides, only), measured)
     return {f: {n: ScenarioResult.from_dict(d) for n, d in by.items()} for f, by in data.items()}
 
 
