@@ -25,16 +25,6 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as `head` closing the pipe ends other tools
 
 
-def fail(err, code: int = EXIT_BAD_INPUT) -> None:
-    print(f"nanlab: error: {err}", file=sys.stderr)
-    sys.exit(code)
-
-
-def _interrupted() -> None:
-    print("nanlab: interrupted", file=sys.stderr)
-    sys.exit(EXIT_INTERRUPTED)
-
-
 # Set by the SIGINT handler. Code that Ctrl-C interrupts may turn the KeyboardInterrupt
 # into an error of its own (one seen: a Hydra compose cut short became "defaults=?: not
 # a nanlab config key"), so any error after a Ctrl-C is reported as the interruption.
@@ -47,10 +37,16 @@ def _on_sigint(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _fail_unless_interrupted(err, code: int = EXIT_BAD_INPUT) -> None:
-    if _sigint_received:
+def fail(err, code: int = EXIT_BAD_INPUT) -> None:
+    if _sigint_received:  # the error is what a Ctrl-C turned into (see _on_sigint)
         _interrupted()
-    fail(err, code)
+    print(f"nanlab: error: {err}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _interrupted() -> None:
+    print("nanlab: interrupted", file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 def _quiet_broken_pipe() -> None:
@@ -73,7 +69,7 @@ def app(cfg) -> int:
         code = _run_mode(cfg)
     except (ConfigError, ContractError) as err:
         _discard_run_dir()
-        _fail_unless_interrupted(err)
+        fail(err)
     except BrokenPipeError:
         _quiet_broken_pipe()
     except KeyboardInterrupt:
@@ -207,7 +203,7 @@ def main() -> None:
     except BrokenPipeError:
         _quiet_broken_pipe()
     except Exception as exc:
-        if _sigint_received:
+        if _sigint_received:  # not even explained: a Ctrl-C's leftovers are no traceback
             _interrupted()
         err = config.explain(exc, config.command_overrides(sys.argv[1:]))
         if err is not None:

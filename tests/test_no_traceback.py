@@ -243,6 +243,9 @@ def test_an_error_that_a_ctrl_c_turned_into_is_still_the_interruption(monkeypatc
         assert exit_info.value.code == 130 and err == "nanlab: interrupted\n"
     else:
         assert exit_info.value.code == 2 and err == "nanlab: error: defaults=?: not a nanlab config key\n"
+    with pytest.raises(SystemExit) as exit_info:  # a mode's own error after the Ctrl-C, inside the app
+        cli.fail(ConfigError("steps", -1, "must be an integer >= 0"))
+    assert exit_info.value.code == (130 if ctrl_c else 2)
 
 
 BROKEN_RESULT_FILES = {
