@@ -143,6 +143,8 @@ def test_a_time_budget_ends_the_search_with_one_line_saying_so():
     assert cut.text().splitlines()[1] == f"  stopped: {cut.stopped}"
     whole = search(slow_softplus, "softplus", examples=3, seconds=None)
     assert whole.examples == 3 and not whole.stopped and "stopped" not in whole.text()
+    nothing = search(slow_softplus, "softplus", examples=5, seconds=1e-9)  # the budget ends it before any input
+    assert nothing.examples == 0 and not nothing.passed and "no input was judged" in nothing.text()
     for bad in (0, -1.0, math.inf, True):
         with pytest.raises(ConfigError, match="must be a finite number of seconds > 0, or None for no limit"):
             search(slow_softplus, "softplus", 3, seconds=bad)
@@ -226,6 +228,7 @@ def test_cli_checks_and_searches_a_declared_kind_named_by_import_path(cli, tmp_p
     ("nanlab.kernels.examples:naive_softplus", "names a function, not a nanlab.kernels.Kind; or choose one of"),
     ("no_such_module:KIND", "cannot import no_such_module"),
     ("nanlab.kernels.kinds:NO_SUCH", "nanlab.kernels.kinds has no attribute NO_SUCH"),
+    ("softmx", "unknown kernel kind 'softmx'; choose one of cross_entropy"),
 ])
 def test_a_kernel_kind_that_names_no_kind_is_one_line(value, message):
     from nanlab.kernels.cli import declared_kind
@@ -248,3 +251,10 @@ def test_kernel_kind_takes_a_builtin_name_or_an_import_path_and_nothing_else():
     with pytest.raises(ConfigError, match=r"^kernel.kind=hinge: must be one of cross_entropy, .*, or a declared "
                                           r"nanlab.kernels.Kind as module:attribute$"):
         schema._check(schema._kernel_kind("hinge"), "kernel.kind", "hinge")
+
+
+def test_a_search_asked_of_a_single_case_fails_rather_than_being_skipped(nanlab_check):
+    from nanlab.kernels.catalogue import cases
+
+    with pytest.raises(pytest.fail.Exception, match="search= needs a whole kind"):
+        nanlab_check(F.softplus, cases("softplus")[0], dtypes=["float32"], search=5)

@@ -41,6 +41,10 @@ def declared_kind(value: str):
         return value
     from nanlab.kernels.kinds import Kind, register
 
+    if ":" not in value:  # a mistyped built-in name, not an import path
+        from nanlab.kernels.catalogue import unknown_kind
+
+        raise ConfigError("kernel.kind", value, unknown_kind(value))
     kind = resolve(value, "kernel.kind", "attribute")
     if not isinstance(kind, Kind):
         raise ConfigError("kernel.kind", value, f"names a {type(kind).__name__}, not a nanlab.kernels.Kind; "

@@ -31,6 +31,9 @@ def nanlab_check(request):
     def run(fn, kind=None, search=None, search_seconds=None, **options):
         examples = search if search is not None else request.config.getoption("nanlab_search", None)
         searching = bool(examples) and kind is not None and not isinstance(kind, Case)  # a search covers a whole kind
+        if search and not searching:  # asked for by this call, so never skipped quietly
+            pytest.fail("nanlab_check: search= needs a whole kind (kind='softmax' or a Kind), not a single Case",
+                        pytrace=False)
         if searching:
             from nanlab.kernels.search import require
 

@@ -67,7 +67,7 @@ class SearchResult:
 
     @property
     def passed(self) -> bool:
-        return self.found is None
+        return self.found is None and self.examples > 0  # a search that judged nothing proved nothing
 
     def case_source(self) -> str:
         """The input as Python that builds the Case, for pasting into a test."""
@@ -80,7 +80,8 @@ class SearchResult:
                 f"in {self.seconds:.1f} s")
         cut = [f"  stopped: {self.stopped}"] if self.stopped else []
         if self.found is None:
-            return "\n".join([f"{head}: nothing failed", *cut])
+            verdict = "nothing failed" if self.examples else "FAILED: no input was judged, so nothing was searched"
+            return "\n".join([f"{head}: {verdict}", *cut])
         shapes = ", ".join(str(tuple(t.shape)) for t in self.tensors)
         how = (f"the worst input, shrunk in {self.shrink_steps} steps to {shapes}" if self.shrunk
                else f"the worst input, not shrunk, {shapes}")
