@@ -971,9 +971,12 @@ class Engine:
         inherit the answers instead of each finding them again, every round."""
         threads_before, seen = torch.get_num_threads(), set()
         for run in prepared:
-            if isinstance(run.plan, str) or self.why_loop(run.run.variant) or _batch_group(run) in seen:
+            if isinstance(run.plan, str) or self.why_loop(run.run.variant):
                 continue
-            seen.add(_batch_group(run))
+            group = _batch_group(run)
+            if group in seen:
+                continue
+            seen.add(group)
             params = [torch.stack([p] * CALIBRATION_COPIES) for p in run.start]
             if run.device.type == "cpu":
                 torch.set_num_threads(self.threads)
