@@ -190,6 +190,18 @@ def _run_finalized(cfg, mode: str, run_dir: str, hydra_cfg) -> int:
     return 0
 
 
+def skip_hydra_mode_probe(args) -> None:
+    """Hydra composes the whole config once only to read ``hydra.mode``, then again to
+    run: about 0.3 s of every command. nanlab's config leaves ``hydra.mode`` unset (a
+    test checks), so unless the command line sets it, that first compose answers None,
+    which is what this answers, without composing."""
+    if any(arg.lstrip("+~").startswith("hydra.mode") for arg in args):
+        return
+    from hydra._internal.hydra import Hydra
+
+    Hydra.get_mode = lambda self, config_name, overrides: None
+
+
 def main() -> None:
     # Let Hydra's errors reach us as exceptions rather than printed tracebacks.
     os.environ["HYDRA_FULL_ERROR"] = "1"
@@ -197,6 +209,7 @@ def main() -> None:
         signal.signal(signal.SIGINT, _on_sigint)  # from here on, KeyboardInterrupt
         config.setup()
         config.check_command_line(sys.argv[1:])
+        skip_hydra_mode_probe(sys.argv[1:])
         code = app()
     except KeyboardInterrupt:
         _interrupted()

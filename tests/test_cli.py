@@ -70,3 +70,40 @@ def test_api_returns_the_same_result_as_the_cli(cli, tmp_path):
     assert proc.returncode == 0
     api = nanlab.run("bce_log_zero", steps=10)
     assert strip_timing(api.to_dict()) == strip_timing(read_json(tmp_path / "result.json"))
+
+
+def test_hydra_mode_probe_is_skipped_only_where_it_can_only_answer_none(monkeypatch):
+    """The CLI answers Hydra's hydra.mode probe without composing. That is right only
+    while nanlab's config leaves hydra.mode unset: Hydra's own probe, on the config as
+    a run and as a multirun composes it, must answer None. A command line that sets
+    hydra.mode keeps Hydra's probe."""
+    import hydra
+    from hydra._internal.hydra import Hydra
+    from hydra.types import RunMode
+
+    from nanlab import cli
+    from nanlab.config.compose import CONFIG_MODULE, setup
+
+    setup()
+    with hydra.initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        from hydra.core.global_hydra import GlobalHydra
+
+        loader = GlobalHydra.instance().config_loader()
+        for run_mode in (RunMode.RUN, RunMode.MULTIRUN):
+            cfg = loader.load_configuration("config", ["scenario=tanh_explosion", "optimizer.lr=0.1,1"], run_mode,
+                                            validate_sweep_overrides=False)
+            assert cfg.hydra.mode is None, run_mode
+    original = Hydra.get_mode
+    monkeypatch.setattr(Hydra, "get_mode", original)
+    cli.skip_hydra_mode_probe(["scenario=tanh_explosion", "hydra.mode=MULTIRUN"])
+    assert Hydra.get_mode is original
+    cli.skip_hydra_mode_probe(["scenario=tanh_explosion"])
+    assert Hydra.get_mode is not original and Hydra.get_mode(None, "config", ["x=1"]) is None
+
+
+def test_hydra_mode_on_the_command_line_still_makes_a_multirun(cli, tmp_path):
+    proc = cli("hydra.mode=MULTIRUN", "scenario=unscaled_sgd", "steps=2", "optimizer.lr=1e-10,2e-10",
+               f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    assert "[0] " in proc.stdout and "[1] " in proc.stdout, proc.stdout
+    assert len(list(tmp_path.glob("*/result.json"))) == 2
