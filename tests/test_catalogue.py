@@ -89,16 +89,13 @@ def test_validate_data_names_rows_and_columns():
     assert torch.isfinite(impute_column_mean(x)).all()
 
 
-def _cached_run(cfg, overrides=None):
-    """run_scenario for collect_claims, served from the shared per-scenario cache."""
-    from conftest import scenario_result
-
-    return scenario_result(cfg.scenario.name)
-
-
 def test_claims_table_counts(tmp_path):
     """The claims table, pinned: which claims exist and what each measures as."""
-    rows = collect_claims(run=_cached_run)
+    from conftest import xdist_shared_dir
+    from shared_runs import memoized_runs
+
+    with memoized_runs(xdist_shared_dir()):
+        rows = collect_claims()
     assert {r.scenario for r in rows} == set(ALL)
     counts = {v: sum(r.verdict is v for r in rows) for v in Verdict}
     assert len(rows) == 23 and counts == {Verdict.confirmed: 12, Verdict.partly: 5, Verdict.refuted: 6,
