@@ -107,6 +107,15 @@ def test_claims_table_counts(tmp_path):
     assert [r["verdict"] for r in saved] == [r.verdict.value for r in rows]
 
 
+def test_claims_run_for_real_give_what_the_shared_runs_gave(result_of, monkeypatch):
+    """collect_claims, not shared, over two quick scenarios one after another in one
+    process: the same claims as the shared runs that the table above was built from."""
+    quick = ["bce_log_zero", "softmax_underflow"]
+    monkeypatch.setattr(registry, "names", lambda: quick)
+    real = [row.to_dict() for row in collect_claims()]
+    assert len(real) == 3 and real == [c.to_dict() for name in quick for c in result_of(name).claims]
+
+
 @pytest.mark.parametrize("name,overrides,claim_index,default,changed", [
     ("softmax_overflow", ("scenario.data.input_scale=0.01", "steps=5"), 0, "partly", "refuted"),
     ("unscaled_sgd", ("scenario.data.big_scale=1.0",), 0, "confirmed", "refuted"),
