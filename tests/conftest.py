@@ -98,10 +98,10 @@ def run_python(*python_args, cwd=None, env=None, timeout=300, started=None, shar
     """``python ARGS`` (``-m MODULE ...``, ``-c CODE ...`` or ``SCRIPT ...``) as a user
     runs it, forked warm where the environment allows; returns CompletedProcess.
     ``started(pid)``, if given, is called once the forked command runs (to signal it).
-    ``shared=True``: its scenario runs come from the session's shared runs where one
-    with the same key was made (tests/shared_runs.py). Only for commands whose point
-    is what a run shows, not that it ran (a determinism or interruption test runs
-    for real); a command forked cold runs for real."""
+    ``shared=True``: its scenario runs are read from the session's shared runs where
+    the same run was made (tests/shared_runs.py). For tests whose point is what a
+    command shows; those about running (determinism, seeds, threads, Ctrl-C, failed
+    writes) leave it off. A command that cannot be forked warm runs for real."""
     if not _warm_cli.serves(env):
         assert started is None, "started= is for commands the warm server runs"
         return subprocess.run([sys.executable, *python_args], capture_output=True, text=True,

@@ -139,7 +139,6 @@ def memoized(shared: Path, run):
         saved = made_once(shared, f"run-{cfg.scenario.name}", key, lambda: _recorded(run, cfg, overrides))
         return ScenarioResult.from_dict(saved)
 
-    shared_run.memoizes = run
     return shared_run
 
 
