@@ -14,11 +14,13 @@ from the environment at import time (PYTHONPATH, thread counts), and signals sen
 a starting interpreter.
 
 Protocol, one JSON object per line: a request {args, cwd, env, stdout, stderr}
-(args as they would follow ``python``) on
+(args as they would follow ``python``), with "shared_runs": FOLDER for a command
+whose scenario runs may come from the session's shared runs (tests/shared_runs.py), on
 stdin; the server answers {"pid": ...} once the child runs and {"status": ...}
 (as subprocess reports it: negative for a signal) once it ends.
 """
 import atexit
+import contextlib
 import importlib
 import io
 import json
@@ -27,6 +29,8 @@ import runpy
 import signal
 import sys
 import traceback
+
+import shared_runs
 
 
 def preload() -> None:
@@ -126,7 +130,8 @@ def run_child(request: dict) -> None:
         os.environ.clear()
         os.environ.update(request["env"])
         importlib.invalidate_caches()
-        run_python_args(request["args"])
+        with shared_runs.memoized_runs(request["shared_runs"]) if "shared_runs" in request else contextlib.nullcontext():
+            run_python_args(request["args"])
         code = 0
     except SystemExit as exit:
         code = _exit_code(exit)

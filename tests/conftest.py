@@ -6,6 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import pytest
+from shared_runs import made_once, memoized_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +58,7 @@ class WarmCLI:
         return not any(key.startswith(_IMPORT_TIME_ENV) and os.environ.get(key) != value
                        for key, value in (env or {}).items())
 
-    def run(self, python_args, cwd, env, timeout, started=None):
+    def run(self, python_args, cwd, env, timeout, started=None, shared_runs=None):
         import select
         import signal
         import tempfile
@@ -68,6 +69,8 @@ class WarmCLI:
             out, err = Path(scratch, "stdout"), Path(scratch, "stderr")
             request = {"args": list(python_args), "cwd": str(Path(cwd or os.getcwd()).resolve()), "env": _cli_env(env),
                        "stdout": str(out), "stderr": str(err)}
+            if shared_runs is not None:
+                request["shared_runs"] = str(shared_runs)
             self.server.stdin.write(json.dumps(request) + "\n")
             self.server.stdin.flush()
             pid = json.loads(self.server.stdout.readline())["pid"]
@@ -91,20 +94,24 @@ def pytest_unconfigure(config):
     _warm_cli.close()
 
 
-def run_python(*python_args, cwd=None, env=None, timeout=300, started=None):
+def run_python(*python_args, cwd=None, env=None, timeout=300, started=None, shared=False):
     """``python ARGS`` (``-m MODULE ...``, ``-c CODE ...`` or ``SCRIPT ...``) as a user
     runs it, forked warm where the environment allows; returns CompletedProcess.
-    ``started(pid)``, if given, is called once the forked command runs (to signal it)."""
+    ``started(pid)``, if given, is called once the forked command runs (to signal it).
+    ``shared=True``: its scenario runs are read from the session's shared runs where
+    the same run was made (tests/shared_runs.py). For tests whose point is what a
+    command shows; those about running (determinism, seeds, threads, Ctrl-C, failed
+    writes) leave it off. A command that cannot be forked warm runs for real."""
     if not _warm_cli.serves(env):
         assert started is None, "started= is for commands the warm server runs"
         return subprocess.run([sys.executable, *python_args], capture_output=True, text=True,
                               cwd=cwd, env=_cli_env(env), timeout=timeout)
-    return _warm_cli.run(python_args, cwd, env, timeout, started)
+    return _warm_cli.run(python_args, cwd, env, timeout, started, xdist_shared_dir() if shared else None)
 
 
-def run_cli(*args, cwd=None, env=None, timeout=300, started=None):
+def run_cli(*args, cwd=None, env=None, timeout=300, started=None, shared=False):
     """``python -m nanlab ARGS`` as a user runs it; returns CompletedProcess."""
-    return run_python("-m", "nanlab", *args, cwd=cwd, env=env, timeout=timeout, started=started)
+    return run_python("-m", "nanlab", *args, cwd=cwd, env=env, timeout=timeout, started=started, shared=shared)
 
 
 def training_step(optimizer, compute_loss):
@@ -135,34 +142,16 @@ def xdist_shared_dir() -> Path:
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
-def made_once(shared: Path, stem: str, key, make) -> object:
-    """The JSON that ``make()`` returns, made once per test session whichever
-    pytest-xdist worker asks first (the others wait on a file lock) and saved under
-    ``shared``; every caller reads it back from the file."""
-    import hashlib
-
-    from filelock import FileLock
-
-    saved = shared / f"{stem}-{hashlib.sha1(repr(key).encode()).hexdigest()[:12]}.json"
-    with FileLock(str(saved) + ".lock"):
-        if not saved.exists():
-            saved.write_text(json.dumps(make()))
-    return json.loads(saved.read_text())
-
-
 @lru_cache(maxsize=None)
 def scenario_result(name, *overrides):
-    """Each scenario's default run, shared by every test that reads it. Under
-    pytest-xdist it is made once for all workers, and each reads the saved result
-    (ScenarioResult.from_dict, which the tests check round-trips)."""
+    """Each scenario's run at these overrides, shared by every test that reads it and
+    by the documented commands (tests/shared_runs.py): made once per session, read
+    back through ScenarioResult.from_dict, which the memo checks gives the run back
+    exactly."""
     import nanlab
-    from nanlab.lab.result import ScenarioResult
 
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
+    with memoized_runs(xdist_shared_dir()):
         return nanlab.run(name, *overrides)
-    saved = made_once(xdist_shared_dir(), f"scenario-{name}", (name, overrides),
-                      lambda: json.loads(nanlab.run(name, *overrides).to_json()))
-    return ScenarioResult.from_dict(saved)
 
 
 @pytest.fixture

@@ -89,16 +89,13 @@ def test_validate_data_names_rows_and_columns():
     assert torch.isfinite(impute_column_mean(x)).all()
 
 
-def _cached_run(cfg, overrides=None):
-    """run_scenario for collect_claims, served from the shared per-scenario cache."""
-    from conftest import scenario_result
-
-    return scenario_result(cfg.scenario.name)
-
-
 def test_claims_table_counts(tmp_path):
     """The claims table, pinned: which claims exist and what each measures as."""
-    rows = collect_claims(run=_cached_run)
+    from conftest import xdist_shared_dir
+    from shared_runs import memoized_runs
+
+    with memoized_runs(xdist_shared_dir()):
+        rows = collect_claims()
     assert {r.scenario for r in rows} == set(ALL)
     counts = {v: sum(r.verdict is v for r in rows) for v in Verdict}
     assert len(rows) == 23 and counts == {Verdict.confirmed: 12, Verdict.partly: 5, Verdict.refuted: 6,
@@ -108,6 +105,15 @@ def test_claims_table_counts(tmp_path):
     saved = json.loads(write_claims(rows, tmp_path).read_text())
     assert [set(r) for r in saved] == [{"scenario", "claim", "verdict", "evidence", "framework"}] * 23
     assert [r["verdict"] for r in saved] == [r.verdict.value for r in rows]
+
+
+def test_claims_run_for_real_give_what_the_shared_runs_gave(result_of, monkeypatch):
+    """collect_claims, not shared, over two quick scenarios one after another in one
+    process: the same claims as the shared runs that the table above was built from."""
+    quick = ["bce_log_zero", "softmax_underflow"]
+    monkeypatch.setattr(registry, "names", lambda: quick)
+    real = [row.to_dict() for row in collect_claims()]
+    assert len(real) == 3 and real == [c.to_dict() for name in quick for c in result_of(name).claims]
 
 
 @pytest.mark.parametrize("name,overrides,claim_index,default,changed", [

@@ -167,7 +167,9 @@ def run_documented(command: str, cwd: Path, site: Path) -> subprocess.CompletedP
         env["PYTHONPATH"] = str(site)
     if words[0] == "python" and words[1] != "-m":
         words[1] = str(ROOT / words[1])  # an example script, run from a scratch folder
-    return run_python(*words[1:], cwd=cwd, env=env, timeout=600)
+    # What a command shows is the point here, not that its runs ran again: the runs come
+    # from the session's shared runs (tests/shared_runs.py) where the same run was made.
+    return run_python(*words[1:], cwd=cwd, env=env, timeout=600, shared=True)
 
 
 # One test per command, so that pytest-xdist spreads them over its workers.
@@ -186,7 +188,7 @@ def test_every_documented_command_runs_and_shows_what_it_promises(command, tmp_p
 def test_every_python_block_runs(index, tmp_path, result_of):
     if '"result.json"' in python_blocks()[index]:  # a block that loads a saved run gets one
         (tmp_path / "result.json").write_text(result_of("softmax_overflow").to_json())
-    proc = run_python("-c", python_blocks()[index], cwd=tmp_path)
+    proc = run_python("-c", python_blocks()[index], cwd=tmp_path, shared=True)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
 

@@ -111,6 +111,18 @@ def test_no_number_in_the_page_disagrees_with_result_json(handout):
         assert summary[4][0] == ("" if result.broken.nonfinite_step is None else str(result.broken.nonfinite_step))
 
 
+def test_the_handout_ran_what_the_shared_runs_hold(handout, result_of):
+    """The handout ran its scenarios for real, one after another in one process; the
+    session's shared runs (tests/shared_runs.py), which the docs' mode=report and
+    mode=claims commands read, hold the same results."""
+    from nanlab.lab.result import strip_timing
+
+    for name in SCENARIOS:
+        saved = json.loads((handout / "results" / name / "result.json").read_text())
+        shared = result_of(name, f"seed={saved['config']['seed']}")  # a rerun below may have changed the seed
+        assert strip_timing(saved) == strip_timing(json.loads(shared.to_json())), name
+
+
 def test_rerun_one_scenario_into_saved_results_and_rebuild(handout, cli, tmp_path):
     results = handout / "results"
     kept = (results / "softmax_overflow" / "result.json").read_bytes()

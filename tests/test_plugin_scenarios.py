@@ -144,7 +144,8 @@ def test_list_skips_a_broken_plugin_with_one_warning(cli, tmp_path):
 def test_claims_skip_a_plugin_that_fails_on_import(tmp_path, monkeypatch, capsys):
     """A plugin whose source reads fine but whose import breaks the contract is skipped
     by mode=claims with one warning line; every other scenario's claims still come."""
-    from conftest import scenario_result
+    from conftest import xdist_shared_dir
+    from shared_runs import memoized_runs
 
     from nanlab.config import compose as config
     from nanlab.lab import registry
@@ -158,8 +159,8 @@ def test_claims_skip_a_plugin_that_fails_on_import(tmp_path, monkeypatch, capsys
     try:
         config.setup()
         builtin = set(registry.builtin_names())
-        rows = collect_claims(run=lambda cfg, overrides: scenario_result(cfg.scenario.name) if cfg.scenario.name in builtin
-                              else __import__("nanlab.lab.runner").lab.runner.run_scenario(cfg))
+        with memoized_runs(xdist_shared_dir()):
+            rows = collect_claims()
     finally:
         monkeypatch.undo()
         for cached in (registry.plugin_entry_points, registry._declarations):

@@ -8,23 +8,22 @@ from collections import Counter
 from pathlib import Path
 
 from nanlab import jsonio
-from nanlab.lab import registry
+from nanlab.lab import registry, runner
 from nanlab.config.compose import compose
 from nanlab.lab.result import ClaimResult, Verdict
-from nanlab.lab.runner import run_scenario
 from nanlab.lab.scenario import ContractError
 
 CLAIM_KEYS = ("scenario", "claim", "verdict", "evidence", "framework")
 
 
-def collect_claims(seed: int = 0, device: str = "cpu", run=run_scenario) -> list[ClaimResult]:
+def collect_claims(seed: int = 0, device: str = "cpu") -> list[ClaimResult]:
     """Every scenario at its defaults (plus seed and device); their claims in order.
     A scenario module that breaks the contract is skipped with one warning line."""
     rows = []
     for name in registry.names():
         try:
             overrides = [f"scenario={name}", f"seed={seed}", f"device={device}"]
-            result = run(compose(overrides), overrides)
+            result = runner.run_scenario(compose(overrides), overrides)
         except ContractError as err:
             print(f"nanlab: warning: skipping scenario {name}: {err}", file=sys.stderr)
             continue
