@@ -170,7 +170,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=whole, default=200, help="training steps (default 200, the scenario's)")
     parser.add_argument("--rounds", type=whole, default=1, help="repeats; the median is printed (default 1)")
     parser.add_argument("--forked", action="store_true",
-                        help="run each way forked from this process, start-up left out (a quick check)")
+                        help="run every way but joblib's forked from this process, start-up left out "
+                             "(a quick check, not a timing)")
     args = parser.parse_args(argv)
     import torch
 
@@ -196,7 +197,8 @@ def main(argv=None) -> None:
     }
     # joblib's loky workers, reused for minutes, would outlive a forked launcher's
     # os._exit uncounted: that launcher always starts fresh and shuts them down itself.
-    run = {name: forked if args.forked and "joblib" not in name else timed for name in ways}
+    basic, joblib = "multirun, basic launcher", "multirun, joblib n_jobs=2"
+    run = {name: forked if args.forked and name != joblib else timed for name in ways}
     walls = {name: [] for name in ways}
     cpus = {name: [] for name in ways}
     summaries = {}
@@ -211,7 +213,6 @@ def main(argv=None) -> None:
     floor = work * per_copy_step
     wall = {name: statistics.median(ts) for name, ts in walls.items()}
     cpu = {name: statistics.median(ts) for name, ts in cpus.items()}
-    basic, joblib = "multirun, basic launcher", "multirun, joblib n_jobs=2"
     print(f"{SCENARIO}: {len(lrs)} lrs from {lrs[0]:g} to {lrs[-1]:g} x clip none,norm = {2 * len(lrs)} points, "
           f"every variant, {args.steps} steps; OMP_NUM_THREADS=1; median of {args.rounds}"
           f"{'; forked, start-up left out' if args.forked else ''}")
