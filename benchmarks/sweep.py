@@ -13,6 +13,10 @@ so a pool's workers count): on a machine other processes also use, the CPU time 
 what a way costs, the wall time what an idle machine would see only roughly. The
 commands run interleaved, --rounds times; the medians are printed. All four
 summary.csv files must be the same, byte for byte, and the benchmark says whether they are.
+--forked runs the basic multirun and both mode=sweep commands in children forked
+from the benchmark's own process instead, start-up left out (the joblib multirun still
+starts fresh): a quick check that every way runs and agrees, not a timing of what a
+user's command costs.
 
 The kernel floor prices the arithmetic alone: a hand-written batched loop over the
 same model (stacked weights, baddbmm, tanh, autograd, a per-copy lr, no checks, no
@@ -28,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 SCENARIO = "tanh_explosion"
@@ -59,6 +64,46 @@ def timed(cmd: list, cwd: str) -> tuple:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         sys.exit(f"benchmark command failed ({proc.returncode}): {' '.join(cmd[:8])} ...\n{proc.stderr[-2000:]}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def forked(cmd: list, cwd: str) -> tuple:
+    """As timed(), for ``python -m nanlab ARGS`` run by nanlab.cli in a forked child,
+    which finds torch, Hydra and nanlab imported by this process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    with tempfile.TemporaryFile() as err:
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            code = 1
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+                os.dup2(err.fileno(), 2)
+                os.chdir(cwd)
+                os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+                sys.argv = ["nanlab", *cmd[3:]]
+                from nanlab.cli import main
+
+                main()
+                code = 0
+            except SystemExit as exit:
+                code = exit.code if isinstance(exit.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                # No atexit hooks: the parent's (its temporary folder's removal among
+                # them) are not the child's, and a finished multirun leaves none of its own.
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            sys.exit(f"benchmark command failed ({os.waitstatus_to_exitcode(status)}): {' '.join(cmd[:8])} ...\n"
+                     f"{err.read().decode(errors='replace')[-2000:]}")
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
@@ -124,11 +169,19 @@ def main(argv=None) -> None:
     parser.add_argument("--points", type=lambda t: whole(t, 2), default=32, help="lrs in the grid (default 32)")
     parser.add_argument("--steps", type=whole, default=200, help="training steps (default 200, the scenario's)")
     parser.add_argument("--rounds", type=whole, default=1, help="repeats; the median is printed (default 1)")
+    parser.add_argument("--forked", action="store_true",
+                        help="run every way but joblib's forked from this process, start-up left out "
+                             "(a quick check, not a timing)")
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
     lrs = grid(args.points)
+    # Before the ways, so that --forked children inherit what it imported and set up.
+    work = copy_steps(lrs, args.steps)
+    per_copy_step = floor_per_copy_step(lrs, args.steps)
+    if args.forked:
+        import nanlab.cli  # noqa: F401
     py, values = sys.executable, ",".join(map(str, lrs))
     common = [f"scenario={SCENARIO}", f"steps={args.steps}"]
     ways = {
@@ -142,6 +195,10 @@ def main(argv=None) -> None:
         "mode=sweep, 2 workers": lambda d: [py, "-m", "nanlab", "mode=sweep", *common, f"sweep.lr=[{values}]",
                                             "sweep.clip=[none,norm]", "sweep.workers=2", f"hydra.run.dir={d}"],
     }
+    # joblib's loky workers, reused for minutes, would outlive a forked launcher's
+    # os._exit uncounted: that launcher always starts fresh and shuts them down itself.
+    basic, joblib = "multirun, basic launcher", "multirun, joblib n_jobs=2"
+    run = {name: forked if args.forked and name != joblib else timed for name in ways}
     walls = {name: [] for name in ways}
     cpus = {name: [] for name in ways}
     summaries = {}
@@ -149,18 +206,16 @@ def main(argv=None) -> None:
         for round_number in range(args.rounds):
             for number, (name, cmd) in enumerate(ways.items()):
                 folder = Path(tmp) / f"{round_number}-{number}"
-                wall, cpu = timed(cmd(folder), tmp)
+                wall, cpu = run[name](cmd(folder), tmp)
                 walls[name].append(wall)
                 cpus[name].append(cpu)
                 summaries[name] = (folder / "summary.csv").read_bytes()
-    work = copy_steps(lrs, args.steps)
-    per_copy_step = floor_per_copy_step(lrs, args.steps)
     floor = work * per_copy_step
     wall = {name: statistics.median(ts) for name, ts in walls.items()}
     cpu = {name: statistics.median(ts) for name, ts in cpus.items()}
-    basic, joblib = "multirun, basic launcher", "multirun, joblib n_jobs=2"
     print(f"{SCENARIO}: {len(lrs)} lrs from {lrs[0]:g} to {lrs[-1]:g} x clip none,norm = {2 * len(lrs)} points, "
-          f"every variant, {args.steps} steps; OMP_NUM_THREADS=1; median of {args.rounds}")
+          f"every variant, {args.steps} steps; OMP_NUM_THREADS=1; median of {args.rounds}"
+          f"{'; forked, start-up left out' if args.forked else ''}")
     print(f"{'way':<28} {'wall s':>8} {'CPU s':>8} {'basic/way wall':>15} {'basic/way CPU':>14} {'joblib/way wall':>16}")
     for name in ways:
         print(f"{name:<28} {wall[name]:8.2f} {cpu[name]:8.2f} {wall[basic] / wall[name]:14.2f}x "

@@ -21,10 +21,16 @@ import subprocess
 import sys
 import time
 
+# The run, then the thread count it trained on: threads.use(key) applies the rule the
+# run applied, in the same process and environment, so no second process is started
+# only to count threads.
 CHILD = """
 import sys, torch, nanlab
-r = nanlab.run(sys.argv[1], *sys.argv[2:])
-print(f"{r.seconds:.6f} {torch.get_num_threads()}")
+from nanlab.lab import threads
+scenario, steps, key = sys.argv[1], sys.argv[2], (sys.argv[3] if len(sys.argv) > 3 else None)
+r = nanlab.run(scenario, f"steps={steps}", *([f"threads={key}"] if key is not None else []))
+with threads.use(key):
+    print(f"{r.seconds:.6f} {torch.get_num_threads()}")
 """
 # A busy loop that ends by itself: the benchmark never leaves load behind.
 LOAD = "import time\nend = time.monotonic() + {limit}\nwhile time.monotonic() < end:\n    pass\n"
@@ -41,25 +47,16 @@ def whole(text: str) -> int:
 
 
 def measure(scenario: str, steps: int, omp, key) -> tuple:
-    """The run's training seconds, in a fresh process."""
+    """(the run's training seconds, the threads it trained on), in a fresh process."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     if omp is not None:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(omp)
-    args = [f"steps={steps}"] + ([f"threads={key}"] if key is not None else [])
-    proc = subprocess.run([sys.executable, "-c", CHILD, scenario, *args], capture_output=True, text=True, env=env)
+    args = [scenario, str(steps)] + ([key] if key is not None else [])
+    proc = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, env=env)
     if proc.returncode:
         sys.exit(f"threads.py: error: the run failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-    seconds = proc.stdout.split()[-2]
-    return float(seconds)
-
-
-def thread_count(key, omp) -> str:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    if omp is not None:
-        env["OMP_NUM_THREADS"] = str(omp)
-    code = ("import torch; from nanlab.lab import threads\n"
-            f"with threads.use({key!r}): print(torch.get_num_threads())")
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout.strip()
+    seconds, count = proc.stdout.split()[-2:]
+    return float(seconds), count
 
 
 def main() -> None:
@@ -78,14 +75,15 @@ def main() -> None:
         "nanlab default": (None, None),
         "OMP_NUM_THREADS=1": (1, None),
     }
-    counts = {name: thread_count(key, omp) for name, (omp, key) in ways.items()}
     load = [subprocess.Popen([sys.executable, "-c", LOAD.format(limit=args.limit)]) for _ in range(args.load)]
     times = {name: [] for name in ways}
+    counts = {}
     try:
         time.sleep(0.2 if load else 0)
         for _ in range(args.rounds):
             for name, (omp, key) in ways.items():
-                times[name].append(measure(args.scenario, args.steps, omp, key))
+                seconds, counts[name] = measure(args.scenario, args.steps, omp, key)
+                times[name].append(seconds)
     finally:
         for proc in load:
             proc.kill()
