@@ -155,8 +155,12 @@ def plugin_site(tmp_path_factory):
     """`pip install -e examples/scenario_plugin`, without touching this venv: the same
     package installed into a folder that the plugin's commands get on PYTHONPATH."""
     site = tmp_path_factory.mktemp("plugin_site")
+    # Built from a copy: pip builds in the source folder, where two test workers building
+    # at once break each other's build.
+    source = tmp_path_factory.mktemp("plugin_source") / "scenario_plugin"
+    shutil.copytree(ROOT / "examples" / "scenario_plugin", source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
-                    str(site), str(ROOT / "examples" / "scenario_plugin")], check=True, capture_output=True)
+                    str(site), str(source)], check=True, capture_output=True)
     return site
 
 
