@@ -386,3 +386,17 @@ def test_each_scenario_reports_its_own_share_of_the_worker(framework_runs):
         need_framework(framework)
         seconds = [r.seconds for r in framework_runs[framework].values()]
         assert all(s > 0 for s in seconds) and len(set(seconds)) == len(seconds), (framework, seconds)
+
+
+def test_each_worker_loads_only_its_own_framework(framework_runs):
+    """A worker that imports another framework pays seconds of CPU for nothing (Keras
+    imports JAX and TensorFlow wherever they are installed); each result lists the
+    frameworks its worker loaded."""
+    from nanlab.frameworks.worker import own_modules
+
+    for framework in OTHERS:
+        need_framework(framework)
+        own = own_modules(framework)
+        assert framework.split("-")[-1] in own and own <= {"keras", "torch", "tensorflow", "jax", "jaxlib"}
+        for name, result in framework_runs[framework].items():
+            assert set(result.config["framework_versions"]) == own, (framework, name, result.config["framework_versions"])
