@@ -323,7 +323,12 @@ def loaded_versions() -> dict:
     return {name: sys.modules[name].__version__ for name in FRAMEWORK_MODULES if sys.modules.get(name) is not None}
 
 
-def _trainer(framework: str):
+def worker_trainer(framework: str):
+    """The framework's trainer, for a worker process: from now on it loads no other framework.
+    Keras imports every one it finds installed (JAX for a checkpoint callback,
+    TensorFlow to seed it), seconds of CPU each where none of their ops run."""
+    for name in set(FRAMEWORK_MODULES) - own_modules(framework):
+        sys.modules.setdefault(name, None)
     return KerasTrainer(framework) if FRAMEWORKS[framework].family == "keras" else JaxTrainer(framework)
 
 
@@ -368,12 +373,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     request = json.loads(Path(request_path).read_text(encoding="utf-8"))
     framework = request["framework"]
-    # Keras imports every framework it finds installed (JAX for a checkpoint callback,
-    # TensorFlow to seed it), seconds of CPU each in a worker that runs none of their
-    # ops: here they are as if not installed.
-    for name in set(FRAMEWORK_MODULES) - own_modules(framework):
-        sys.modules.setdefault(name, None)
-    trainer = _trainer(framework)  # imports the framework
+    trainer = worker_trainer(framework)  # imports the framework
     imported = time.perf_counter() - started
     arrays = np.load(request["arrays"], allow_pickle=False)
     outputs, jobs = {}, []
