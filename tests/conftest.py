@@ -197,7 +197,7 @@ pytest_plugins = ["pytester"]
 # others wait on a file lock and load the saved results (ScenarioResult.from_dict,
 # which the tests check round-trips).
 FRAMEWORK_COMMAND = "python -m nanlab scenario=sparse_ce_bad_labels framework=all"
-FRAMEWORK_COMMAND_SCENARIO = "sparse_ce_bad_labels"
+FRAMEWORK_COMMAND_SCENARIO = FRAMEWORK_COMMAND.split("scenario=")[1].split()[0]
 
 
 def share_jax_compilations(shared: Path) -> None:
@@ -250,7 +250,9 @@ def _measure_frameworks(shared: Path) -> dict:
     for path in cwd.glob(f"outputs/{FRAMEWORK_COMMAND_SCENARIO}/*/*/result.json"):  # <time>/<framework>/
         if path.parent.name in runs:
             runs[path.parent.name][FRAMEWORK_COMMAND_SCENARIO] = json.loads(path.read_text())
-    proc = done["proc"]
+    proc = done.get("proc")
+    if proc is None:  # the thread raised (a timeout, say), and printed why
+        raise RuntimeError(f"{FRAMEWORK_COMMAND} did not finish")
     return {"runs": runs, "command": {"returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}}
 
 

@@ -75,7 +75,6 @@ class KerasTrainer:
                                      framework=self.framework, Recipe=recipe_api.Recipe,
                                      Variant=recipe_api.FrameworkVariant, call_outcome=recipe_api.call_outcome)
 
-
     def optimizer(self, settings: dict):
         """The Keras optimizer of the same name, given every key the table says torch's
         reads. Keras' RMSprop still adds eps inside the square root, torch outside it."""
@@ -202,7 +201,6 @@ class JaxTrainer:
                                      Recipe=recipe_api.Recipe, Variant=recipe_api.FrameworkVariant,
                                      JaxModel=recipe_api.JaxModel, dense=self.dense,
                                      call_outcome=recipe_api.call_outcome)
-
 
     def dense(self, key, d_in: int, d_out: int):
         """A dense layer's parameters, initialized as flax's Dense is: LeCun-normal
