@@ -178,23 +178,43 @@ pytest_plugins = ["pytester"]
 
 # Every framework test reads one measurement: each scenario that declares framework
 # builders, at its defaults, in every installed framework, one worker per framework.
+# docs/frameworks.md's command (FRAMEWORK_COMMAND) is that measurement's
+# sparse_ce_bad_labels part, run as written: its workers train the scenario once for
+# both the docs test and the framework tests, which read its result.json files. The
+# other scenarios are measured in this process's own workers, meanwhile.
 # It is taken once per test session, whichever pytest-xdist worker asks first: the
 # others wait on a file lock and load the saved results (ScenarioResult.from_dict,
 # which the tests check round-trips).
-def framework_measurement(shared: Path, *overrides, only=None) -> dict:
-    """{framework: {scenario: ScenarioResult}} for every scenario with builders (or the
-    scenarios named in the tuple ``only``), saved under ``shared``."""
+FRAMEWORK_COMMAND = "python -m nanlab scenario=sparse_ce_bad_labels framework=all"
+FRAMEWORK_COMMAND_SCENARIO = FRAMEWORK_COMMAND.split("scenario=")[1].split()[0]
+
+
+def share_jax_compilations(shared: Path) -> None:
+    """Every later JAX process of this session (worker, CLI) keeps its compiled
+    programs in one folder, so a test that trains a step some earlier worker compiled
+    loads it instead of compiling again: the same program, so the same numbers."""
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(shared / "jax-compilations"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def framework_measurement(shared: Path) -> dict:
+    """{"runs": {framework: {scenario: ScenarioResult}}, "command": CompletedProcess of
+    FRAMEWORK_COMMAND}, saved under ``shared``."""
     from nanlab.lab.result import ScenarioResult
 
-    def measured() -> dict:
-        runs = _measure_frameworks(overrides, only)
-        return {f: {n: json.loads(r.to_json()) for n, r in by.items()} for f, by in runs.items()}
+    share_jax_compilations(shared)
+    data = made_once(shared, "framework-runs", FRAMEWORK_COMMAND, lambda: _measure_frameworks(shared))
+    runs = {f: {n: ScenarioResult.from_dict(d) for n, d in by.items()} for f, by in data["runs"].items()}
+    done = data["command"]
+    return {"runs": runs, "command": subprocess.CompletedProcess(FRAMEWORK_COMMAND.split(), done["returncode"],
+                                                                 done["stdout"], done["stderr"])}
 
-    data = made_once(shared, "framework-runs", (overrides, only), measured)
-    return {f: {n: ScenarioResult.from_dict(d) for n, d in by.items()} for f, by in data.items()}
 
+def _measure_frameworks(shared: Path) -> dict:
+    import tempfile
+    import threading
 
-def _measure_frameworks(overrides, only):
     from nanlab import frameworks
     from nanlab.lab import registry
     from nanlab.config.compose import compose
@@ -202,13 +222,42 @@ def _measure_frameworks(overrides, only):
     from nanlab.config.options import FRAMEWORKS
 
     others = [f for f in FRAMEWORKS if f != "torch" and frameworks.installed(f)]
-    names = [n for n in registry.names() if frameworks.declared(n) and (only is None or n in only)]
-    return measure([compose([f"scenario={n}", *overrides]) for n in names], others)
+    names = [n for n in registry.names() if frameworks.declared(n) and n != FRAMEWORK_COMMAND_SCENARIO]
+    cwd = Path(tempfile.mkdtemp(prefix="framework-command-", dir=shared))
+    done = {}
+
+    def run_the_command():
+        done["proc"] = run_python(*FRAMEWORK_COMMAND.split()[1:], cwd=cwd, timeout=600)
+
+    command = threading.Thread(target=run_the_command)
+    command.start()
+    try:
+        measured = measure([compose([f"scenario={n}"]) for n in names], others)
+    finally:
+        command.join()
+    runs = {f: {n: json.loads(r.to_json()) for n, r in by.items()} for f, by in measured.items()}
+    for path in cwd.glob(f"outputs/{FRAMEWORK_COMMAND_SCENARIO}/*/*/result.json"):  # <time>/<framework>/
+        if path.parent.name in runs:
+            runs[path.parent.name][FRAMEWORK_COMMAND_SCENARIO] = json.loads(path.read_text())
+    proc = done.get("proc")
+    if proc is None:  # the thread raised (a timeout, say), and printed why
+        raise RuntimeError(f"{FRAMEWORK_COMMAND} did not finish")
+    return {"runs": runs, "command": {"returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}}
 
 
 @pytest.fixture(scope="session")
-def framework_runs():
+def framework_measured():
     return framework_measurement(xdist_shared_dir())
+
+
+@pytest.fixture(scope="session")
+def framework_runs(framework_measured):
+    runs, done = framework_measured["runs"], framework_measured["command"]
+    lacking = [f for f, by in runs.items() if FRAMEWORK_COMMAND_SCENARIO not in by]
+    if lacking:
+        pytest.fail(f"{FRAMEWORK_COMMAND} wrote no result for {lacking} (exit {done.returncode}):\n"
+                    f"{(done.stdout + done.stderr)[-2000:]}")
+    return runs
 
 
 def _missing(message):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 
 import pytest
-from conftest import run_python
+from conftest import FRAMEWORK_COMMAND, run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 # The pages whose commands and Python blocks are run here. docs/kernels.md shows
@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md"] + [ROOT / "docs" / f"{page}.md" for page in (
     "workshop", "running", "config", "debugging", "writing-scenarios", "sweeps", "frameworks", "performance")]
 
-# In docs/frameworks.md. Run by tests/test_frameworks.py, which also compares its numbers
-# with the framework tests' own measurement: running it here as well would pay four
-# framework imports twice.
-README_FRAMEWORK_COMMAND = "python -m nanlab scenario=sparse_ce_bad_labels framework=all"
+# In docs/frameworks.md. Run once per session as part of the framework tests' shared
+# measurement (conftest.framework_measurement), and its output checked by
+# tests/test_frameworks.py: running it here as well would train four frameworks twice.
+README_FRAMEWORK_COMMAND = FRAMEWORK_COMMAND
 
 
 

@@ -37,28 +37,22 @@ def test_sparse_ce_reproduced_and_fixed_in_each_framework(framework_runs, framew
         assert 1.0 < v.exact_loss_start < 4.0 and v.exact_loss_end < 0.5 * v.exact_loss_start
 
 
-def test_the_readme_command_shows_every_framework_and_repeats_the_numbers(framework_runs, tmp_path):
-    """docs/frameworks.md's `python -m nanlab scenario=sparse_ce_bad_labels framework=all`, run as
-    written (tests/test_docs.py leaves it to this test), prints what the docs promise;
-    and every framework's numbers in its result.json equal the shared measurement's,
-    taken in other processes: same seed, same numbers, in each framework."""
+def test_the_readme_command_shows_every_framework(framework_measured):
+    """docs/frameworks.md's `python -m nanlab scenario=sparse_ce_bad_labels framework=all`,
+    run as written (the shared measurement's sparse_ce_bad_labels part; tests/test_docs.py
+    leaves it to this test), prints what the docs promise and writes a result.json for
+    every framework, which the other tests read."""
     for framework in OTHERS:
         need_framework(framework)
     from test_docs import EXPECTED, README_FRAMEWORK_COMMAND
 
-    done = run_cli(*README_FRAMEWORK_COMMAND.split()[3:], cwd=tmp_path, timeout=600)
+    done = framework_measured["command"]
     output = done.stdout + done.stderr
     assert done.returncode == 0 and "Traceback" not in output, output[-2000:]
     assert not [want for want in EXPECTED[README_FRAMEWORK_COMMAND] if want not in output], output[-3000:]
-    from nanlab.lab.result import ScenarioResult
-
-    saved = {p.parent.name: ScenarioResult.load(p) for p in tmp_path.glob("outputs/sparse_ce_bad_labels/*/*/result.json")}
-    assert sorted(saved) == sorted(FRAMEWORKS)
-    for framework in OTHERS:
-        again, first = saved[framework], framework_runs[framework]["sparse_ce_bad_labels"]
-        for variant in first.variants:
-            assert again.variant(variant.name).losses == variant.losses, (framework, variant.name)
-            assert again.variant(variant.name).exact_loss_end == variant.exact_loss_end, (framework, variant.name)
+    saved = framework_measured["runs"]
+    assert sorted(saved) == sorted(OTHERS)
+    assert all(saved[f]["sparse_ce_bad_labels"].config["framework"] == f for f in OTHERS)
 
 
 @pytest.mark.parametrize("framework", OTHERS)
@@ -184,13 +178,21 @@ def test_scenario_without_builder_is_one_line():
     assert "dying_relu has no jax builder" in done.stderr and done.stderr.count("\n") == 1
 
 
-def test_cli_single_framework_writes_its_result(tmp_path):
+def test_cli_single_framework_writes_its_result_and_repeats_the_numbers(framework_runs, tmp_path):
+    """framework=jax alone writes its result.json; and its numbers equal the shared
+    measurement's, taken by another worker process: same seed, same numbers."""
     need_framework("jax")
     done = nanlab("scenario=sparse_ce_bad_labels", "framework=jax", f"hydra.run.dir={tmp_path}")
     assert done.returncode == 0, done.stderr
     assert "first op: not traced on jax" in done.stdout
-    saved = json.loads((tmp_path / "jax" / "result.json").read_text())
-    assert saved["config"]["framework"] == "jax" and saved["reproduced"] is True
+    from nanlab.lab.result import ScenarioResult
+
+    again, first = ScenarioResult.load(tmp_path / "jax" / "result.json"), framework_runs["jax"]["sparse_ce_bad_labels"]
+    assert again.config["framework"] == "jax" and again.reproduced is True
+    assert [v.name for v in again.variants] == [v.name for v in first.variants]
+    for variant in first.variants:
+        assert again.variant(variant.name).losses == variant.losses, variant.name
+        assert again.variant(variant.name).exact_loss_end == variant.exact_loss_end, variant.name
 
 
 # ---------------------------------------------------------------- claims x framework
@@ -384,3 +386,17 @@ def test_each_scenario_reports_its_own_share_of_the_worker(framework_runs):
         need_framework(framework)
         seconds = [r.seconds for r in framework_runs[framework].values()]
         assert all(s > 0 for s in seconds) and len(set(seconds)) == len(seconds), (framework, seconds)
+
+
+def test_each_worker_loads_only_its_own_framework(framework_runs):
+    """A worker that imports another framework pays seconds of CPU for nothing (Keras
+    imports JAX and TensorFlow wherever they are installed); each result lists the
+    frameworks its worker loaded."""
+    from nanlab.frameworks.worker import own_modules
+
+    for framework in OTHERS:
+        need_framework(framework)
+        own = own_modules(framework)
+        assert framework.split("-")[-1] in own and own <= {"keras", "torch", "tensorflow", "jax", "jaxlib"}
+        for name, result in framework_runs[framework].items():
+            assert set(result.config["framework_versions"]) == own, (framework, name, result.config["framework_versions"])

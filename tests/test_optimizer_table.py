@@ -133,8 +133,8 @@ def test_jax_worker_reads_every_key(table_with, name, key):
 KERAS_PROBE = """
 import dataclasses, json, sys
 from nanlab.config import options
-from nanlab.frameworks.worker import KERAS_ARGUMENTS, KerasTrainer
-trainer, out = KerasTrainer("keras-torch"), []
+from nanlab.frameworks.worker import KERAS_ARGUMENTS, worker_trainer
+trainer, out = worker_trainer("keras-torch"), []
 for name, key, opt, constants in json.loads(sys.argv[1]):
     options.OPTIMIZERS[name] = dataclasses.replace(options.OPTIMIZERS[name], constants=constants)
     built = trainer.optimizer({"optimizer": opt, "clip": {"name": "none"}})

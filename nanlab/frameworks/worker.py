@@ -75,10 +75,6 @@ class KerasTrainer:
                                      framework=self.framework, Recipe=recipe_api.Recipe,
                                      Variant=recipe_api.FrameworkVariant, call_outcome=recipe_api.call_outcome)
 
-    def versions(self) -> dict:
-        backend = __import__(self.backend)
-        return {"keras": self.keras.__version__, self.backend: backend.__version__}
-
     def optimizer(self, settings: dict):
         """The Keras optimizer of the same name, given every key the table says torch's
         reads. Keras' RMSprop still adds eps inside the square root, torch outside it."""
@@ -206,11 +202,6 @@ class JaxTrainer:
                                      JaxModel=recipe_api.JaxModel, dense=self.dense,
                                      call_outcome=recipe_api.call_outcome)
 
-    def versions(self) -> dict:
-        import jaxlib
-
-        return {"jax": self.jax.__version__, "jaxlib": jaxlib.__version__}
-
     def dense(self, key, d_in: int, d_out: int):
         """A dense layer's parameters, initialized as flax's Dense is: LeCun-normal
         kernel (truncated normal, variance 1/d_in), zero bias."""
@@ -313,7 +304,29 @@ class JaxTrainer:
 
 # ---------------------------------------------------------------- the request
 
-def _trainer(framework: str):
+# Every framework this process may load, in the order a result lists them.
+FRAMEWORK_MODULES = ("keras", "torch", "tensorflow", "jax", "jaxlib")
+
+
+def own_modules(framework: str) -> set:
+    """The frameworks a worker for ``framework`` runs: Keras, its backend, JAX's jaxlib."""
+    option = FRAMEWORKS[framework]
+    own = {*option.modules, *filter(None, [option.keras_backend])}
+    return own | {"jaxlib"} if "jax" in own else own
+
+
+def loaded_versions() -> dict:
+    """The version of every framework loaded in this process: its own, and any other a
+    library pulled in (which the tests check never happens: seconds of import for nothing)."""
+    return {name: sys.modules[name].__version__ for name in FRAMEWORK_MODULES if sys.modules.get(name) is not None}
+
+
+def worker_trainer(framework: str):
+    """The framework's trainer, for a worker process: from now on it loads no other framework.
+    Keras imports every one it finds installed (JAX for a checkpoint callback,
+    TensorFlow to seed it), seconds of CPU each where none of their ops run."""
+    for name in set(FRAMEWORK_MODULES) - own_modules(framework):
+        sys.modules.setdefault(name, None)
     return KerasTrainer(framework) if FRAMEWORKS[framework].family == "keras" else JaxTrainer(framework)
 
 
@@ -358,7 +371,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     request = json.loads(Path(request_path).read_text(encoding="utf-8"))
     framework = request["framework"]
-    trainer = _trainer(framework)  # imports the framework
+    trainer = worker_trainer(framework)  # imports the framework
     imported = time.perf_counter() - started
     arrays = np.load(request["arrays"], allow_pickle=False)
     outputs, jobs = {}, []
@@ -370,7 +383,7 @@ def main(argv=None) -> int:
             jobs.append({"scenario": job["scenario"], "error": f"{type(err).__name__}: {message}"})
     out = Path(out_dir)
     np.savez(out / "outputs.npz", **outputs)
-    response = {"framework": framework, "versions": trainer.versions(), "import_seconds": imported,
+    response = {"framework": framework, "versions": loaded_versions(), "import_seconds": imported,
                 "seconds": time.perf_counter() - started, "jobs": jobs}
     (out / "response.json").write_text(json.dumps(response), encoding="utf-8")
     return 0
