@@ -3,9 +3,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-# What a run, a sweep and the tests import (an optimizer's first step imports torch._dynamo).
-COMPILE_TORCH_SIDE := import torch, matplotlib.pyplot, hydra, pytest, xdist, nanlab.cli, nanlab.lab.runner, \
-	nanlab.reports.figures; torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+# What a run imports from torch (an optimizer's first step imports torch._dynamo),
+# then the rest of what a run, a sweep and the tests import.
+COMPILE_TORCH := import torch; torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+COMPILE_TORCH_SIDE := import matplotlib.pyplot, hydra, pytest, xdist, nanlab.cli, nanlab.lab.runner, nanlab.reports.figures
 # Each framework is optional: one that fails to import is the tests' to report.
 COMPILE_OTHER_SIDE := import importlib; [importlib.import_module(m) for m in \
 	("tensorflow", "jax", "keras", "hypothesis", "submitit", "joblib", "scipy")]
@@ -21,15 +22,18 @@ install: $(STAMP)
 # Byte-compiling: with PYTHONDONTWRITEBYTECODE set (as on these machines), a venv
 # without .pyc files recompiles torch and TensorFlow in every process. pip compiles
 # every file it installs, one after another (about 100 s); runs import about 40% of
-# them. So pip compiles nothing, and two processes import what runs import, torch's
-# side and the other frameworks' side at once, writing their .pyc files (33 s of CPU).
-# A module first imported later is compiled where it is imported, as without a venv.
+# them. So pip compiles nothing, and imports of what runs import write those .pyc
+# files (33 s of CPU): torch's while pip installs the rest (pip keeps one core busy),
+# then the rest on both cores. A module first imported later is compiled where it is
+# imported, as without a venv.
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --no-compile torch==2.13.0
 	# The launchers and every framework (framework=keras-*|jax) are optional extras for
 	# users; the tests cover each one, so they all go in here.
-	$(PY) -m pip install -q --no-compile -e '.[test,parallel,cluster,keras,jax,tensorflow,search]'
+	PYTHONDONTWRITEBYTECODE= $(PY) -c '$(COMPILE_TORCH)' 2>/dev/null & \
+	$(PY) -m pip install -q --no-compile -e '.[test,parallel,cluster,keras,jax,tensorflow,search]'; \
+	installed=$$?; wait; exit $$installed
 	PYTHONDONTWRITEBYTECODE= $(PY) -c '$(COMPILE_TORCH_SIDE)' & \
 	PYTHONDONTWRITEBYTECODE= TF_CPP_MIN_LOG_LEVEL=3 $(PY) -c '$(COMPILE_OTHER_SIDE)' >/dev/null 2>&1; wait
 	touch $(STAMP)
