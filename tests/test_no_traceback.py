@@ -210,8 +210,13 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path, delay):
         # few ms): Python's handler, as for any Python program; only a loaded machine
         # ever lands a signal there.
         pytest.skip("the signal came before nanlab/__main__.py ran")
-    if proc.returncode == -signal.SIGINT:  # the interpreter itself had not started: killed, silently
-        assert err == ""
+    if proc.returncode == -signal.SIGINT:
+        # Killed by the signal: silently, where the interpreter itself had not started; or
+        # after our line, where CPython had recorded the KeyboardInterrupt as unhandled
+        # (its flag for one that escapes code run through PyRun_String, as extension
+        # modules' embedded Python is, outlives our SystemExit(130)). A shell reports
+        # both as status 130; the line is still the one line.
+        assert err in ("", "nanlab: interrupted\n"), err
         return
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "nanlab: interrupted", err
     assert "Traceback" not in err
