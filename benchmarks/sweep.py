@@ -88,7 +88,7 @@ def forked(cmd: list, cwd: str) -> tuple:
                 main()
                 code = 0
             except SystemExit as exit:
-                code = exit.code if isinstance(exit.code, int) else 1
+                code = 0 if exit.code is None else exit.code if isinstance(exit.code, int) else 1
             except BaseException:
                 traceback.print_exc()
             finally:
